@@ -1,0 +1,171 @@
+"""Quantization formats and their exact storage cost.
+
+Two families share one interface:
+
+* **GGUF types** (``Q4_K``, ``IQ2_XXS``, ``BF16``...). Their block geometry comes from the ``gguf``
+  package's own table ``GGML_QUANT_SIZES`` (elements per block, bytes per block); nothing is retyped here.
+  A 2-D weight of PyTorch shape ``[rows, row_len]`` is stored row by row along ``row_len`` (ggml's ``ne0``),
+  so it needs ``row_len % block_elements == 0`` and costs
+
+      bytes = rows * (row_len / block_elements) * block_bytes.
+
+* **Runtime integer formats** ``int{b}_g{g}`` (b = 2..8 bits, group size g along ``row_len``): codes are
+  bit-packed per row into ``ceil(row_len * b / 8)`` bytes, and every group stores an fp16 scale and an fp16
+  zero point (4 bytes), so
+
+      bytes = rows * (ceil(row_len * b / 8) + (row_len / g) * 4).
+
+A 1-D tensor (a norm, a bias) is one row. ``resolve_format`` applies llama.cpp's fallback rule for a
+tensor whose rows do not divide into the format's blocks (llama-quant's ``convert_incompatible_tensor``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterable, Sequence
+
+from .errors import InputError
+
+GGUF_FAMILY = "gguf"
+INT_FAMILY = "int"
+
+#: GGUF types the catalog exposes (the issue's list plus the plain float types and llama.cpp's fallbacks).
+GGUF_NAMES: tuple[str, ...] = (
+    "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_NL", "IQ4_XS",
+    "Q4_0", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "F16", "BF16", "F32",
+)
+
+#: llama.cpp's replacement when a tensor's row length does not divide into the type's blocks.
+LLAMACPP_FALLBACK: dict[str, str] = {
+    "IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL", "IQ2_S": "IQ4_NL",
+    "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL", "Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "IQ4_XS": "IQ4_NL",
+    "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
+}
+
+INT_BITS = range(2, 9)
+INT_GROUP_SIZES = (32, 64, 128)
+_INT_RE = re.compile(r"^int([2-8])_g(\d+)$")
+#: bytes of per-group metadata in the runtime's integer formats: fp16 scale + fp16 zero point.
+INT_GROUP_META_BYTES = 4
+
+
+@dataclass(frozen=True)
+class Format:
+    """One storage format.
+
+    ``block_elements`` consecutive elements of a row are stored in ``block_bytes`` bytes (for ``int`` formats
+    a block is one quantization group and ``block_bytes`` is fractional when the packed codes of a group do
+    not end on a byte; the exact byte count is computed per row by :meth:`nbytes`).
+    """
+
+    name: str
+    family: str
+    block_elements: int
+    block_bytes: float
+    bits: int | None = None  # integer code width for int formats
+    quantized: bool = True
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Average storage bits per weight, scale and metadata included."""
+        return 8.0 * self.block_bytes / self.block_elements
+
+    def admits(self, shape: Sequence[int]) -> bool:
+        """Whether a tensor of this PyTorch shape can be stored in this format (row length divisibility)."""
+        return row_length(shape) % self.block_elements == 0
+
+    def nbytes(self, shape: Sequence[int]) -> int:
+        """Exact bytes of a tensor of ``shape`` in this format; raises if the format cannot take the shape."""
+        if not self.admits(shape):
+            raise InputError(
+                f"format {self.name} needs rows divisible by {self.block_elements}, "
+                f"but shape {list(shape)} has rows of {row_length(shape)}"
+            )
+        rows, row_len = num_rows(shape), row_length(shape)
+        if self.family == INT_FAMILY:
+            assert self.bits is not None
+            per_row = math.ceil(row_len * self.bits / 8) + (row_len // self.block_elements) * INT_GROUP_META_BYTES
+            return rows * per_row
+        return rows * (row_len // self.block_elements) * int(self.block_bytes)
+
+
+def row_length(shape: Sequence[int]) -> int:
+    """Length of one stored row: the last (input) dimension, ggml's ``ne0``."""
+    return int(shape[-1]) if len(shape) else 1
+
+
+def num_rows(shape: Sequence[int]) -> int:
+    """Number of stored rows: the product of all but the last dimension (1 for a vector)."""
+    return int(math.prod(shape[:-1])) if len(shape) > 1 else 1
+
+
+def num_elements(shape: Sequence[int]) -> int:
+    return int(math.prod(shape)) if len(shape) else 1
+
+
+@lru_cache(maxsize=None)
+def _gguf_table() -> dict[str, tuple[int, int]]:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    table = {}
+    for name in GGUF_NAMES:
+        block_elements, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[name]]
+        table[name] = (int(block_elements), int(block_bytes))
+    return table
+
+
+def _int_format(bits: int, group: int) -> Format:
+    return Format(
+        name=f"int{bits}_g{group}", family=INT_FAMILY, block_elements=group,
+        block_bytes=group * bits / 8 + INT_GROUP_META_BYTES, bits=bits,
+    )
+
+
+@lru_cache(maxsize=None)
+def get_format(name: str) -> Format:
+    """Look up a format by name (``Q4_K``, ``bf16`` and ``int4_g128`` style names; GGUF names are case-insensitive)."""
+    if not isinstance(name, str):
+        raise InputError(f"format name must be a string, got {name!r}")
+    m = _INT_RE.match(name.lower())
+    if m:
+        bits, group = int(m.group(1)), int(m.group(2))
+        if group < 8 or group % 8:
+            raise InputError(f"format {name}: group size must be a positive multiple of 8")
+        return _int_format(bits, group)
+    table = _gguf_table()
+    key = name.upper()
+    if key not in table:
+        raise InputError(f"unknown format {name!r}; known: {', '.join(known_format_names())}")
+    block_elements, block_bytes = table[key]
+    return Format(
+        name=key, family=GGUF_FAMILY, block_elements=block_elements, block_bytes=block_bytes,
+        quantized=key not in ("F32", "F16", "BF16"),
+    )
+
+
+def known_format_names() -> list[str]:
+    """Every name the catalog answers for (the int formats with the standard group sizes)."""
+    return list(GGUF_NAMES) + [f"int{b}_g{g}" for b in INT_BITS for g in INT_GROUP_SIZES]
+
+
+def resolve_format(name: str, shape: Sequence[int]) -> Format:
+    """The format a tensor of ``shape`` really gets when ``name`` is asked for.
+
+    Mirrors llama.cpp: a K- or I-quant that does not fit the row length falls back (Q6_K -> Q8_0,
+    Q4_K -> Q5_0, ...); a fallback that does not fit either, or an int format that does not fit, is an error.
+    """
+    fmt = get_format(name)
+    if fmt.admits(shape):
+        return fmt
+    fallback = LLAMACPP_FALLBACK.get(fmt.name)
+    if fallback is not None and get_format(fallback).admits(shape):
+        return get_format(fallback)
+    raise InputError(f"no storage for shape {list(shape)} in format {fmt.name} (row length {row_length(shape)})")
+
+
+def sort_by_size(names: Iterable[str]) -> list[str]:
+    """Format names ordered by bits per weight (then name), smallest first."""
+    return sorted(set(names), key=lambda n: (get_format(n).bits_per_weight, get_format(n).name))

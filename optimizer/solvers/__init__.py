@@ -1,0 +1,1 @@
+"""Solver backends behind one interface (see :mod:`optimizer.solvers.base`)."""

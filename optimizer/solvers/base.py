@@ -1,0 +1,63 @@
+"""The one small interface every solver backend implements, and the result it returns.
+
+Backends import their solver library lazily (inside :meth:`SolverBackend.solve`), declare what they
+support, and map their own statuses onto :class:`~optimizer.plan.SolveStatus`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..milp import MilpModel
+from ..plan import SolveStatus
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    time_limit: float | None = None  # seconds; None = no limit
+    rel_gap: float = 1e-4  # stop when (objective - bound) / |objective| <= rel_gap
+    threads: int = 1  # 1 keeps runs deterministic
+    seed: int = 0
+    verbose: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class SolverResult:
+    status: SolveStatus
+    x: np.ndarray | None
+    objective: float | None  # c^T x + offset of the returned point
+    bound: float | None  # proven lower bound on the optimum
+    seconds: float
+    message: str = ""
+
+    @property
+    def gap(self) -> float | None:
+        return relative_gap(self.objective, self.bound)
+
+
+def relative_gap(objective: float | None, bound: float | None) -> float | None:
+    """(objective - bound) / max(|objective|, 1e-12), clipped at 0; None when either is unknown."""
+    if objective is None or bound is None:
+        return None
+    return max(0.0, (objective - bound) / max(abs(objective), 1e-12))
+
+
+class SolverBackend(ABC):
+    """A MILP solver. Subclasses set the class attributes and implement :meth:`solve`."""
+
+    name: str = ""
+    description: str = ""
+    supports_continuous: bool = True  # CP-SAT needs every variable integer
+    supports_warm_start: bool = False
+
+    @classmethod
+    @abstractmethod
+    def available(cls) -> bool:
+        """Whether the solver library imports on this machine."""
+
+    @abstractmethod
+    def solve(self, model: MilpModel, options: SolverOptions, warm_start: np.ndarray | None = None) -> SolverResult:
+        """Minimise ``model``; ``warm_start`` is a feasible point the backend may start from."""
