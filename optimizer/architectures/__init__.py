@@ -1,0 +1,62 @@
+"""Build an :class:`~optimizer.architecture.Architecture` from a model's ``config.json``.
+
+Supported: transformers configs of ``deepseek_v3``, ``deepseek_v2``, ``qwen3_moe``, ``qwen2_moe``,
+``mixtral`` and ``olmoe``, and DeepSeek's reference-inference format (``dim``, ``n_routed_experts``,
+``moe_inter_dim``...). Block names are the tensor names transformers' ``save_pretrained`` writes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from ..architecture import Architecture
+from ..errors import InputError
+from .deepseek import deepseek_from_hf, deepseek_from_reference, is_reference_config
+from .gqa_moe import gqa_moe_from_hf
+
+BUILDERS: dict[str, Callable[[dict, str], Architecture]] = {
+    "deepseek_v3": deepseek_from_hf,
+    "deepseek_v2": deepseek_from_hf,
+    "qwen3_moe": gqa_moe_from_hf,
+    "qwen2_moe": gqa_moe_from_hf,
+    "mixtral": gqa_moe_from_hf,
+    "olmoe": gqa_moe_from_hf,
+}
+
+__all__ = ["BUILDERS", "architecture_from_config", "load_architecture", "supported_model_types"]
+
+
+def supported_model_types() -> list[str]:
+    return sorted(BUILDERS)
+
+
+def architecture_from_config(config: dict, where: str = "config") -> Architecture:
+    """The architecture described by a config dict (transformers or DeepSeek reference format)."""
+    if not isinstance(config, dict):
+        raise InputError(f"{where}: config must be a JSON object, got {type(config).__name__}")
+    if is_reference_config(config):
+        return deepseek_from_reference(config, where)
+    model_type = config.get("model_type")
+    if model_type is None:
+        raise InputError(f"{where}: missing key 'model_type' (and not a DeepSeek reference-format config)")
+    builder = BUILDERS.get(model_type)
+    if builder is None:
+        raise InputError(f"{where}: unsupported model_type {model_type!r}; supported: "
+                         f"{', '.join(supported_model_types())}")
+    return builder(config, where)
+
+
+def load_architecture(path: str | Path) -> Architecture:
+    """Read ``config.json`` (a file, or a model directory containing one) and build its architecture."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise InputError(f"{path}: no such config file (expected config.json or a directory holding one)")
+    try:
+        config = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{p}: cannot read JSON config: {exc}") from exc
+    return architecture_from_config(config, str(p))

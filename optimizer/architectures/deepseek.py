@@ -1,0 +1,156 @@
+"""DeepSeek-V2 / V3 (multi-head latent attention): transformers configs and the reference-inference format.
+
+Tensor names are the ones ``save_pretrained`` writes (and the published checkpoints use). The multi-token
+prediction layer of DeepSeek-V3 (``num_nextn_predict_layers``, stored as layer 61 in the published
+checkpoint) is not part of the model transformers builds and is left out.
+"""
+
+from __future__ import annotations
+
+from ..architecture import Architecture, BlockKind, KVCacheSpec, MoELayer
+from ..errors import InputError
+from ._common import BlockList, ConfigReader
+
+DEEPSEEK_FAMILIES = ("deepseek_v2", "deepseek_v3")
+
+_EXTRA_KEYS = (
+    "intermediate_size", "moe_intermediate_size", "routed_scaling_factor", "norm_topk_prob", "topk_method",
+    "num_nextn_predict_layers", "first_k_dense_replace", "moe_layer_freq", "q_lora_rank", "kv_lora_rank",
+    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "num_attention_heads", "n_routed_experts",
+    "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group", "tie_word_embeddings",
+)
+
+
+def _mla_attention(out: BlockList, r: ConfigReader, p: str, layer: int, hidden: int) -> None:
+    """The MLA projections and their norms, in module order."""
+    heads = r.int("num_attention_heads")
+    q_lora = r.int("q_lora_rank", 0, minimum=0)
+    kv_lora = r.int("kv_lora_rank")
+    nope, rope, v_dim = r.int("qk_nope_head_dim"), r.int("qk_rope_head_dim"), r.int("v_head_dim")
+    bias = r.bool("attention_bias", False)
+    a = BlockKind.ATTENTION
+    if q_lora:
+        out.linear(f"{p}.q_a_proj", a, q_lora, hidden, layer, bias, "q_a_proj")
+        out.norm(f"{p}.q_a_layernorm.weight", q_lora, layer)
+        out.linear(f"{p}.q_b_proj", a, heads * (nope + rope), q_lora, layer, False, "q_b_proj")
+    else:
+        out.linear(f"{p}.q_proj", a, heads * (nope + rope), hidden, layer, False, "q_proj")
+    out.linear(f"{p}.kv_a_proj_with_mqa", a, kv_lora + rope, hidden, layer, bias, "kv_a_proj_with_mqa")
+    out.norm(f"{p}.kv_a_layernorm.weight", kv_lora, layer)
+    out.linear(f"{p}.kv_b_proj", a, heads * (nope + v_dim), kv_lora, layer, False, "kv_b_proj")
+    out.linear(f"{p}.o_proj", a, hidden, heads * v_dim, layer, bias, "o_proj")
+
+
+def deepseek_from_hf(config: dict, where: str = "config") -> Architecture:
+    """A DeepSeek-V2/V3 architecture from a transformers ``config.json`` dict."""
+    family = config.get("model_type")
+    if family not in DEEPSEEK_FAMILIES:
+        raise InputError(f"{where}: model_type must be one of {DEEPSEEK_FAMILIES}, got {family!r}")
+    r = ConfigReader(config, f"{where} ({family})")
+    hidden, vocab = r.int("hidden_size"), r.int("vocab_size")
+    num_layers = r.int("num_hidden_layers")
+    inter, moe_inter = r.int("intermediate_size"), r.int("moe_intermediate_size")
+    num_experts = r.first_int(("n_routed_experts", "num_local_experts"))
+    top_k = r.int("num_experts_per_tok")
+    shared = r.int("n_shared_experts", 0, minimum=0)
+    first_dense = r.int("first_k_dense_replace", 0, minimum=0)
+    freq = r.int("moe_layer_freq", 1)
+    groups, topk_groups = r.int("n_group", 1), r.int("topk_group", 1)
+    mlp_bias = r.bool("mlp_bias", False)
+    tied = r.bool("tie_word_embeddings", False)
+    r.int("num_attention_heads"), r.int("kv_lora_rank"), r.int("qk_rope_head_dim")  # fail early on bad sizes
+    _check_routing(r.where, num_experts, top_k, groups, topk_groups)
+    score_bias = family == "deepseek_v3"
+
+    out = BlockList()
+    out.embeddings(vocab, hidden)
+    moe_layers = []
+    for layer in range(num_layers):
+        p = f"model.layers.{layer}"
+        out.norm(f"{p}.input_layernorm.weight", hidden, layer)
+        _mla_attention(out, r, f"{p}.self_attn", layer, hidden)
+        out.norm(f"{p}.post_attention_layernorm.weight", hidden, layer)
+        if layer < first_dense or layer % freq != 0:
+            out.mlp(f"{p}.mlp", BlockKind.DENSE_MLP, inter, hidden, layer, bias=mlp_bias)
+            continue
+        moe_layers.append(MoELayer(layer, num_experts, top_k))
+        out.fixed(f"{p}.mlp.gate.weight", BlockKind.ROUTER, (num_experts, hidden), layer)
+        if score_bias:
+            out.fixed(f"{p}.mlp.gate.e_score_correction_bias", BlockKind.ROUTER, (num_experts,), layer)
+        for e in range(num_experts):
+            out.mlp(f"{p}.mlp.experts.{e}", BlockKind.ROUTED_EXPERT, moe_inter, hidden, layer, e)
+        if shared:
+            out.mlp(f"{p}.mlp.shared_experts", BlockKind.SHARED_EXPERT, moe_inter * shared, hidden, layer,
+                    bias=mlp_bias)
+    out.head(vocab, hidden, tied)
+    if not moe_layers:
+        raise InputError(f"{r.where}: no MoE layers (first_k_dense_replace={first_dense} >= {num_layers} layers)")
+
+    extra = r.extra(_EXTRA_KEYS)
+    extra["score_func"] = r.get("scoring_func", "sigmoid" if family == "deepseek_v3" else "softmax")
+    extra["attention"] = "mla"
+    kv = KVCacheSpec("mla", r.int("kv_lora_rank") + r.int("qk_rope_head_dim"), num_layers)
+    return Architecture(
+        family=family, num_layers=num_layers, hidden_size=hidden, vocab_size=vocab, moe_layers=tuple(moe_layers),
+        shared_experts=shared, blocks=tuple(out.blocks), kv_cache=kv, expert_groups=groups,
+        topk_groups=topk_groups, extra=extra,
+    )
+
+
+def _check_routing(where: str, num_experts: int, top_k: int, groups: int, topk_groups: int) -> None:
+    if top_k > num_experts:
+        raise InputError(f"{where}: num_experts_per_tok={top_k} exceeds the {num_experts} routed experts")
+    if num_experts % groups:
+        raise InputError(f"{where}: {num_experts} routed experts do not split into n_group={groups} groups")
+    if topk_groups > groups:
+        raise InputError(f"{where}: topk_group={topk_groups} exceeds n_group={groups}")
+
+
+def is_reference_config(config: dict) -> bool:
+    """Whether ``config`` is in DeepSeek's reference-inference format (``dim``, ``n_routed_experts``...)."""
+    return isinstance(config, dict) and "model_type" not in config and "dim" in config and (
+        "n_routed_experts" in config or "moe_inter_dim" in config)
+
+
+def reference_to_hf(config: dict, where: str = "config") -> dict:
+    """Translate DeepSeek's reference-inference config (``inference/configs/*.json``) to transformers keys.
+
+    The family is ``deepseek_v3`` when the config uses sigmoid scoring or expert groups, else ``deepseek_v2``;
+    missing ``n_expert_groups`` / ``n_limited_groups`` mean 1 and ``q_lora_rank`` 0 means no query LoRA.
+    """
+    r = ConfigReader(config, f"{where} (DeepSeek reference format)")
+    score = r.get("score_func", "softmax")
+    if score not in ("softmax", "sigmoid"):
+        raise InputError(f"{r.where}: 'score_func' must be 'softmax' or 'sigmoid', got {score!r}")
+    v3 = score == "sigmoid" or "n_expert_groups" in config
+    q_lora = r.int("q_lora_rank", 0, minimum=0)
+    return {
+        "model_type": "deepseek_v3" if v3 else "deepseek_v2",
+        "vocab_size": r.int("vocab_size"),
+        "hidden_size": r.int("dim"),
+        "intermediate_size": r.int("inter_dim"),
+        "moe_intermediate_size": r.int("moe_inter_dim"),
+        "num_hidden_layers": r.int("n_layers"),
+        "first_k_dense_replace": r.int("n_dense_layers", minimum=0),
+        "num_attention_heads": r.int("n_heads"),
+        "n_routed_experts": r.int("n_routed_experts"),
+        "n_shared_experts": r.int("n_shared_experts", minimum=0),
+        "num_experts_per_tok": r.int("n_activated_experts"),
+        "n_group": r.int("n_expert_groups", 1),
+        "topk_group": r.int("n_limited_groups", 1),
+        "q_lora_rank": q_lora or None,
+        "kv_lora_rank": r.int("kv_lora_rank"),
+        "qk_nope_head_dim": r.int("qk_nope_head_dim"),
+        "qk_rope_head_dim": r.int("qk_rope_head_dim"),
+        "v_head_dim": r.int("v_head_dim"),
+        "scoring_func": score,
+        "routed_scaling_factor": r.get("route_scale", 1.0),
+        "tie_word_embeddings": False,
+    }
+
+
+def deepseek_from_reference(config: dict, where: str = "config") -> Architecture:
+    """A DeepSeek architecture from the reference-inference format, with the transformers tensor names."""
+    arch = deepseek_from_hf(reference_to_hf(config, where), where)
+    arch.extra["source_format"] = "deepseek_reference"
+    return arch

@@ -1,0 +1,238 @@
+"""Architecture builders: exact tensor names/shapes against real save_pretrained checkpoints, and totals."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from optimizer.architecture import BlockKind
+from optimizer.architectures import architecture_from_config, load_architecture
+from optimizer.errors import InputError
+
+DATA = Path(__file__).resolve().parents[1] / "optimizer" / "data" / "deepseek_v3"
+
+# --- tiny random models saved by the installed transformers ------------------------------------------------
+
+_COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4)
+_MLA = dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, num_key_value_heads=4,
+            intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2)
+TINY = {
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(_MLA, n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=24)),
+    "deepseek_v3_nolora_bias": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                                dict(_MLA, n_shared_experts=2, n_group=1, topk_group=1, first_k_dense_replace=2,
+                                     q_lora_rank=None, attention_bias=True)),
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
+                    dict(_MLA, n_shared_experts=2, first_k_dense_replace=1, q_lora_rank=None)),
+    "deepseek_v2_lora": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
+                         dict(_MLA, n_shared_experts=1, first_k_dense_replace=0, q_lora_rank=24, n_group=2,
+                              topk_group=1, tie_word_embeddings=True)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(intermediate_size=96, moe_intermediate_size=32, num_key_value_heads=2, num_experts=4,
+                       num_experts_per_tok=2, head_dim=16, decoder_sparse_step=1, mlp_only_layers=[0])),
+    "qwen3_moe_step_bias": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                            dict(intermediate_size=96, moe_intermediate_size=32, num_key_value_heads=2,
+                                 num_experts=4, num_experts_per_tok=2, head_dim=8, decoder_sparse_step=2,
+                                 attention_bias=True, tie_word_embeddings=True)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                       num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1])),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(intermediate_size=96, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
+              dict(intermediate_size=32, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                   attention_bias=True, eos_token_id=None)),
+}
+
+
+def _save_tiny(case: str, directory: Path) -> dict[str, tuple[int, ...]]:
+    """Save a tiny random model of ``case`` and return its checkpoint's {tensor name: shape}."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from safetensors import safe_open
+
+    config_cls, model_cls, kwargs = TINY[case]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(**_COMMON, **kwargs)
+    getattr(transformers, model_cls)(config).save_pretrained(directory)
+    shapes = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            with safe_open(str(directory / name), "pt") as f:
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    return shapes
+
+
+@pytest.mark.parametrize("case", sorted(TINY))
+def test_blocks_equal_save_pretrained_checkpoint(case: str, tmp_path: Path) -> None:
+    saved = _save_tiny(case, tmp_path)
+    arch = load_architecture(tmp_path)  # reads the config.json save_pretrained wrote
+    built = {b.name: b.shape for b in arch.blocks}
+    assert len(built) == len(arch.blocks), "duplicate block names"
+    assert sorted(built) == sorted(saved)
+    assert built == saved
+    # layer by layer: per-layer blocks are contiguous and increasing, embeddings first
+    layers = [b.layer for b in arch.blocks if b.layer is not None]
+    assert layers == sorted(layers)
+    assert arch.blocks[0].kind == BlockKind.EMBEDDING
+    assert arch.num_layers == 3
+    # routed experts are complete per MoE layer
+    for m in arch.moe_layers:
+        experts = [b for b in arch.blocks if b.is_routed_expert and b.layer == m.index]
+        assert len(experts) == m.num_experts * len(arch.expert_projections)
+        assert {b.projection for b in experts} == set(arch.expert_projections)
+    for b in arch.blocks:
+        if b.kind in (BlockKind.NORM, BlockKind.ROUTER) or len(b.shape) == 1:
+            assert not b.quantizable and b.fixed_format == "F32", b.name
+        else:
+            assert b.quantizable, b.name
+
+
+def test_mixtral_uses_classic_names_with_standard_projections() -> None:
+    arch = architecture_from_config(dict(MIXTRAL_8X7B, num_hidden_layers=1))
+    by_name = {b.name: b for b in arch.blocks}
+    assert by_name["model.layers.0.block_sparse_moe.experts.3.w1.weight"].projection == "gate_proj"
+    assert by_name["model.layers.0.block_sparse_moe.experts.3.w3.weight"].projection == "up_proj"
+    w2 = by_name["model.layers.0.block_sparse_moe.experts.3.w2.weight"]
+    assert (w2.projection, w2.shape, w2.expert) == ("down_proj", (4096, 14336), 3)
+    assert by_name["model.layers.0.block_sparse_moe.gate.weight"].kind == BlockKind.ROUTER
+    assert arch.expert_projections == ("gate_proj", "up_proj", "down_proj")
+
+
+# --- real model sizes ---------------------------------------------------------------------------------------
+
+DEEPSEEK_V3_HF = dict(
+    model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+    moe_intermediate_size=2048, num_hidden_layers=61, num_nextn_predict_layers=1, num_attention_heads=128,
+    num_key_value_heads=128, n_shared_experts=1, n_routed_experts=256, routed_scaling_factor=2.5,
+    kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128,
+    topk_method="noaux_tc", n_group=8, topk_group=4, num_experts_per_tok=8, moe_layer_freq=1,
+    first_k_dense_replace=3, norm_topk_prob=True, scoring_func="sigmoid", tie_word_embeddings=False,
+)
+MIXTRAL_8X7B = dict(
+    model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False,
+)
+QWEN3_30B_A3B = dict(
+    model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+    num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936,
+    num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
+    tie_word_embeddings=False,
+)
+
+
+def _close(value: float, target: float, rel: float) -> bool:
+    return abs(value - target) <= rel * target
+
+
+def test_deepseek_v3_reference_format_is_671b() -> None:
+    arch = load_architecture(DATA / "config_671B.json")
+    assert arch.family == "deepseek_v3"
+    assert _close(arch.num_parameters, 671e9, 0.002), arch.num_parameters
+    assert (arch.expert_groups, arch.topk_groups, arch.shared_experts) == (8, 4, 1)
+    assert [m.index for m in arch.moe_layers] == list(range(3, 61))
+    assert all((m.num_experts, m.top_k) == (256, 8) for m in arch.moe_layers)
+    assert arch.kv_cache.kind == "mla" and arch.kv_cache.elements_per_token_per_layer == 576
+    assert arch.kv_cache.num_layers == 61
+    assert not any(".layers.61." in b.name for b in arch.blocks)  # no MTP layer
+    assert "model.layers.3.mlp.gate.e_score_correction_bias" in {b.name for b in arch.blocks}
+    assert arch.extra["score_func"] == "sigmoid"
+
+
+def test_deepseek_v3_transformers_config_equals_reference_format() -> None:
+    ref = load_architecture(DATA / "config_671B.json")
+    hf = architecture_from_config(DEEPSEEK_V3_HF)
+    assert hf.num_parameters == ref.num_parameters
+    assert len(hf.blocks) == len(ref.blocks)
+    assert hf.shape_hash() == ref.shape_hash()
+    assert hf.extra["num_nextn_predict_layers"] == 1
+    assert hf.extra["routed_scaling_factor"] == 2.5 and hf.extra["moe_intermediate_size"] == 2048
+
+
+def test_deepseek_v2_lite_is_15_7b() -> None:
+    arch = load_architecture(DATA / "config_16B.json")
+    assert arch.family == "deepseek_v2"
+    assert _close(arch.num_parameters, 15.7e9, 0.002), arch.num_parameters
+    assert (arch.expert_groups, arch.topk_groups, arch.shared_experts) == (1, 1, 2)
+    names = {b.name for b in arch.blocks}
+    assert "model.layers.1.self_attn.q_proj.weight" in names and "model.layers.1.self_attn.q_a_proj.weight" not in names
+    assert "model.layers.1.mlp.gate.e_score_correction_bias" not in names
+    shared = next(b for b in arch.blocks if b.name == "model.layers.1.mlp.shared_experts.up_proj.weight")
+    assert shared.shape == (2 * 1408, 2048)
+    assert len(arch.moe_layers) == 26 and arch.moe_layers[0].top_k == 6
+
+
+def test_mixtral_8x7b_is_46_7b() -> None:
+    arch = architecture_from_config(MIXTRAL_8X7B)
+    assert _close(arch.num_parameters, 46.7e9, 0.002), arch.num_parameters
+    assert arch.kv_cache.kind == "gqa" and arch.kv_cache.elements_per_token_per_layer == 2 * 8 * 128
+    assert arch.shared_experts == 0 and len(arch.moe_layers) == 32
+
+
+def test_qwen3_30b_a3b_is_30_5b() -> None:
+    arch = architecture_from_config(QWEN3_30B_A3B)
+    assert _close(arch.num_parameters, 30.5e9, 0.003), arch.num_parameters
+    assert arch.kv_cache.elements_per_token_per_layer == 2 * 4 * 128
+    assert len(arch.moe_layers) == 48 and arch.moe_layers[0].num_experts == 128
+
+
+def test_tied_embeddings_drop_lm_head() -> None:
+    tied = architecture_from_config(dict(QWEN3_30B_A3B, tie_word_embeddings=True))
+    assert not tied.blocks_of_kind([BlockKind.LM_HEAD])
+    assert architecture_from_config(QWEN3_30B_A3B).num_parameters - tied.num_parameters == 151936 * 2048
+
+
+# --- errors -------------------------------------------------------------------------------------------------
+
+def test_unknown_model_type() -> None:
+    with pytest.raises(InputError, match="unsupported model_type 'llama'"):
+        architecture_from_config({"model_type": "llama"})
+    with pytest.raises(InputError, match="model_type"):
+        architecture_from_config({"hidden_size": 4})
+
+
+@pytest.mark.parametrize("key", ["hidden_size", "moe_intermediate_size", "kv_lora_rank", "n_routed_experts"])
+def test_missing_key_is_named(key: str) -> None:
+    config = {k: v for k, v in DEEPSEEK_V3_HF.items() if k != key}
+    with pytest.raises(InputError, match=f"missing key '{key}'"):
+        architecture_from_config(config)
+
+
+def test_missing_reference_key_is_named() -> None:
+    config = json.loads((DATA / "config_16B.json").read_text())
+    del config["moe_inter_dim"]
+    with pytest.raises(InputError, match="'moe_inter_dim'"):
+        architecture_from_config(config)
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, "64", True])
+def test_non_positive_or_non_integer_sizes(value: object) -> None:
+    with pytest.raises(InputError, match="'hidden_size' must be"):
+        architecture_from_config(dict(MIXTRAL_8X7B, hidden_size=value))
+
+
+def test_inconsistent_routing() -> None:
+    with pytest.raises(InputError, match="num_experts_per_tok"):
+        architecture_from_config(dict(MIXTRAL_8X7B, num_experts_per_tok=9))
+    with pytest.raises(InputError, match="n_group"):
+        architecture_from_config(dict(DEEPSEEK_V3_HF, n_group=7))
+
+
+def test_load_architecture_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no such config"):
+        load_architecture(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(InputError, match="cannot read JSON"):
+        load_architecture(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(dict(MIXTRAL_8X7B, num_hidden_layers=2)))
+    assert load_architecture(tmp_path).num_layers == 2
+
+
+def test_deepseek_moe_layer_freq() -> None:
+    arch = architecture_from_config(dict(DEEPSEEK_V3_HF, num_hidden_layers=8, first_k_dense_replace=1,
+                                         moe_layer_freq=2))
+    assert [m.index for m in arch.moe_layers] == [2, 4, 6]
+    assert "model.layers.3.mlp.gate_proj.weight" in {b.name for b in arch.blocks}
