@@ -1,0 +1,288 @@
+"""Baselines that produce plans in the same format as the ILP, for comparison.
+
+* ``uniform``: no pruning, original top-k, every block in the largest single candidate format that fits
+  (a block whose rows the format cannot store takes the next larger candidate that can).
+* ``greedy``: value per byte. Start from every expert kept at the original top-k with every block in its
+  smallest format; while over budget, drop the expert slice (one expert per group) with the smallest drop
+  cost per freed byte; then, while bytes remain, apply the format upgrade with the largest cost decrease per
+  extra byte.
+* ``sequential`` (CC-MoE's recipe): keep the top ceil(r E) experts of each layer by I_e = a f_e + (1-a) s_e
+  (per group, so groups stay equal), set k = ceil(r K), store everything in the largest format that fits,
+  then upgrade the most sensitive blocks one format step at a time while the budget allows.
+
+Under ``--target llamacpp`` format choices are made per (layer, projection) for all experts at once and
+pruning removes the same number of experts from every layer, so the plans stay expressible.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .formats import get_format
+from .formulation.decisions import Decisions
+from .formulation.instance import Instance
+from .plan import Target
+
+BASELINES = ("uniform", "greedy", "sequential")
+
+
+@dataclass(frozen=True)
+class BaselineOptions:
+    retain_ratio: float = 0.75  # sequential: fraction of experts (and of top-k) kept, 192/256 in the paper
+    importance_alpha: float = 0.5
+
+
+def _units(inst: Instance, present: np.ndarray) -> list[np.ndarray]:
+    """Groups of present blocks that take one format together (llamacpp: all experts of a layer/projection)."""
+    blocks = np.flatnonzero(present)
+    if inst.options.target != Target.LLAMACPP:
+        return [np.array([b]) for b in blocks]
+    arch = inst.profile.architecture
+    groups: dict[tuple, list[int]] = {}
+    for b in blocks:
+        blk = arch.blocks[b]
+        key = (blk.layer, blk.projection) if blk.is_routed_expert else ("block", int(b))
+        groups.setdefault(key, []).append(int(b))
+    return [np.array(v) for v in groups.values()]
+
+
+def _format_options(inst: Instance, unit: np.ndarray) -> dict[int, tuple[np.ndarray, int, float]]:
+    """format index -> (pair per block of the unit, bytes, cost), for formats every block of the unit admits."""
+    out: dict[int, tuple[np.ndarray, int, float]] = {}
+    per_block = [dict(zip(inst.pair_format[inst.pairs_of(b)].tolist(), range(inst.pairs_of(b).start, inst.pairs_of(b).stop)))
+                 for b in unit]
+    common = set.intersection(*(set(d) for d in per_block))
+    for f in common:
+        pairs = np.array([d[f] for d in per_block])
+        out[f] = (pairs, int(inst.pair_bytes[pairs].sum()), float(inst.pair_cost[pairs].sum()))
+    return out
+
+
+def _present(inst: Instance, keep: np.ndarray) -> np.ndarray:
+    return inst.block_quantizable & ((inst.block_owner < 0) | keep[np.maximum(inst.block_owner, 0)])
+
+
+def _assign(inst: Instance, keep: np.ndarray, choice: dict[int, int], units, options) -> np.ndarray:
+    chosen = np.zeros(len(inst.pair_block), dtype=bool)
+    for u, unit in enumerate(units):
+        chosen[options[u][choice[u]][0]] = True
+    return chosen
+
+
+def _bytes(inst: Instance, keep: np.ndarray, chosen: np.ndarray) -> int:
+    return int(inst.pair_bytes[chosen].sum() + inst.router_bytes[keep].sum())
+
+
+def _largest_fitting(inst: Instance, keep: np.ndarray, top_k: np.ndarray) -> Decisions | None:
+    """Every unit in one format (or the next larger it admits), trying formats from the largest down."""
+    units = _units(inst, _present(inst, keep))
+    opts = [_format_options(inst, u) for u in units]
+    cap = inst.available - inst.fixed_bytes
+    order = sorted(range(len(inst.formats)), key=lambda f: -get_format(inst.formats[f]).bits_per_weight)
+    bpw = [get_format(f).bits_per_weight for f in inst.formats]
+    for f in order:
+        choice = {}
+        for u, o in enumerate(opts):
+            bigger = [g for g in o if bpw[g] >= bpw[f]]
+            choice[u] = min(bigger, key=lambda g: (bpw[g], g)) if bigger else max(o, key=lambda g: (bpw[g], -g))
+        chosen = _assign(inst, keep, choice, units, opts)
+        if _bytes(inst, keep, chosen) <= cap:
+            return Decisions(keep.copy(), top_k.copy(), chosen)
+    return None
+
+
+def _upgrade(inst: Instance, d: Decisions, by: str) -> Decisions:
+    """Spend spare bytes on format upgrades with a heap over units.
+
+    ``ratio``: along each unit's lower convex hull of (bytes, cost), best cost decrease per extra byte first
+    (the classic multiple-choice-knapsack greedy). ``sensitivity``: the unit whose current format costs most
+    moves one format step up, then is reconsidered. A step that does not fit is skipped.
+    """
+    units = _units(inst, _present(inst, d.keep))
+    opts = [_format_options(inst, u) for u in units]
+    left = inst.available - inst.fixed_bytes - _bytes(inst, d.keep, d.chosen)
+    chosen_pairs = set(np.flatnonzero(d.chosen).tolist())
+    choice = {u: next(f for f, (pairs, _, _) in o.items() if int(pairs[0]) in chosen_pairs) for u, o in enumerate(opts)}
+    heap: list[tuple[float, int, int]] = []
+
+    def push(u: int) -> None:
+        _, b0, c0 = opts[u][choice[u]]
+        steps = sorted((b, c, f) for f, (_, b, c) in opts[u].items() if b > b0 and c < c0)
+        if not steps:
+            return
+        if by == "ratio":
+            b, c, f = max(steps, key=lambda s: ((c0 - s[1]) / (s[0] - b0), -s[0]))
+            heapq.heappush(heap, (-(c0 - c) / (b - b0), u, f))
+        else:
+            heapq.heappush(heap, (-c0, u, steps[0][2]))
+
+    for u in range(len(units)):
+        push(u)
+    while heap:
+        _, u, f = heapq.heappop(heap)
+        delta = opts[u][f][1] - opts[u][choice[u]][1]
+        if delta > left:
+            continue
+        choice[u] = f
+        left -= delta
+        push(u)
+    return Decisions(d.keep, d.top_k, _assign(inst, d.keep, choice, units, opts))
+
+
+def uniform(inst: Instance, options: BaselineOptions | None = None) -> Decisions | None:
+    keep = np.ones(inst.num_experts, dtype=bool)
+    return _largest_fitting(inst, keep, inst.layer_top_k.copy())
+
+
+def _importance(inst: Instance, alpha: float) -> np.ndarray:
+    ex = inst.profile.experts
+    parts = []
+    for f, s in zip(ex.frequency, ex.mean_score):
+        fn = f / f.sum() if f.sum() > 0 else np.full(len(f), 1 / len(f))
+        sn = s / s.sum() if s.sum() > 0 else np.full(len(s), 1 / len(s))
+        parts.append(alpha * fn + (1 - alpha) * sn)
+    return np.concatenate(parts)
+
+
+def _keep_top(inst: Instance, score: np.ndarray, per_group_keep: np.ndarray) -> np.ndarray:
+    keep = np.zeros(inst.num_experts, dtype=bool)
+    for i in range(len(inst.layer_top_k)):
+        G = inst.groups
+        ids = (inst.layer_first_expert[i] + np.arange(inst.layer_experts[i])).reshape(G, -1)
+        for g in range(G):
+            order = np.lexsort((ids[g], -score[ids[g]]))
+            keep[ids[g][order[: per_group_keep[i]]]] = True
+    return keep
+
+
+def sequential(inst: Instance, options: BaselineOptions | None = None) -> Decisions | None:
+    o = options or BaselineOptions()
+    G = inst.groups
+    per_group = inst.layer_experts // G
+    m = np.array([max(math.ceil(o.retain_ratio * E / G), int(math.ceil(lo / G))) for E, lo in
+                  zip(inst.layer_experts, inst.layer_min_experts)])
+    m = np.minimum(np.maximum(m, np.minimum(2, per_group) if G > 1 else 1), per_group)
+    if inst.options.target == Target.LLAMACPP:
+        m[:] = m.max()
+    top_k = np.array([min(math.ceil(o.retain_ratio * K), inst.topk_groups * mi, G * mi) for K, mi in zip(inst.layer_top_k, m)])
+    top_k = np.maximum(top_k, inst.min_top_k)
+    keep = _keep_top(inst, _importance(inst, o.importance_alpha), m)
+    d = _largest_fitting(inst, keep, top_k)
+    return None if d is None else _upgrade(inst, d, by="sensitivity")
+
+
+def greedy(inst: Instance, options: BaselineOptions | None = None) -> Decisions | None:
+    """Value per byte over two kinds of items, from the smallest plan up.
+
+    Start with the fewest experts each layer needs at its original top-k (highest drop cost per byte
+    first), every block in its smallest format. Items: *add an expert slice* (one expert per group; value =
+    drop cost avoided minus its blocks' cost at their smallest formats) and *upgrade a block's format*
+    (value = cost decrease). Take the item with the largest value per byte that fits, until none does.
+    Under ``--target llamacpp`` experts are added to every layer at once.
+    """
+    G, llama = inst.groups, inst.options.target == Target.LLAMACPP
+    top_k = inst.layer_top_k.copy()
+    keep_all = np.ones(inst.num_experts, dtype=bool)
+    all_units = _units(inst, _present(inst, keep_all))
+    all_opts = [_format_options(inst, u) for u in all_units]
+    smallest = {u: min(o, key=lambda f: (o[f][1], o[f][2])) for u, o in enumerate(all_opts)}
+    base = _assign(inst, keep_all, smallest, all_units, all_opts)
+    own = inst.block_owner[inst.pair_block]
+    size = np.bincount(own[base & (own >= 0)], weights=inst.pair_bytes[base & (own >= 0)], minlength=inst.num_experts)
+    block_cost = np.bincount(own[base & (own >= 0)], weights=inst.pair_cost[base & (own >= 0)], minlength=inst.num_experts)
+    size = size + inst.router_bytes
+    value = inst.drop_cost - block_cost  # what keeping an expert (at its smallest formats) is worth
+    order_key = value / np.maximum(size, 1)
+    n_layers = len(inst.layer_top_k)
+    ids = [(inst.layer_first_expert[i] + np.arange(inst.layer_experts[i])).reshape(G, -1) for i in range(n_layers)]
+    ranked = [[ids[i][g][np.lexsort((ids[i][g], -order_key[ids[i][g]]))] for g in range(G)] for i in range(n_layers)]
+    per_group = inst.layer_experts // G
+    need = np.array([max(math.ceil(max(inst.layer_min_experts[i], top_k[i]) / G),
+                         math.ceil(top_k[i] / inst.topk_groups), min(2, per_group[i]) if G > 1 else 0) for i in range(n_layers)])
+    if llama:
+        need[:] = need.max()
+    count = need.copy()
+    keep = np.zeros(inst.num_experts, dtype=bool)
+    for i in range(n_layers):
+        for g in range(G):
+            keep[ranked[i][g][: count[i]]] = True
+    if _bytes(inst, keep, base & ((own < 0) | keep[np.maximum(own, 0)])) > inst.available - inst.fixed_bytes:
+        return None
+
+    def slice_of(i: int) -> list[int]:
+        return [int(ranked[i][g][count[i]]) for g in range(G)] if count[i] < per_group[i] else []
+
+    def expert_item(i: int) -> tuple[float, int, list[int]] | None:
+        layers = range(n_layers) if llama else [i]
+        members = [e for j in layers for e in slice_of(j)]
+        if not members or len(members) < G * len(layers):
+            return None
+        return float(value[members].sum()), int(size[members].sum()), members
+
+    if llama:  # formats per (layer, projection) change with the expert count: add experts first, then upgrade
+        while True:
+            item = expert_item(0)
+            chosen = base & ((own < 0) | keep[np.maximum(own, 0)])
+            if item is None or item[0] <= 0 or _bytes(inst, keep, chosen) + item[1] > inst.available - inst.fixed_bytes:
+                break
+            keep[item[2]] = True
+            count += 1
+        return _upgrade(inst, Decisions(keep, top_k, base & ((own < 0) | keep[np.maximum(own, 0)])), by="ratio")
+    left = inst.available - inst.fixed_bytes - _bytes(inst, keep, base & ((own < 0) | keep[np.maximum(own, 0)]))
+    choice = dict(smallest)
+    unit_of_block = {int(u[0]): k for k, u in enumerate(all_units)}
+    heap: list[tuple[float, int, int, int]] = []  # (-value per byte, kind 0 = upgrade / 1 = expert, unit or layer, format)
+
+    def push_upgrade(u: int) -> None:
+        _, b0, c0 = all_opts[u][choice[u]]
+        steps = [(b, c, f) for f, (_, b, c) in all_opts[u].items() if b > b0 and c < c0]
+        if steps:
+            b, c, f = max(steps, key=lambda s: ((c0 - s[1]) / (s[0] - b0), -s[0]))
+            heapq.heappush(heap, (-(c0 - c) / (b - b0), 0, u, f))
+
+    def push_expert(i: int) -> None:
+        item = expert_item(i)
+        if item is not None and item[0] > 0:
+            heapq.heappush(heap, (-item[0] / max(item[1], 1), 1, i, -1))
+
+    expert_blocks = np.flatnonzero(inst.block_owner >= 0)
+    expert_blocks = expert_blocks[np.argsort(inst.block_owner[expert_blocks], kind="stable")]
+    block_start = np.searchsorted(inst.block_owner[expert_blocks], np.arange(inst.num_experts + 1))
+    present = _present(inst, keep)
+    for b in np.flatnonzero(present):
+        push_upgrade(unit_of_block[int(b)])
+    for i in range(n_layers):
+        push_expert(i)
+    while heap:
+        _, kind, u, f = heapq.heappop(heap)
+        if kind == 0:
+            delta = all_opts[u][f][1] - all_opts[u][choice[u]][1]
+            if delta <= left:
+                choice[u], left = f, left - delta
+                push_upgrade(u)
+            continue
+        item = expert_item(u)
+        if item is None or item[1] > left:
+            continue
+        keep[item[2]] = True
+        count[u] += 1
+        left -= item[1]
+        for e in item[2]:
+            for b in expert_blocks[block_start[e]:block_start[e + 1]]:
+                push_upgrade(unit_of_block[int(b)])
+        push_expert(u)
+    present = _present(inst, keep)
+    sub_units = [k for k, unit in enumerate(all_units) if present[unit[0]]]
+    chosen = np.zeros(len(inst.pair_block), dtype=bool)
+    for k in sub_units:
+        chosen[all_opts[k][choice[k]][0]] = True
+    return Decisions(keep, top_k, chosen)
+
+
+def run_baseline(name: str, inst: Instance, options: BaselineOptions | None = None) -> Decisions | None:
+    """Run a baseline by name; ``None`` when it cannot fit the budget."""
+    return {"uniform": uniform, "greedy": greedy, "sequential": sequential}[name](inst, options)

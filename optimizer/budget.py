@@ -1,0 +1,79 @@
+"""Memory budgets: parsing ``128GB`` / ``120GiB`` and the reserves taken off before weights are placed.
+
+    available for weights = budget - kv_cache(context) - overhead
+
+KV cache bytes come from the architecture (:class:`~optimizer.architecture.KVCacheSpec`: MLA's compressed
+latent for DeepSeek, ``2 * kv_heads * head_dim`` for grouped-query attention) at ``dtype_bytes`` per element.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .architecture import Architecture
+from .errors import InputError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+DEFAULT_CONTEXT = 8192
+DEFAULT_OVERHEAD = "2GiB"
+
+
+def parse_bytes(text: str | int | float, what: str = "size") -> int:
+    """``"128GB"`` -> 128e9, ``"120GiB"`` -> 120 * 2**30, ``"5e9"`` -> 5e9. Decimal GB and binary GiB both work."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        m = _SIZE_RE.match(str(text))
+        if not m:
+            raise InputError(f"{what}: cannot read {text!r} as a size (examples: 128GB, 120GiB, 512MB)")
+        value, unit = float(m.group(1)), m.group(2).lower()
+    if unit not in _UNITS:
+        raise InputError(f"{what}: unknown unit {unit!r} (use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB)")
+    out = int(round(value * _UNITS[unit]))
+    if out <= 0:
+        raise InputError(f"{what}: must be positive, got {text!r}")
+    return out
+
+
+def format_bytes(n: float) -> str:
+    """Human-readable decimal size: ``127.4 GB``."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A total memory budget and what is reserved out of it; ``available`` is left for the weights."""
+
+    total: int
+    reserves: dict[str, int]
+
+    @property
+    def available(self) -> int:
+        return self.total - sum(self.reserves.values())
+
+
+def make_budget(arch: Architecture, budget: str | int, context: int = DEFAULT_CONTEXT,
+                overhead: str | int = DEFAULT_OVERHEAD) -> Budget:
+    """Budget minus the KV cache of ``context`` tokens and a fixed runtime overhead."""
+    total = parse_bytes(budget, "--budget")
+    if isinstance(context, bool) or not isinstance(context, int) or context < 0:
+        raise InputError(f"--context: expected a non-negative number of tokens, got {context!r}")
+    over = 0 if overhead in (0, "0") else parse_bytes(overhead, "--overhead")
+    reserves = {"kv_cache": arch.kv_cache.bytes_for(context), "overhead": over}
+    out = Budget(total, reserves)
+    if out.available <= 0:
+        raise InputError(
+            f"--budget: {format_bytes(total)} leaves nothing for weights after reserves "
+            f"(KV cache {format_bytes(reserves['kv_cache'])} for {context} tokens, overhead {format_bytes(over)})"
+        )
+    return out

@@ -1,0 +1,198 @@
+"""From (profile, budget, options) to a :class:`~optimizer.plan.Plan`: the one entry point of the optimizer.
+
+``optimize(profile, budget, formulation, solve_options)``:
+
+1. :func:`build_instance` validates everything cheap first (formats, top-k bounds, minimum experts), then
+   builds the arrays; :func:`build_milp` turns them into the solver-agnostic model.
+2. A baseline (``uniform``, ``greedy``, ``sequential``) answers directly. A MILP backend is, by default,
+   *accelerated*: the Lagrangian decomposition gives a plan and a proven bound in milliseconds; if their
+   gap is within ``rel_gap`` the plan is certified without calling the backend, otherwise the backend runs
+   warm-started from that plan and the better bound of the two is reported.
+3. The decisions are checked against every row of the model and written out as a plan whose bytes are
+   recomputed from the exact byte model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .baselines import BASELINES, BaselineOptions, run_baseline
+from .budget import Budget, format_bytes
+from .byte_model import block_bytes
+from .errors import InfeasibleError, SolverError
+from .formulation.constraints import build_milp
+from .formulation.decisions import Decisions, check_decisions, from_vector, to_vector
+from .formulation.decomposition import applicable, lagrangian, min_weight_bytes
+from .formulation.instance import FormulationOptions, Instance, build_instance
+from .plan import LayerPlan, Plan, PlanBytes, SolveRecord, SolveStatus
+from .profile import Profile
+from .solvers.base import SolverOptions, relative_gap
+from .solvers.registry import get_backend
+
+
+@dataclass(frozen=True)
+class SolveOptions:
+    solver: str = "highs"
+    time_limit: float | None = 60.0
+    rel_gap: float = 1e-4
+    threads: int = 1
+    seed: int = 0
+    accelerate: bool = True  # Lagrangian warm start and certificate before the MILP
+    reproducible: bool = False  # leave wall-clock seconds out of the plan, so reruns are byte-identical
+    baseline: BaselineOptions = BaselineOptions()
+
+
+def solver_names() -> list[str]:
+    from .solvers.registry import BACKENDS
+
+    return sorted(BACKENDS) + list(BASELINES)
+
+
+def optimize(profile: Profile, budget: Budget, formulation: FormulationOptions | None = None,
+             options: SolveOptions | None = None) -> Plan:
+    """Solve and return a plan; raises InfeasibleError (with the smallest achievable bytes) or SolverError."""
+    formulation = formulation or FormulationOptions()
+    options = options or SolveOptions()
+    t0 = time.perf_counter()
+    is_baseline = options.solver in BASELINES
+    if not is_baseline:
+        get_backend(options.solver)  # unknown or missing solver: fail before the heavy work
+    # baselines reason about every format; dominance presolve only helps the exact methods
+    presolve = formulation.presolve and not is_baseline
+    inst = build_instance(profile, budget, FormulationOptions(**{**formulation.__dict__, "presolve": presolve}))
+    model, variables = build_milp(inst)
+    build_seconds = time.perf_counter() - t0
+    info: dict = {"build_seconds": build_seconds, "variables": model.num_vars, "rows": model.num_rows,
+                  "dominated_pairs_removed": inst.removed_pairs}
+    if is_baseline:
+        d = run_baseline(options.solver, inst, options.baseline)
+        if d is None:
+            _raise_infeasible(inst, f"baseline {options.solver} cannot fit the budget")
+        status, objective, bound, message = SolveStatus.FEASIBLE, d.objective(inst), None, f"baseline {options.solver}"
+    else:
+        d, status, objective, bound, message = _solve_exact(inst, model, variables, options, info)
+    violated = check_decisions(inst, model, variables, d)
+    if violated:
+        raise SolverError(f"solver {options.solver} returned a plan that violates: {', '.join(violated)}")
+    seconds = time.perf_counter() - t0
+    info["seconds_total"] = seconds
+    return _to_plan(inst, d, options, status, objective, bound, seconds, message, info)
+
+
+def _solve_exact(inst: Instance, model, variables, options: SolveOptions, info: dict):
+    backend = get_backend(options.solver)
+    warm: Decisions | None = None
+    lag_bound = None
+    if options.accelerate and applicable(inst):
+        lr = lagrangian(inst, options.rel_gap)
+        if lr is None:
+            _raise_infeasible(inst, "no plan fits the budget")
+        info.update(lagrangian_seconds=lr.seconds, lagrangian_evaluations=lr.evaluations,
+                    lagrangian_gap=lr.gap, lagrangian_multiplier=lr.multiplier)
+        if lr.gap <= options.rel_gap:
+            msg = (f"certified by the Lagrangian bound (gap {lr.gap:.2e} <= {options.rel_gap:.0e}); "
+                   f"{backend.name} not needed")
+            return lr.decisions, SolveStatus.OPTIMAL, lr.objective, lr.bound, msg
+        warm, lag_bound = lr.decisions, lr.bound
+    elif options.accelerate:
+        greedy = run_baseline("greedy", inst)
+        if greedy is not None and not check_decisions(inst, model, variables, greedy):
+            warm = greedy
+    if warm is not None and not backend.supports_warm_start:
+        info["warm_start"] = "not supported by backend"
+    sopts = SolverOptions(time_limit=options.time_limit, rel_gap=options.rel_gap, threads=options.threads,
+                          seed=options.seed)
+    x0 = to_vector(inst, model, variables, warm) if warm is not None else None
+    result = backend.solve(model, sopts, warm_start=x0 if backend.supports_warm_start else None)
+    info["backend_seconds"] = result.seconds
+    if result.status == SolveStatus.INFEASIBLE:
+        _raise_infeasible(inst, f"{backend.name} proved the constraints infeasible")
+    candidates: list[tuple[float, Decisions]] = []
+    if result.status.has_plan and result.x is not None:
+        candidates.append((model.objective_value(result.x), from_vector(inst, variables, result.x)))
+    if warm is not None:
+        candidates.append((warm.objective(inst), warm))
+    if not candidates:
+        raise SolverError(f"{backend.name}: {result.status.value} after {result.seconds:.1f} s ({result.message})")
+    objective, d = min(candidates, key=lambda c: c[0])
+    bounds = [b for b in (result.bound, lag_bound) if b is not None]
+    bound = min(max(bounds), objective) if bounds else None
+    gap = relative_gap(objective, bound)
+    status = SolveStatus.OPTIMAL if gap is not None and gap <= options.rel_gap + 1e-12 else SolveStatus.FEASIBLE
+    msg = f"{backend.name}: {result.status.value}" + (" (warm-started from the Lagrangian plan)" if lag_bound is not None else "")
+    return d, status, objective, bound, msg
+
+
+def _raise_infeasible(inst: Instance, why: str) -> None:
+    need = min_weight_bytes(inst) + sum(inst.budget.reserves.values())
+    extra = ""
+    if inst.options.min_tokens_per_s is not None:
+        extra = f" (or the speed target of {inst.options.min_tokens_per_s:g} tokens/s cannot be met)"
+    raise InfeasibleError(
+        f"infeasible: {why}{extra}. The smallest achievable plan needs {format_bytes(need)} ({need} bytes) "
+        f"including reserves; the budget is {format_bytes(inst.budget.total)}.", min_bytes=need,
+    )
+
+
+def _to_plan(inst: Instance, d: Decisions, options: SolveOptions, status: SolveStatus, objective: float,
+             bound: float | None, seconds: float, message: str, info: dict) -> Plan:
+    profile = inst.profile
+    arch = profile.architecture
+    formats: dict[str, str] = {}
+    by_kind: dict[str, int] = {}
+    chosen_format = {int(inst.pair_block[p]): inst.formats[int(inst.pair_format[p])] for p in np.flatnonzero(d.chosen)}
+    layers = []
+    kept_by_layer = {}
+    for i, m in enumerate(arch.moe_layers):
+        ids = inst.layer_first_expert[i] + np.arange(m.num_experts)
+        kept = tuple(int(e) for e in np.flatnonzero(d.keep[ids]))
+        kept_by_layer[m.index] = (set(kept), m.num_experts)
+        layers.append(LayerPlan(m.index, kept, int(d.top_k[i])))
+    for b, block in enumerate(arch.blocks):
+        if block.is_routed_expert and block.expert not in kept_by_layer[block.layer][0]:
+            continue
+        fmt = chosen_format[b] if block.quantizable else block.fixed_format
+        nbytes = block_bytes(block, fmt)
+        if block.kind.value == "router" and block.layer in kept_by_layer and block.shape[0] == kept_by_layer[block.layer][1]:
+            nbytes = nbytes // block.shape[0] * len(kept_by_layer[block.layer][0])
+        formats[block.name] = fmt
+        by_kind[block.kind.value] = by_kind.get(block.kind.value, 0) + nbytes
+    total = sum(by_kind.values())
+    predicted = {"loss_increase": objective, "bytes_read_per_token": float(_bytes_read(inst, d))}
+    predicted["decode_tokens_per_s"] = profile.device.memory_bandwidth_bytes_per_s / predicted["bytes_read_per_token"]
+    opts = {
+        "objective": inst.options.objective, "target": inst.options.target.value, "formats": list(inst.formats),
+        "min_experts": inst.options.min_experts, "min_top_k": inst.options.min_top_k,
+        "min_tokens_per_s": inst.options.min_tokens_per_s, "objective_options": asdict(inst.options.objective_options),
+        "time_limit": options.time_limit, "rel_gap": options.rel_gap, "threads": options.threads, "seed": options.seed,
+        "accelerate": options.accelerate,
+    }
+    if not options.reproducible:
+        opts["timing"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in info.items()}
+    else:
+        opts["model_size"] = {k: info[k] for k in ("variables", "rows", "dominated_pairs_removed")}
+    record = SolveRecord(
+        solver=options.solver, formulation=inst.options.objective, status=status, objective=objective, bound=bound,
+        gap=relative_gap(objective, bound), seconds=None if options.reproducible else seconds,
+        profile_hash=profile.hash, options=opts, message=message,
+    )
+    pbytes = PlanBytes(total=total, by_kind=by_kind, budget=inst.budget.total, reserves=dict(inst.budget.reserves))
+    return Plan(profile.model.name, arch.family, arch.shape_hash(), inst.options.target, tuple(layers), formats,
+                pbytes, record, predicted)
+
+
+def _bytes_read(inst: Instance, d: Decisions) -> float:
+    """Expected bytes read per decoded token: non-expert weights, k_i average kept experts, the KV cache."""
+    chosen = np.flatnonzero(d.chosen)
+    owner = inst.block_owner[inst.pair_block[chosen]]
+    nonexpert = float(inst.pair_read[chosen[owner < 0]].sum()) + inst.fixed_read + float(inst.router_bytes[d.keep].sum())
+    per_expert = np.bincount(owner[owner >= 0], weights=inst.pair_read[chosen[owner >= 0]], minlength=inst.num_experts)
+    experts = 0.0
+    for i, k in enumerate(d.top_k):
+        ids = inst.layer_first_expert[i] + np.arange(inst.layer_experts[i])
+        kept = ids[d.keep[ids]]
+        experts += k * float(per_expert[kept].mean()) if len(kept) else 0.0
+    return nonexpert + experts + inst.budget.reserves.get("kv_cache", 0)
