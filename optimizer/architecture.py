@@ -64,6 +64,8 @@ class Block:
         if not self.quantizable:
             out["quantizable"] = False
             out["fixed_format"] = self.fixed_format
+        elif self.kind in UNQUANTIZED_KINDS or len(self.shape) < 2:  # quantizable against the default
+            out["quantizable"] = True
         return out
 
 

@@ -47,7 +47,7 @@ LLAMACPP_FALLBACK: dict[str, str] = {
 
 INT_BITS = range(2, 9)
 INT_GROUP_SIZES = (32, 64, 128)
-_INT_RE = re.compile(r"^int([2-8])_g(\d+)$")
+_INT_RE = re.compile(r"int([2-8])_g([0-9]+)")
 #: bytes of per-group metadata in the runtime's integer formats: fp16 scale + fp16 zero point.
 INT_GROUP_META_BYTES = 4
 
@@ -129,7 +129,7 @@ def get_format(name: str) -> Format:
     """Look up a format by name (``Q4_K``, ``bf16`` and ``int4_g128`` style names; GGUF names are case-insensitive)."""
     if not isinstance(name, str):
         raise InputError(f"format name must be a string, got {name!r}")
-    m = _INT_RE.match(name.lower())
+    m = _INT_RE.fullmatch(name.lower())
     if m:
         bits, group = int(m.group(1)), int(m.group(2))
         if group < 8 or group % 8:

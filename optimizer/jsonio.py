@@ -12,16 +12,13 @@ import hashlib
 import json
 import math
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from .errors import InputError
-
-
-def _reject_constant(name: str) -> float:
-    raise InputError(f"{name} is not valid JSON (NaN and Infinity are not numbers)")
 
 
 def read_json(path: str | os.PathLike) -> tuple[Any, str]:
@@ -35,15 +32,42 @@ def read_json(path: str | os.PathLike) -> tuple[Any, str]:
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except OSError as exc:
+        except (OSError, EOFError, zlib.error) as exc:
             raise InputError(f"{p}: broken gzip stream ({exc})") from None
+    non_finite: list[str] = []
+
+    def constant(text: str) -> float:  # NaN, Infinity, -Infinity
+        non_finite.append(text)
+        return float(text)
+
+    def parse_float(text: str) -> float:  # 1e999 overflows to inf
+        value = float(text)
+        if not math.isfinite(value):
+            non_finite.append(text)
+        return value
+
     try:
-        doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        doc = json.loads(raw.decode("utf-8"), parse_constant=constant, parse_float=parse_float)
     except UnicodeDecodeError:
         raise InputError(f"{p}: not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise InputError(f"{p}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    if non_finite:
+        where = _first_non_finite(doc, "") or "(a duplicated key)"
+        raise InputError(f"{p}: {where}: {non_finite[0]} is not a finite number (JSON has no NaN or Infinity)")
     return doc, canonical_hash(doc)
+
+
+def _first_non_finite(value: Any, path: str) -> str | None:
+    """JSON path of the first non-finite float in ``value`` (only walked when the parser saw one)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "(top level)"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _first_non_finite(item, f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else key))
+        if found:
+            return found
+    return None
 
 
 def canonical_hash(doc: Any) -> str:
@@ -91,12 +115,14 @@ class Reader:
         self._unseen = set(obj)
 
     def _take(self, key: str, required: bool) -> Any:
-        if key not in self.obj:
-            if required:
-                raise InputError(f"{self.path}.{key}: missing required field")
-            return None
         self._unseen.discard(key)
-        return self.obj[key]
+        value = self.obj.get(key)
+        if value is None:  # absent or null: both mean "not given"
+            if required:
+                what = "missing required field" if key not in self.obj else "must not be null"
+                raise InputError(f"{self.path}.{key}: {what}")
+            return None
+        return value
 
     def child(self, key: str, required: bool = True) -> "Reader | None":
         value = self._take(key, required)

@@ -153,6 +153,8 @@ def plan_from_json(doc: Any) -> Plan:
             raise InputError(f"plan.layers[{i}].kept_experts: must be sorted and without duplicates")
         if top_k > len(kept):
             raise InputError(f"plan.layers[{i}].top_k: {top_k} > {len(kept)} kept experts")
+        if any(lp.layer == layer for lp in layers):
+            raise InputError(f"plan.layers[{i}].layer: duplicate layer {layer}")
         layers.append(LayerPlan(layer, kept, top_k))
     fr = r.child("formats")
     formats = {}
@@ -177,12 +179,15 @@ def plan_from_json(doc: Any) -> Plan:
         predicted = {k: pr.number(k, minimum=None) for k in list(pr.obj)}
         pr.done()
     sr = r.child("solve")
+    options = sr.any("options", required=False)
+    if options is not None and not isinstance(options, dict):
+        raise InputError(f"plan.solve.options: expected an object, got {type(options).__name__}")
     status = SolveStatus(sr.str("status", choices=tuple(s.value for s in SolveStatus)))
     record = SolveRecord(
         solver=sr.str("solver"), formulation=sr.str("formulation"), status=status,
         objective=sr.number("objective", required=False, minimum=None), bound=sr.number("bound", required=False, minimum=None),
         gap=sr.number("gap", required=False), seconds=sr.number("seconds", required=False),
-        profile_hash=sr.str("profile_hash"), options=sr.any("options", required=False) or {},
+        profile_hash=sr.str("profile_hash"), options=options or {},
         message=sr.str("message", required=False) or "",
     )
     sr.done()

@@ -173,7 +173,17 @@ def _architecture_from_json(r: Reader) -> Architecture:
     shared = r.int("shared_experts")
     groups = r.int("expert_groups", required=False, minimum=1) or 1
     topk_groups = r.int("topk_groups", required=False, minimum=1) or 1
-    projections = tuple(r.list("expert_projections", required=False) or ("gate_proj", "up_proj", "down_proj"))
+    proj_raw = r.list("expert_projections", required=False)
+    projections: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    if proj_raw is not None:
+        if not proj_raw:
+            raise InputError(f"{p}.expert_projections: needs at least one projection")
+        for j, name in enumerate(proj_raw):
+            if not isinstance(name, str):
+                raise InputError(f"{p}.expert_projections[{j}]: expected a string, got {name!r}")
+        if len(set(proj_raw)) != len(proj_raw):
+            raise InputError(f"{p}.expert_projections: duplicate projection names")
+        projections = tuple(proj_raw)
     moe_layers = []
     for i, item in enumerate(r.list("moe_layers")):
         mr = Reader(item, f"{p}.moe_layers[{i}]")
@@ -317,7 +327,13 @@ def _device_from_json(r: Reader) -> Device:
     throughput = {}
     if tp_raw is not None:
         for key in list(tp_raw.obj):
-            throughput[get_format(key).name] = tp_raw.number(key)
+            try:
+                name = get_format(key).name
+            except InputError as exc:
+                raise InputError(f"{tp_raw.path}.{key}: {exc}") from None
+            if name in throughput:
+                raise InputError(f"{tp_raw.path}.{key}: duplicate format {name}")
+            throughput[name] = tp_raw.number(key)
         tp_raw.done()
     meas = _measurement(r.child("measurement"), f"{r.path}.measurement")
     r.done()
@@ -345,7 +361,7 @@ def profile_to_json(p: Profile) -> dict:
     return {
         "schema": PROFILE_SCHEMA,
         "version": PROFILE_VERSION,
-        "model": {"name": p.model.name, **({"source": p.model.source} if p.model.source else {})},
+        "model": {"name": p.model.name, **({"source": p.model.source} if p.model.source is not None else {})},
         "architecture": {
             "family": a.family, "num_layers": a.num_layers, "hidden_size": a.hidden_size, "vocab_size": a.vocab_size,
             "shared_experts": a.shared_experts, "expert_groups": a.expert_groups, "topk_groups": a.topk_groups,
