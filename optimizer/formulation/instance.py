@@ -37,6 +37,13 @@ class FormulationOptions:
     min_tokens_per_s: float | None = None
     presolve: bool = True
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.target, Target):
+            try:
+                object.__setattr__(self, "target", Target(self.target))
+            except ValueError:
+                raise InputError(f"--target: {self.target!r} is not one of hf, llamacpp") from None
+
 
 @dataclass(frozen=True, eq=False)
 class Instance:
