@@ -143,7 +143,9 @@ def _to_plan(inst: Instance, d: Decisions, options: SolveOptions, status: SolveS
     arch = profile.architecture
     formats: dict[str, str] = {}
     by_kind: dict[str, int] = {}
-    chosen_format = {int(inst.pair_block[p]): inst.formats[int(inst.pair_format[p])] for p in np.flatnonzero(d.chosen)}
+    chosen_idx = np.flatnonzero(d.chosen)
+    chosen_format = dict(zip(inst.pair_block[chosen_idx].tolist(), [inst.formats[f] for f in inst.pair_format[chosen_idx].tolist()]))
+    chosen_bytes = dict(zip(inst.pair_block[chosen_idx].tolist(), inst.pair_bytes[chosen_idx].tolist()))
     layers = []
     kept_by_layer = {}
     for i, m in enumerate(arch.moe_layers):
@@ -155,7 +157,7 @@ def _to_plan(inst: Instance, d: Decisions, options: SolveOptions, status: SolveS
         if block.is_routed_expert and block.expert not in kept_by_layer[block.layer][0]:
             continue
         fmt = chosen_format[b] if block.quantizable else block.fixed_format
-        nbytes = block_bytes(block, fmt)
+        nbytes = chosen_bytes[b] if block.quantizable else block_bytes(block, fmt)
         if block.kind.value == "router" and block.layer in kept_by_layer and block.shape[0] == kept_by_layer[block.layer][1]:
             nbytes = nbytes // block.shape[0] * len(kept_by_layer[block.layer][0])
         formats[block.name] = fmt
@@ -171,7 +173,7 @@ def _to_plan(inst: Instance, d: Decisions, options: SolveOptions, status: SolveS
         "accelerate": options.accelerate,
     }
     if not options.reproducible:
-        opts["timing"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in info.items()}
+        opts["timing"] = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in info.items()}
     else:
         opts["model_size"] = {k: info[k] for k in ("variables", "rows", "dominated_pairs_removed")}
     record = SolveRecord(

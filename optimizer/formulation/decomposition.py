@@ -136,7 +136,8 @@ def _expert_min_bytes(inst: Instance) -> np.ndarray:
 
 
 def spend_leftover(inst: Instance, d: Decisions, nbytes: int, cap: int) -> tuple[Decisions, int]:
-    """Greedy upgrades of present blocks into spare bytes, best cost decrease per byte first."""
+    """Spend spare bytes on format upgrades of present blocks: each block's best cost decrease per extra
+    byte is a candidate; candidates are applied best ratio first while they fit."""
     chosen = d.chosen.copy()
     cur = np.full(len(inst.block_owner), -1)
     cur[inst.pair_block[chosen]] = np.flatnonzero(chosen)
@@ -147,17 +148,21 @@ def spend_leftover(inst: Instance, d: Decisions, nbytes: int, cap: int) -> tuple
     db = inst.pair_bytes[cand] - inst.pair_bytes[cp[cand]]
     ok = (dc > 0) & (db <= left)
     cand, dc, db = cand[ok], dc[ok], db[ok]
+    if not len(cand):
+        return d, nbytes
     ratio = np.where(db > 0, dc / np.maximum(db, 1), np.inf)
-    moved = set()
-    for p in cand[np.lexsort((-dc, -ratio))]:
-        b = int(inst.pair_block[p])
-        delta = int(inst.pair_bytes[p] - inst.pair_bytes[cur[b]])
-        if b in moved or delta > left:
-            continue
-        chosen[cur[b]] = False
-        chosen[p] = True
-        left -= delta
-        moved.add(b)
+    blocks = inst.pair_block[cand]
+    order = np.lexsort((-dc, -ratio, blocks))  # per block: best ratio first
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = blocks[order][1:] != blocks[order][:-1]
+    best = order[first]
+    best = best[np.lexsort((-dc[best], -ratio[best]))]
+    for j in best.tolist():
+        if db[j] <= left:
+            p = int(cand[j])
+            chosen[cp[p]] = False
+            chosen[p] = True
+            left -= int(db[j])
     return Decisions(d.keep, d.top_k, chosen), cap - left
 
 

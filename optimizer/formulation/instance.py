@@ -144,10 +144,10 @@ def build_instance(profile: Profile, budget: Budget, options: FormulationOptions
     cost = _format_costs(profile, objective, formats)
     read = _read_bytes(profile, table, formats)
     pair_block, pair_format = np.nonzero((table >= 0) & quantizable[:, None])
-    for b in np.flatnonzero(quantizable):
-        if not np.any(table[b] >= 0):
-            blk = arch.blocks[b]
-            raise InputError(f"block {blk.name} (shape {list(blk.shape)}) cannot be stored in any candidate format")
+    unstorable = np.flatnonzero(quantizable & ~np.any(table >= 0, axis=1))
+    if len(unstorable):
+        blk = arch.blocks[int(unstorable[0])]
+        raise InputError(f"block {blk.name} (shape {list(blk.shape)}) cannot be stored in any candidate format")
     pair_bytes = table[pair_block, pair_format].astype(np.int64)
     pair_cost = cost[pair_block, pair_format]
     if np.any(~np.isfinite(pair_cost)):
