@@ -70,7 +70,8 @@ def optimize(profile: Profile, budget: Budget, formulation: FormulationOptions |
     if is_baseline:
         d = run_baseline(options.solver, inst, options.baseline)
         if d is None:
-            _raise_infeasible(inst, f"baseline {options.solver} cannot fit the budget")
+            _raise_infeasible(inst, f"baseline {options.solver} cannot fit the budget with its fixed rules "
+                                    f"(a joint solver can prune further)")
         status, objective, bound, message = SolveStatus.FEASIBLE, d.objective(inst), None, f"baseline {options.solver}"
     else:
         d, status, objective, bound, message = _solve_exact(inst, model, variables, options, info)
@@ -132,7 +133,7 @@ def _raise_infeasible(inst: Instance, why: str) -> None:
     if inst.options.min_tokens_per_s is not None:
         extra = f" (or the speed target of {inst.options.min_tokens_per_s:g} tokens/s cannot be met)"
     raise InfeasibleError(
-        f"infeasible: {why}{extra}. The smallest achievable plan needs {format_bytes(need)} ({need} bytes) "
+        f"infeasible: {why}{extra}. The smallest plan the constraints allow needs {format_bytes(need)} ({need} bytes) "
         f"including reserves; the budget is {format_bytes(inst.budget.total)}.", min_bytes=need,
     )
 
