@@ -163,7 +163,7 @@ def sequential(inst: Instance, options: BaselineOptions | None = None) -> Decisi
     o = options or BaselineOptions()
     G = inst.groups
     per_group = inst.layer_experts // G
-    m = np.array([max(math.ceil(o.retain_ratio * E / G), int(math.ceil(lo / G))) for E, lo in
+    m = np.array([max(math.ceil(o.retain_ratio * E / G), int(math.ceil(lo / G)), math.ceil(inst.min_top_k / inst.topk_groups)) for E, lo in
                   zip(inst.layer_experts, inst.layer_min_experts)])
     m = np.minimum(np.maximum(m, np.minimum(2, per_group) if G > 1 else 1), per_group)
     if inst.options.target == Target.LLAMACPP:

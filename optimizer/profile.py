@@ -202,6 +202,10 @@ def _architecture_from_json(r: Reader) -> Architecture:
         raise InputError(f"{p}.moe_layers: duplicate layer index")
     if topk_groups > groups:
         raise InputError(f"{p}.topk_groups: {topk_groups} > expert_groups {groups}")
+    for i, layer in enumerate(moe_layers):
+        if layer.top_k > topk_groups * (layer.num_experts // groups):
+            raise InputError(f"{p}.moe_layers[{i}].top_k: {layer.top_k} > experts in the {topk_groups} selected "
+                             f"groups ({topk_groups * (layer.num_experts // groups)})")
     kv = r.child("kv_cache")
     kv_spec = KVCacheSpec(
         kind=kv.str("kind", choices=("mla", "gqa", "mha")),

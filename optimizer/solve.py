@@ -14,8 +14,9 @@
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -27,7 +28,8 @@ from .formulation.constraints import build_milp
 from .formulation.decisions import Decisions, check_decisions, from_vector, to_vector
 from .formulation.decomposition import applicable, lagrangian, min_weight_bytes
 from .formulation.instance import FormulationOptions, Instance, build_instance
-from .plan import LayerPlan, Plan, PlanBytes, SolveRecord, SolveStatus
+from .formulation.llamacpp import llamacpp_plan
+from .plan import LayerPlan, Plan, PlanBytes, SolveRecord, SolveStatus, Target
 from .profile import Profile
 from .solvers.base import SolverOptions, relative_gap
 from .solvers.registry import get_backend
@@ -98,6 +100,21 @@ def _solve_exact(inst: Instance, model, variables, options: SolveOptions, info: 
                    f"{backend.name} not needed")
             return lr.decisions, SolveStatus.OPTIMAL, lr.objective, lr.bound, msg
         warm, lag_bound = lr.decisions, lr.bound
+    elif options.accelerate and inst.options.target == Target.LLAMACPP and inst.options.min_tokens_per_s is None:
+        # the hf problem relaxes the tied one: its Lagrangian bound is valid here too
+        hf = build_instance(inst.profile, inst.budget, replace(inst.options, target=Target.HF))
+        relaxed = lagrangian(hf, options.rel_gap)
+        if relaxed is None:
+            _raise_infeasible(inst, "no plan fits the budget")
+        lag_bound = relaxed.bound
+        warm = llamacpp_plan(inst)
+        if warm is not None and check_decisions(inst, model, variables, warm):
+            warm = None
+        if warm is not None:
+            gap = relative_gap(warm.objective(inst), lag_bound)
+            info.update(tied_heuristic_gap=gap)
+            if gap is not None and gap <= options.rel_gap:
+                return warm, SolveStatus.OPTIMAL, warm.objective(inst), lag_bound, "certified by the hf Lagrangian bound"
     elif options.accelerate:
         greedy = run_baseline("greedy", inst)
         if greedy is not None and not check_decisions(inst, model, variables, greedy):
@@ -107,7 +124,14 @@ def _solve_exact(inst: Instance, model, variables, options: SolveOptions, info: 
     sopts = SolverOptions(time_limit=options.time_limit, rel_gap=options.rel_gap, threads=options.threads,
                           seed=options.seed)
     x0 = to_vector(inst, model, variables, warm) if warm is not None else None
-    result = backend.solve(model, sopts, warm_start=x0 if backend.supports_warm_start else None)
+    # Costs are nats per block (often 1e-9..1e-5); solvers' absolute tolerances would treat them as zero.
+    # Scale the objective by a power of two so the largest cost is ~1, and scale the bound back.
+    cmax = float(np.abs(model.c).max(initial=0.0))
+    scale = 2.0 ** -math.frexp(cmax)[1] if cmax > 0 else 1.0
+    scaled = replace(model, c=model.c * scale, offset=model.offset * scale)
+    result = backend.solve(scaled, sopts, warm_start=x0 if backend.supports_warm_start else None)
+    if result.bound is not None:
+        result = replace(result, bound=result.bound / scale)
     info["backend_seconds"] = result.seconds
     if result.status == SolveStatus.INFEASIBLE:
         _raise_infeasible(inst, f"{backend.name} proved the constraints infeasible")
@@ -123,7 +147,7 @@ def _solve_exact(inst: Instance, model, variables, options: SolveOptions, info: 
     bound = min(max(bounds), objective) if bounds else None
     gap = relative_gap(objective, bound)
     status = SolveStatus.OPTIMAL if gap is not None and gap <= options.rel_gap + 1e-12 else SolveStatus.FEASIBLE
-    msg = f"{backend.name}: {result.status.value}" + (" (warm-started from the Lagrangian plan)" if lag_bound is not None else "")
+    msg = f"{backend.name}: {result.status.value}" + (" (warm start and bound from the Lagrangian decomposition)" if lag_bound is not None else "")
     return d, status, objective, bound, msg
 
 

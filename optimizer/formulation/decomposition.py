@@ -135,15 +135,17 @@ def _expert_min_bytes(inst: Instance) -> np.ndarray:
     return np.bincount(owner[m], weights=minb[m], minlength=inst.num_experts).astype(np.int64) + inst.router_bytes
 
 
-def spend_leftover(inst: Instance, d: Decisions, nbytes: int, cap: int) -> tuple[Decisions, int]:
-    """Spend spare bytes on format upgrades of present blocks: each block's best cost decrease per extra
-    byte is a candidate; candidates are applied best ratio first while they fit."""
+def spend_leftover(inst: Instance, d: Decisions, nbytes: int, cap: int,
+                   movable: np.ndarray | None = None) -> tuple[Decisions, int]:
+    """Spend spare bytes on format upgrades of present blocks (only ``movable`` ones, if given): each
+    block's best cost decrease per extra byte is a candidate; candidates are applied best ratio first while
+    they fit."""
     chosen = d.chosen.copy()
     cur = np.full(len(inst.block_owner), -1)
     cur[inst.pair_block[chosen]] = np.flatnonzero(chosen)
     left = cap - nbytes
     cp = cur[inst.pair_block]
-    cand = np.flatnonzero((cp >= 0) & ~chosen)
+    cand = np.flatnonzero((cp >= 0) & ~chosen & (True if movable is None else movable[inst.pair_block]))
     dc = inst.pair_cost[cp[cand]] - inst.pair_cost[cand]
     db = inst.pair_bytes[cand] - inst.pair_bytes[cp[cand]]
     ok = (dc > 0) & (db <= left)

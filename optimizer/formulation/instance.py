@@ -103,6 +103,17 @@ def build_instance(profile: Profile, budget: Budget, options: FormulationOptions
         raise InputError(f"--min-top-k: must lie in [1, {int(K.min())}] (the smallest original top-k), got {options.min_top_k}")
     min_exp = _min_experts(options.min_experts, E, options.min_top_k)
     G, TG = arch.expert_groups, arch.topk_groups
+    per_group = E // G
+    unroutable = np.flatnonzero(K > TG * per_group)
+    if len(unroutable):
+        i = int(unroutable[0])
+        raise InputError(f"architecture: layer {moe[i].index} has top_k {int(K[i])} but its topk_groups={TG} selected "
+                         f"groups hold only {TG * int(per_group[i])} experts")
+    if options.target == Target.LLAMACPP:
+        m_lo = max(int(np.ceil(min_exp / G).max()), 2 if G > 1 else 0, math.ceil(options.min_top_k / TG))
+        if m_lo > int(per_group.min()):
+            raise InputError(f"--min-experts: llama.cpp needs the same expert count in every layer, but "
+                             f"{m_lo * G} experts do not fit the smallest layer ({int(E.min())} experts)")
     if options.target == Target.LLAMACPP and len(set(K.tolist())) > 1:
         raise InputError("--target llamacpp: the model's MoE layers have different top-k; llama.cpp knows one")
     if options.min_tokens_per_s is not None and not (options.min_tokens_per_s > 0 and math.isfinite(options.min_tokens_per_s)):
