@@ -1,0 +1,50 @@
+"""``python -m runtime apply PLAN --model DIR -o OUT [--method rtn|hqq]``: write a compressed checkpoint."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from optimizer.budget import parse_bytes
+from optimizer.errors import InputError
+
+from .apply import DEFAULT_SHARD_BYTES, apply_plan
+from .quant import METHODS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``python -m runtime apply``."""
+    parser.add_argument("plan", type=Path, help="plan.json from `python -m optimizer solve`")
+    parser.add_argument("--model", type=Path, required=True, help="transformers checkpoint directory (safetensors)")
+    parser.add_argument("-o", "--out", type=Path, required=True, help="output directory (must not exist)")
+    parser.add_argument("--method", choices=METHODS, default="rtn", help="int quantizer (default rtn)")
+    parser.add_argument("--shard-size", default=str(DEFAULT_SHARD_BYTES), help="max bytes per output shard")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT (atomically)")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON line")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Apply the plan and print the byte report; bad input -> one line on stderr, exit code 2."""
+    logging.basicConfig(level=logging.WARNING, format="notice: %(message)s")
+
+    def progress(done: int, total: int, name: str) -> None:
+        if not args.quiet and (done == total or done % max(1, total // 20) == 0):
+            print(f"  {done}/{total} {name}", file=sys.stderr)
+
+    try:
+        report = apply_plan(args.plan, args.model, args.out, args.method, parse_bytes(args.shard_size, "--shard-size"),
+                            args.overwrite, progress)
+    except (InputError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"out": str(report.out), "weight_bytes": report.weight_bytes, "plan_bytes": report.plan_bytes,
+                          "relative_diff": report.relative_diff, "native": report.native, "mapped": report.mapped,
+                          "file_bytes": report.file_bytes, "blocks": report.blocks, "shards": report.shards,
+                          "skipped": len(report.skipped)}))
+    else:
+        print("\n".join(report.lines()))
+    return 0

@@ -1,0 +1,160 @@
+"""Quantizers of the runtime: real packed storage (:func:`quantize`) and quantize-dequantize (:func:`fake_quantize`).
+
+Every format of :mod:`optimizer.formats` is accepted; what is stored:
+
+* ``int{b}_g{g}`` (b = 2..8): packed b-bit codes + fp16 scale + fp16 zero per group (:mod:`runtime.quant.intq`),
+  by round-to-nearest (``method="rtn"``) or the error-minimising ``method="hqq"``;
+* ``F32``, ``F16``, ``BF16``: the tensor in that dtype;
+* ``Q8_0``, ``Q4_0``, ``Q4_1``, ``Q5_0``, ``Q5_1``: GGUF blocks written by ``gguf.quants.quantize``
+  (llama.cpp's reference quantizer; ``method`` does not apply);
+* every other GGUF type (K-quants, I-quants), which gguf-py cannot quantize: the smallest runtime int format
+  that admits the shape and takes at least as many bytes (``int{b}_g{g}``, g in 32/64/128), with a one-line
+  ``logging.warning`` (:func:`storage_format`). Q4_K -> int4_g64, Q2_K -> int2_g32, Q6_K -> int6_g32 for rows
+  divisible by 64; see ``docs/runtime.md``.
+
+:attr:`QuantizedTensor.nbytes` equals ``get_format(qt.format).nbytes(shape)`` exactly.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from optimizer.errors import InputError
+from optimizer.formats import GGUF_FAMILY, INT_BITS, INT_FAMILY, INT_GROUP_SIZES, Format, get_format
+
+from .intq import dequantize_int, quantize_int
+
+__all__ = ["QuantizedTensor", "quantize", "fake_quantize", "storage_format", "METHODS", "GGUF_NATIVE",
+           "FLOAT_DTYPES"]
+
+log = logging.getLogger(__name__)
+
+METHODS = ("rtn", "hqq")
+FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+#: GGUF types gguf-py (0.19) can quantize, written as GGUF blocks.
+GGUF_NATIVE = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+
+
+@dataclass
+class QuantizedTensor:
+    """A stored tensor: ``parts`` are the tensors written to the checkpoint, keyed by suffix.
+
+    int formats: ``qcodes`` (uint8 ``[..., L*b/8]``), ``qscale`` and ``qzero`` (fp16 ``[..., L/g]``);
+    GGUF block formats: ``gguf`` (uint8 ``[rows..., bytes per row]``); float formats: ``""`` (the tensor).
+    """
+
+    format: str  # storage format actually used
+    shape: tuple[int, ...]
+    parts: dict[str, torch.Tensor]
+    requested: str = ""  # the format asked for (differs when a GGUF type was mapped)
+    method: str = "rtn"
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.parts.values())
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The stored tensor as ``dtype`` in its original shape."""
+        return dequantize_parts(self.format, self.shape, self.parts, dtype)
+
+
+def _int_candidates() -> list[Format]:
+    return [get_format(f"int{b}_g{g}") for b in INT_BITS for g in INT_GROUP_SIZES]
+
+
+@lru_cache(maxsize=4096)
+def _storage(name: str, shape: tuple[int, ...]) -> tuple[str, str | None]:
+    fmt = get_format(name)
+    if fmt.family == INT_FAMILY or fmt.name in FLOAT_DTYPES or fmt.name in GGUF_NATIVE:
+        if not fmt.admits(shape):
+            raise InputError(f"format {fmt.name} cannot store shape {list(shape)} (rows of {shape[-1] if shape else 1} "
+                             f"are not a multiple of {fmt.block_elements})")
+        return fmt.name, None
+    want = fmt.nbytes(shape) if fmt.admits(shape) else None
+    bpw = fmt.bits_per_weight
+    fits = [c for c in _int_candidates() if c.admits(shape)]
+    if want is not None:
+        fits = [c for c in fits if c.nbytes(shape) >= want]
+    else:
+        fits = [c for c in fits if c.bits_per_weight >= bpw]
+    if not fits:
+        raise InputError(f"no runtime format of at least {fmt.name}'s size stores shape {list(shape)}")
+    best = min(fits, key=lambda c: (c.nbytes(shape), -(c.bits or 0), c.block_elements))
+    return best.name, (f"{fmt.name} cannot be quantized by gguf-py; stored as {best.name} "
+                       f"({best.bits_per_weight:g} vs {bpw:g} bits per weight)")
+
+
+def storage_format(name: str, shape: Sequence[int]) -> tuple[str, str | None]:
+    """The format a tensor of ``shape`` is stored in when ``name`` is asked for, and a notice if it differs.
+
+    Non-native GGUF types map to the smallest ``int{b}_g{g}`` taking at least the GGUF type's bytes for
+    this shape (ties: more bits, then smaller groups).
+    """
+    return _storage(name, tuple(int(s) for s in shape))
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def quantize(weight: torch.Tensor, format_name: str, method: str = "rtn", warn: bool = True) -> QuantizedTensor:
+    """Quantize ``weight`` (rows along the last dim; 1-D, 2-D or fused 3-D ``[E, out, in]``) to ``format_name``."""
+    if method not in METHODS:
+        raise InputError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}")
+    shape = tuple(int(s) for s in weight.shape)
+    stored, notice = storage_format(format_name, shape)
+    if notice and warn and (format_name, stored) not in _warned:
+        _warned.add((format_name, stored))
+        log.warning(notice)
+    fmt = get_format(stored)
+    w = weight.detach()
+    if fmt.name in FLOAT_DTYPES:
+        parts = {"": w.to(FLOAT_DTYPES[fmt.name]).contiguous()}
+    elif fmt.family == INT_FAMILY:
+        codes, scale, zero = quantize_int(w, fmt.bits, fmt.block_elements, method)
+        parts = {"qcodes": codes, "qscale": scale, "qzero": zero}
+    else:
+        from gguf.constants import GGMLQuantizationType
+        from gguf.quants import quantize as gguf_quantize
+
+        rows = w.to(torch.float32).reshape(-1, shape[-1] if shape else 1).numpy()
+        data = gguf_quantize(np.ascontiguousarray(rows), GGMLQuantizationType[fmt.name])
+        parts = {"gguf": torch.from_numpy(np.ascontiguousarray(data)).reshape(*shape[:-1], -1)}
+    qt = QuantizedTensor(fmt.name, shape, parts, requested=get_format(format_name).name, method=method)
+    if qt.nbytes != fmt.nbytes(shape):  # an internal invariant, not user input
+        raise RuntimeError(f"{fmt.name}: stored {qt.nbytes} bytes for {list(shape)}, format says {fmt.nbytes(shape)}")
+    return qt
+
+
+def dequantize_parts(format_name: str, shape: Sequence[int], parts: dict[str, torch.Tensor],
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rebuild a tensor from its stored ``parts`` (see :class:`QuantizedTensor`)."""
+    fmt = get_format(format_name)
+    shape = tuple(int(s) for s in shape)
+    if fmt.name in FLOAT_DTYPES:
+        return parts[""].to(dtype).reshape(shape)
+    if fmt.family == INT_FAMILY:
+        return dequantize_int(parts["qcodes"], parts["qscale"], parts["qzero"], fmt.bits, fmt.block_elements,
+                              dtype).reshape(shape)
+    if fmt.family == GGUF_FAMILY:
+        from gguf.constants import GGMLQuantizationType
+        from gguf.quants import dequantize as gguf_dequantize
+
+        data = parts["gguf"].reshape(-1, parts["gguf"].shape[-1]).numpy()
+        out = gguf_dequantize(data, GGMLQuantizationType[fmt.name])
+        return torch.from_numpy(np.ascontiguousarray(out)).reshape(shape).to(dtype)
+    raise InputError(f"cannot dequantize format {format_name}")
+
+
+def fake_quantize(weight: torch.Tensor, format_name: str, method: str = "rtn") -> torch.Tensor:
+    """Quantize then dequantize ``weight`` along its last dim (rows); same shape and dtype as the input.
+
+    Works on 2-D weights and on fused 3-D ``[E, out, in]`` expert tensors (groups never cross rows, so each
+    expert is quantized on its own). Equals ``quantize(weight, ...).dequantize()`` exactly.
+    """
+    return quantize(weight, format_name, method).dequantize(weight.dtype)
