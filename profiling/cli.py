@@ -1,0 +1,166 @@
+"""Command line: ``python -m profiling run | validate | compare-domains | memory | inspect`` (docs/profiling.md).
+
+Bad input (not a supported MoE directory, an empty corpus, a format the model's shapes cannot take, a
+malformed profile) prints one line ``error: ...`` on stderr and exits with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from optimizer.errors import InputError
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="measure a model and write profile.json (+ profile.details.json)")
+    p.add_argument("--model", type=Path, required=True, help="save_pretrained directory of a supported MoE")
+    p.add_argument("--data", default="english:calibration",
+                   help="CORPUS[:SPLIT] (english|code, split train|calibration|test; default calibration) or a text file")
+    p.add_argument("--max-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
+    p.add_argument("--window", type=int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward batch")
+    p.add_argument("--formats", nargs="+", default=None,
+                   help="candidate formats (default: int{2,3,4,5,6,8}_g<largest fitting group> and BF16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--streamed", action="store_true", help="hold one decoder layer's weights in memory at a time")
+    p.add_argument("--quant-method", choices=("rtn", "hqq"), default="rtn", help="runtime.quant method")
+    p.add_argument("--prune-per-layer", type=int, default=None,
+                   help="experts per layer whose prune cost is measured (default: all when <= 512 experts in all, "
+                        "else 16, stratified by routing mass)")
+    p.add_argument("--measure-blocks", type=int, default=None,
+                   help="blocks whose sensitivity is measured (default: all when <= 600 blocks, else 300 sampled)")
+    p.add_argument("--measure", default="prune,topk,sensitivity,device",
+                   help="comma list of measured sections (prune,topk,sensitivity,device) or 'none'; routing "
+                        "statistics and the proxy are always computed")
+    p.add_argument("--cost", choices=("kl", "nll"), default="kl",
+                   help="measured effect written as prune cost and sensitivity (and fitted by the proxy): mean "
+                        "per-token KL to the original model (default; robust) or the NLL increase (clipped at 0)")
+    p.add_argument("--state-budget-mib", type=int, default=None,
+                   help="memory for the hidden states of perturbations propagated together (default 128 MiB; "
+                        "streamed 512 MiB: bigger chunks mean fewer layer reloads)")
+    p.add_argument("--device-repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: profiling runs many small forwards, and on a shared machine "
+                        "OpenMP threads wait for each other; raise it on a dedicated one)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("-o", "--output", type=Path, default=Path("profile.json"))
+
+
+def _add_validate(sub) -> None:
+    p = sub.add_parser("validate", help="additivity check: predicted vs measured loss of random mixed plans")
+    p.add_argument("profile", type=Path)
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--plans", type=int, default=20)
+    p.add_argument("--data", default=None, help="calibration text (default: the profile's own)")
+    p.add_argument("--max-tokens", type=int, default=None, help="default: the profile's token count")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_domains(sub) -> None:
+    p = sub.add_parser("compare-domains", help="how different the kept experts of two profiles are")
+    p.add_argument("a", type=Path)
+    p.add_argument("b", type=Path)
+    p.add_argument("--keep", type=float, default=0.5, help="fraction of each layer's experts kept (default 0.5)")
+    p.add_argument("--json", type=Path, default=None)
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="correlations of the proxies with the measured single-block/expert effects")
+    p.add_argument("profile", type=Path)
+
+
+def _add_memory(sub) -> None:
+    p = sub.add_parser("memory", help="peak RSS of the reference pass, in memory vs streamed (two child processes)")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--data", default="english:calibration")
+    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m profiling", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    _add_validate(sub)
+    _add_domains(sub)
+    _add_memory(sub)
+    _add_inspect(sub)
+    return parser
+
+
+def _cmd_run(args) -> int:
+    from .report import print_summary
+    from .run import RunOptions, run_profile
+
+    measure = [] if args.measure.strip() == "none" else [s.strip() for s in args.measure.split(",") if s.strip()]
+    opts = RunOptions(model=args.model, data=args.data, output=args.output, max_tokens=args.max_tokens,
+                      window=args.window, batch_size=args.batch_size, formats=args.formats, seed=args.seed,
+                      streamed=args.streamed, method=args.quant_method, prune_per_layer=args.prune_per_layer,
+                      measure_blocks=args.measure_blocks, measure=measure, device_repeats=args.device_repeats, cost=args.cost,
+                      state_budget_mib=args.state_budget_mib,
+                      progress=not args.no_progress)
+    res = run_profile(opts)
+    print_summary(res.profile, res.details)
+    print(f"wrote {res.profile_path} and {res.details_path}")
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from .validate import print_validation, validate
+
+    res = validate(args.profile, args.model, plans=args.plans, data=args.data, max_tokens=args.max_tokens,
+                   seed=args.seed, progress=not args.no_progress)
+    print_validation(res)
+    if args.json:
+        from optimizer.jsonio import write_json
+
+        write_json(args.json, res, indent=1)
+    return 0
+
+
+def _cmd_domains(args) -> int:
+    from .domains import compare_domains, print_domains
+
+    res = compare_domains(args.a, args.b, keep=args.keep)
+    print_domains(res)
+    if args.json:
+        from optimizer.jsonio import write_json
+
+        write_json(args.json, res, indent=1)
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from .inspect import inspect_profile, print_inspection
+
+    print_inspection(inspect_profile(args.profile))
+    return 0
+
+
+def _cmd_memory(args) -> int:
+    from .memory import compare_memory
+
+    compare_memory(args.model, args.data, args.max_tokens, args.threads)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from runtime.corpora import CorpusError
+
+    try:
+        return {"run": _cmd_run, "validate": _cmd_validate, "compare-domains": _cmd_domains,
+                "memory": _cmd_memory, "inspect": _cmd_inspect}[args.command](args)
+    except (InputError, CorpusError) as exc:
+        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return 2

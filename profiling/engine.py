@@ -1,0 +1,158 @@
+"""Layer-major evaluation: one reference pass, then the loss of many single perturbations.
+
+The calibration windows are cut into batches. The reference pass runs decoder layer by decoder layer over
+*all* batches (so a streamed model loads each layer once) and keeps the hidden states entering every layer,
+the reference log-probabilities and the per-token negative log-likelihood.
+
+A :class:`Perturbation` changes the model from one step on (``-1`` = embeddings, ``l`` = decoder layer ``l``,
+``num_layers`` = final norm / lm_head): its context manager is entered only while that step runs, so the
+unchanged earlier layers are never recomputed. Perturbations that start at the same step are propagated
+together through the remaining layers, in chunks whose hidden states fit ``state_budget_bytes`` (in memory
+the chunk size changes nothing but memory; streamed, each chunk reloads the layers after its start). For each
+perturbation :meth:`Engine.evaluate` returns the mean NLL increase (nats/token) and the mean per-token
+KL(reference || perturbed), both over every calibration token.
+"""
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Callable, Hashable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .blocks import EMBED_STEP
+from .model_io import Runner, run_layer
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    key: Hashable
+    step: int
+    apply: Callable[[], AbstractContextManager]
+
+
+@dataclass(frozen=True)
+class Effect:
+    dnll: float  # mean NLL increase, nats/token (may be negative)
+    kl: float  # mean KL(reference || perturbed), nats/token
+
+
+class Engine:
+    def __init__(self, runner: Runner, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 8,
+                 state_budget_bytes: int = 1 << 30, progress: bool = True):
+        self.runner = runner
+        self.inputs, self.targets = inputs, targets
+        self.batches = [slice(i, min(i + batch_size, len(inputs))) for i in range(0, len(inputs), batch_size)]
+        self.tokens = int(targets.numel())
+        self.state_budget_bytes = state_budget_bytes
+        self.progress = progress
+        self.hidden: list[list[torch.Tensor]] = []  # hidden[l][b]: input of layer l (l = L: last output)
+        self.kwargs: list[list[dict]] = []  # kwargs[b][l]
+        self.ref_logp: list[torch.Tensor] = []
+        self.ref_nll = 0.0
+
+    def _bar(self, total: int, desc: str):
+        return tqdm(total=total, desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True)
+
+    # ------------------------------------------------------------------------------------ reference
+    @torch.no_grad()
+    def reference(self, on_layer: Callable[[int, torch.nn.Module], Callable[[], None]] | None = None,
+                  on_head: Callable[[], Callable[[], None]] | None = None) -> None:
+        """Run the unchanged model; ``on_layer(l, module)`` may attach hooks and returns a function that
+        finishes the layer (called after all batches, while the layer's weights are still present)."""
+        L = self.runner.num_layers
+        h0, self.kwargs = [], []
+        for b in self.batches:
+            h, kw = self.runner.embed(self.inputs[b])
+            h0.append(h)
+            self.kwargs.append(kw)
+        self.hidden = [h0]
+        bar = self._bar(L, "reference pass")
+        for l in range(L):
+            with self.runner.layer(l) as mod:
+                done = on_layer(l, mod) if on_layer else None
+                self.hidden.append([run_layer(mod, h, self.kwargs[i][l]) for i, h in enumerate(self.hidden[l])])
+                if done:
+                    done()
+            bar.update()
+        bar.close()
+        done = on_head() if on_head else None
+        self.ref_logp, nll = [], 0.0
+        for i, b in enumerate(self.batches):
+            logp = F.log_softmax(self.runner.head(self.hidden[L][i]), dim=-1)
+            self.ref_logp.append(logp)
+            nll += -logp.gather(-1, self.targets[b].unsqueeze(-1)).sum().item()
+        if done:
+            done()
+        self.ref_nll = nll / self.tokens
+
+    # ---------------------------------------------------------------------------------- perturbations
+    def _effects(self, states: list[torch.Tensor]) -> Effect:
+        nll, kl = 0.0, 0.0
+        for i, b in enumerate(self.batches):
+            logp = F.log_softmax(self.runner.head(states[i]), dim=-1)
+            nll += -logp.gather(-1, self.targets[b].unsqueeze(-1)).sum().item()
+            ref = self.ref_logp[i]
+            kl += (ref.exp() * (ref - logp)).sum().item()
+        return Effect(nll / self.tokens - self.ref_nll, max(0.0, kl / self.tokens))
+
+    def _chunk_size(self) -> int:
+        per = sum(h.numel() * h.element_size() for h in self.hidden[0])
+        return max(1, int(self.state_budget_bytes // max(per, 1)))
+
+    @torch.no_grad()
+    def evaluate(self, perturbations: Sequence[Perturbation], desc: str = "measuring") -> dict[Hashable, Effect]:
+        """Effect of each perturbation applied alone (see the module docstring)."""
+        L = self.runner.num_layers
+        by_step: dict[int, list[Perturbation]] = {}
+        for p in perturbations:
+            by_step.setdefault(p.step, []).append(p)
+        out: dict[Hashable, Effect] = {}
+        bar = self._bar(len(perturbations), desc)
+        size = self._chunk_size()
+        for step in sorted(by_step):
+            group = by_step[step]
+            for c in range(0, len(group), size):
+                chunk = group[c:c + size]
+                states: list[list[torch.Tensor]] = []
+                if step == EMBED_STEP:
+                    for p in chunk:
+                        with p.apply():
+                            states.append([self.runner.embed(self.inputs[b])[0] for b in self.batches])
+                    first = 0
+                elif step >= L:
+                    for p in chunk:
+                        with p.apply():
+                            out[p.key] = self._effects(self.hidden[L])
+                        bar.update()
+                    continue
+                else:
+                    with self.runner.layer(step) as mod:
+                        for p in chunk:
+                            with p.apply():
+                                states.append([run_layer(mod, h, self.kwargs[i][step])
+                                               for i, h in enumerate(self.hidden[step])])
+                    first = step + 1
+                for l in range(first, L):
+                    with self.runner.layer(l) as mod:
+                        for s in states:
+                            for i in range(len(s)):
+                                s[i] = run_layer(mod, s[i], self.kwargs[i][l])
+                for p, s in zip(chunk, states):
+                    out[p.key] = self._effects(s)
+                    bar.update()
+        bar.close()
+        return out
+
+    @torch.no_grad()
+    def evaluate_full(self, apply: Callable[[], AbstractContextManager] = nullcontext) -> Effect:
+        """Effect of a change anywhere in the model (a whole plan): a full pass, embeddings included."""
+        L = self.runner.num_layers
+        with apply():
+            states = [self.runner.embed(self.inputs[b])[0] for b in self.batches]
+            for l in range(L):
+                with self.runner.layer(l) as mod:
+                    states = [run_layer(mod, h, self.kwargs[i][l]) for i, h in enumerate(states)]
+            return self._effects(states)

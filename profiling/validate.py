@@ -1,0 +1,239 @@
+"""``python -m profiling validate``: does the profile's *sum of single effects* predict the loss of a plan?
+
+For ``--plans`` random mixed plans (seeded) the plan is applied in memory all at once and the loss increase
+is measured on the profile's calibration windows; the prediction of each *proxy* is the sum of its terms:
+
+    predicted = sum_{pruned (l, e)} drop[l][e] + sum_l topk[l][k_l - 1] + sum_{kept blocks b} sens[b][f_b]
+
+A plan (see :func:`random_plan`) draws a severity s in [0, 1]; per MoE layer it lowers top-k with
+probability 0.6 s, prunes ~0.5 s of the experts it can spare (drawn with probability favouring low routing
+mass; DeepSeek groups pruned evenly), and gives each kept quantizable block a random admissible format with
+probability s (otherwise the most precise candidate). Applying: ``runtime.moe.set_top_k``, then
+``runtime.moe.mask_experts`` (equivalent to dropping the experts), then ``runtime.quant.fake_quantize`` of
+every block.
+
+Proxies (terms that differ; the rest come from the profile):
+
+* ``profile``: the optimizer's ``predicted_loss`` objective (measured prune cost, ``sensitivity.values``,
+  ``topk_cost``), i.e. exactly what ``--formulation predicted_loss`` minimises;
+* ``importance`` / ``routing_mass`` / ``saliency``: the optimizer's proxy objectives (drop cost = fitted
+  scale x proxy share), with the profile's sensitivity and top-k cost;
+* ``imatrix_kl_fit`` / ``imatrix_nll_fit``: the importance-matrix proxy for every block instead of measured
+  sensitivities, scaled by the per-group fit (:mod:`profiling.fit`) against the measured KL / NLL increases;
+* ``weight_error_kl_fit``: the plain ``||W - Q(W)||^2`` (no activation weighting), fitted against KL;
+* ``measured_kl``: every term measured as KL(original || modified) (unmeasured blocks: ``imatrix_kl_fit``);
+* ``measured_nll_raw``: every term the measured NLL increase, not clipped (unmeasured: ``imatrix_nll_fit``).
+
+The report gives Spearman (and Pearson) correlation of each proxy with the measured NLL increase of the
+plans (and Spearman with the plans' measured KL), and the worst plans of the best proxy.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+
+from optimizer.errors import InputError
+from optimizer.formats import get_format
+from optimizer.profile import Profile, load_profile
+
+from .blocks import quantize_blocks, resolve_blocks
+from .engine import Engine
+from .measure import top_k_set
+from .model_io import ProfilingError, Runner, load_text, token_windows, tokenize
+from .run import details_path
+
+
+def random_plan(profile: Profile, rng: np.random.Generator) -> dict:
+    a = profile.architecture
+    s = float(rng.uniform(0.0, 1.0))
+    plan = {"severity": s, "top_k": {}, "pruned": {}, "formats": {}}
+    for i, m in enumerate(a.moe_layers):
+        k = m.top_k
+        if m.top_k > 1 and rng.random() < 0.6 * s:
+            k = int(rng.integers(1, m.top_k))
+        plan["top_k"][m.index] = k
+        mass = np.asarray(profile.experts.routing_mass[i], float)
+        groups = a.expert_groups
+        size = m.num_experts // groups
+        if groups > 1:  # even pruning per group; >= 2 per group and topk_groups * kept >= k
+            min_keep = max(2, math.ceil(k / a.topk_groups))
+            spare = size - min_keep
+            r = int(rng.binomial(spare, 0.5 * s)) if spare > 0 else 0
+            pruned = []
+            for g in range(groups):
+                idx = np.arange(g * size, (g + 1) * size)
+                w = 1.0 / (mass[idx] + 1.0 / m.num_experts)
+                pruned += rng.choice(idx, size=r, replace=False, p=w / w.sum()).tolist() if r else []
+        else:
+            spare = m.num_experts - max(k, 1)
+            r = int(rng.binomial(spare, 0.5 * s)) if spare > 0 else 0
+            w = 1.0 / (mass + 1.0 / m.num_experts)
+            pruned = rng.choice(m.num_experts, size=r, replace=False, p=w / w.sum()).tolist() if r else []
+        plan["pruned"][m.index] = sorted(int(e) for e in pruned)
+    best = max(profile.formats, key=lambda f: get_format(f).bits_per_weight)
+    for b in a.blocks:
+        if not b.quantizable:
+            continue
+        if b.is_routed_expert and b.expert in plan["pruned"].get(b.layer, []):
+            continue
+        fits = [f for f in profile.formats if get_format(f).admits(b.shape)]
+        top = max(fits, key=lambda f: get_format(f).bits_per_weight)
+        plan["formats"][b.name] = str(rng.choice(fits)) if rng.random() < s else (best if best in fits else top)
+    return plan
+
+
+def _term_tables(profile: Profile, details: dict | None) -> dict[str, tuple[list, np.ndarray, list]]:
+    """proxy -> (drop rows, sensitivity table [block, format], top-k rows)."""
+    from optimizer.formulation.objectives import build_objective
+
+    out = {}
+    base = build_objective(profile, "predicted_loss")
+    out["profile"] = (base.drop, base.format_cost, base.topk)
+    for name in ("importance", "routing_mass", "saliency"):
+        try:
+            t = build_objective(profile, name)
+        except InputError:
+            continue
+        out[name] = (t.drop, t.format_cost, t.topk)
+    if details is None:
+        return out
+    from .fit import apply_fit, fit_proxy
+
+    names = [b.name for b in profile.architecture.blocks]
+    formats = list(profile.sensitivity.formats)
+    groups = details["groups"]
+
+    def table(cells: dict, fallback: np.ndarray) -> np.ndarray:
+        t = np.array(fallback, dtype=float, copy=True)
+        for i, n in enumerate(names):
+            for j, f in enumerate(formats):
+                v = cells.get(n, {}).get(f)
+                if v is not None and np.isfinite(t[i, j]):
+                    t[i, j] = v
+        return t
+
+    def fitted(raw: str, target: str) -> np.ndarray:
+        return table(apply_fit(details[raw], fit_proxy(details[raw], details[target], groups), groups), base.format_cost)
+
+    def rows(raw, fallback):
+        return tuple(np.array([fb if v is None else v for v, fb in zip(r, f)]) for r, f in zip(raw, fallback))
+
+    imatrix_kl, imatrix_nll = fitted("proxy_raw", "measured_kl"), fitted("proxy_raw", "measured_nll")
+    out["imatrix_kl_fit"] = (base.drop, imatrix_kl, base.topk)
+    out["imatrix_nll_fit"] = (base.drop, imatrix_nll, base.topk)
+    out["weight_error_kl_fit"] = (base.drop, fitted("weight_error_raw", "measured_kl"), base.topk)
+    out["measured_kl"] = (rows(details["prune_kl"], base.drop), table(details["measured_kl"], imatrix_kl),
+                          tuple(map(np.array, details["topk_kl"])))
+    out["measured_nll_raw"] = (rows(details["prune_nll"], base.drop), table(details["measured_nll"], imatrix_nll),
+                               tuple(map(np.array, details["topk_nll"])))
+    return out
+
+
+def predict(profile: Profile, plan: dict, terms: tuple) -> float:
+    drop, sens, topk = terms
+    a = profile.architecture
+    col = {f: j for j, f in enumerate(profile.sensitivity.formats)}
+    total = 0.0
+    for i, m in enumerate(a.moe_layers):
+        total += float(sum(drop[i][e] for e in plan["pruned"][m.index]))
+        total += float(topk[i][plan["top_k"][m.index] - 1])
+    index = {b.name: i for i, b in enumerate(a.blocks)}
+    for name, f in plan["formats"].items():
+        total += float(sens[index[name], col[f]])
+    return total
+
+
+def validate(profile_path: Path, model_dir: Path, plans: int = 20, data: str | None = None,
+             max_tokens: int | None = None, seed: int = 0, progress: bool = True) -> dict:
+    from scipy.stats import pearsonr, spearmanr
+
+    from runtime.moe import mask_experts
+
+    profile = load_profile(profile_path)
+    dpath = details_path(Path(profile_path))
+    details = json.loads(dpath.read_text()) if dpath.is_file() else None
+    if plans < 3:
+        raise ProfilingError("--plans: need at least 3 plans for a correlation")
+    data = data or (details or {}).get("data") or profile.experts.measurement.source or "english:calibration"
+    max_tokens = max_tokens or (details or {}).get("tokens") or profile.experts.measurement.tokens or 4096
+    window = (details or {}).get("window", 256)
+    text, source = load_text(data)
+    inputs, targets = token_windows(tokenize(model_dir, text), max_tokens, window)
+    runner = Runner(model_dir)
+    refs = {r.name: r for r in resolve_blocks(profile.architecture, runner.model)}
+    engine = Engine(runner, inputs, targets, progress=progress)
+    engine.reference()
+    terms = _term_tables(profile, details)
+    rng = np.random.default_rng(seed)
+    rows = []
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    for p in tqdm(range(plans), desc="plans", disable=not progress, leave=False):
+        plan = random_plan(profile, rng)
+
+        def apply(plan=plan):
+            stack = ExitStack()
+            for layer, k in plan["top_k"].items():
+                stack.enter_context(top_k_set(runner.model, layer, k))
+            stack.enter_context(mask_experts(runner.model, {l: e for l, e in plan["pruned"].items() if e}))
+            stack.enter_context(quantize_blocks(runner.model, [(refs[n], f) for n, f in plan["formats"].items()]))
+            return stack
+
+        eff = engine.evaluate_full(apply)
+        bits = [get_format(f).bits_per_weight for f in plan["formats"].values()]
+        rows.append({
+            "plan": p, "severity": plan["severity"], "measured_nll": eff.dnll, "measured_kl": eff.kl,
+            "pruned": sum(len(v) for v in plan["pruned"].values()),
+            "mean_top_k": float(np.mean(list(plan["top_k"].values()))),
+            "mean_bits": float(np.mean(bits)) if bits else 0.0,
+            "predicted": {name: predict(profile, plan, t) for name, t in terms.items()},
+        })
+    measured = np.array([r["measured_nll"] for r in rows])
+    measured_kl = np.array([r["measured_kl"] for r in rows])
+    corr = {}
+    for name in terms:
+        pred = np.array([r["predicted"][name] for r in rows])
+        ok = np.ptp(pred) > 0
+        sp = spearmanr(pred, measured).statistic if ok else float("nan")
+        pe = pearsonr(pred, measured).statistic if ok else float("nan")
+        corr[name] = {"spearman": float(sp), "pearson": float(pe),
+                      "spearman_vs_kl": float(spearmanr(pred, measured_kl).statistic) if ok else float("nan"),
+                      "median_ratio": float(np.median(pred[measured > 0] / measured[measured > 0]))
+                      if np.any(measured > 0) else float("nan")}
+    best = max(corr, key=lambda n: -1 if math.isnan(corr[n]["spearman"]) else corr[n]["spearman"])
+    worst = sorted(rows, key=lambda r: -abs(math.log((max(r["predicted"][best], 1e-9)) / max(r["measured_nll"], 1e-9))))
+    return {"profile": str(profile_path), "model": str(model_dir), "data": source, "tokens": engine.tokens,
+            "plans": plans, "seed": seed, "reference_nll": engine.ref_nll, "seconds": time.perf_counter() - t0,
+            "correlation": corr, "best_proxy": best, "worst": [r["plan"] for r in worst[:5]], "rows": rows}
+
+
+def print_validation(res: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    t = Table(title=f"additivity: {res['plans']} random plans, {res['tokens']:,} tokens of {res['data']}")
+    for col in ("proxy", "Spearman (NLL)", "Pearson (NLL)", "Spearman (KL)", "median predicted/measured NLL"):
+        t.add_column(col, justify="right")
+    for name, c in sorted(res["correlation"].items(), key=lambda kv: -np.nan_to_num(kv[1]["spearman"], nan=-2)):
+        t.add_row(name, f"{c['spearman']:.3f}", f"{c['pearson']:.3f}", f"{c['spearman_vs_kl']:.3f}",
+                  f"{c['median_ratio']:.3g}")
+    console.print(t)
+    w = Table(title=f"worst plans for the best proxy ({res['best_proxy']})")
+    for col in ("plan", "severity", "pruned", "mean k", "mean bits", "predicted", "measured NLL", "measured KL"):
+        w.add_column(col, justify="right")
+    by = {r["plan"]: r for r in res["rows"]}
+    for p in res["worst"]:
+        r = by[p]
+        w.add_row(str(p), f"{r['severity']:.2f}", str(r["pruned"]), f"{r['mean_top_k']:.2f}", f"{r['mean_bits']:.2f}",
+                  f"{r['predicted'][res['best_proxy']]:.4g}", f"{r['measured_nll']:.4g}", f"{r['measured_kl']:.4g}")
+    console.print(w)
+    console.print(f"reference NLL {res['reference_nll']:.4f}; {res['seconds']:.1f} s for the plans")

@@ -1,0 +1,134 @@
+"""profiling CLI: bad input exits 2 with one line; validate and compare-domains on a tiny model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from profiling.cli import main
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Many small forwards: one torch thread avoids OpenMP contention on shared CPUs (as the CLI default)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    from runtime.tiny_models import make_tiny_model
+
+    return make_tiny_model("qwen3_moe", tmp_path_factory.mktemp("tiny") / "qwen3_moe")
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    return err[0]
+
+
+def test_not_a_model_directory(capsys, tmp_path):
+    assert "config" in _error(capsys, ["run", "--model", str(tmp_path), "-o", str(tmp_path / "p.json")])
+
+
+def test_not_a_supported_moe(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32}))
+    assert "unsupported model_type" in _error(capsys, ["run", "--model", str(tmp_path), "-o", str(tmp_path / "p.json")])
+
+
+def test_empty_corpus(capsys, qwen, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert "empty" in _error(capsys, ["run", "--model", str(qwen), "--data", str(empty), "-o", str(tmp_path / "p.json")])
+
+
+def test_unknown_corpus(capsys, qwen, tmp_path):
+    _error(capsys, ["run", "--model", str(qwen), "--data", "klingon", "-o", str(tmp_path / "p.json")])
+
+
+@pytest.mark.parametrize("fmt", ["Q4_K", "int4_g128"])
+def test_format_the_shapes_cannot_take(capsys, qwen, tmp_path, fmt):
+    line = _error(capsys, ["run", "--model", str(qwen), "--formats", fmt, "BF16", "-o", str(tmp_path / "p.json")])
+    assert "cannot store any block" in line
+
+
+def test_format_leaving_a_block_without_storage(capsys, qwen, tmp_path):
+    line = _error(capsys, ["run", "--model", str(qwen), "--formats", "int4_g32", "-o", str(tmp_path / "p.json")])
+    assert "no candidate format can store block" in line
+
+
+@pytest.fixture(scope="module")
+def profiles(qwen, tmp_path_factory):
+    root = tmp_path_factory.mktemp("profiles")
+    out = {}
+    for corpus in ("english", "code"):
+        path = root / f"{corpus}.json"
+        assert main(["run", "--model", str(qwen), "--data", f"{corpus}:calibration", "--max-tokens", "128",
+                     "--window", "64", "--formats", "int4_g32", "BF16", "--measure", "prune,topk,sensitivity",
+                     "--measure-blocks", "8",
+                     "--no-progress", "-o", str(path)]) == 0
+        out[corpus] = path
+    return out
+
+
+def test_validate_reports_correlations(profiles, qwen, tmp_path, capsys):
+    from profiling.validate import validate
+
+    res = validate(profiles["english"], qwen, plans=6, progress=False)
+    assert len(res["rows"]) == 6 and res["tokens"] == 128
+    assert {"profile", "imatrix_kl_fit", "routing_mass", "measured_kl", "measured_nll_raw"} <= set(res["correlation"])
+    for row in res["rows"]:
+        assert set(row["predicted"]) == set(res["correlation"])
+    assert main(["validate", str(profiles["english"]), "--model", str(qwen), "--plans", "3", "--no-progress",
+                 "--json", str(tmp_path / "v.json")]) == 0
+    assert "Spearman" in capsys.readouterr().out
+    assert json.loads((tmp_path / "v.json").read_text())["plans"] == 3
+
+
+def test_inspect(profiles, capsys):
+    assert main(["inspect", str(profiles["english"])]) == 0
+    out = capsys.readouterr().out
+    assert "kl_vs_imatrix" in out and "prune_cost_vs_saliency" in out
+
+
+def test_compare_domains(profiles, capsys):
+    from profiling.domains import compare_domains
+
+    same = compare_domains(profiles["english"], profiles["english"])
+    assert all(m["mean_jaccard"] == 1.0 for m in same["measures"].values())
+    diff = compare_domains(profiles["english"], profiles["code"], keep=0.5)
+    assert {"frequency", "routing_mass", "saliency", "prune_cost"} <= set(diff["measures"])
+    assert all(0.0 <= m["mean_jaccard"] <= 1.0 for m in diff["measures"].values())
+    assert main(["compare-domains", str(profiles["english"]), str(profiles["code"])]) == 0
+    assert "Jaccard" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "olmoe"])
+def test_other_families_streamed(tmp_path, family):
+    """Every supported family profiles identically in memory and streamed."""
+    import numpy as np
+
+    from profiling.run import RunOptions, run_profile
+    from runtime.tiny_models import make_tiny_model
+
+    model = make_tiny_model(family, tmp_path / family)
+    res = [run_profile(RunOptions(model=model, max_tokens=128, window=64, formats=["int4_g32", "BF16"],
+                                  output=tmp_path / f"{s}.json", streamed=s, progress=False))
+           for s in (False, True)]
+    assert np.allclose(res[0].profile.sensitivity.values, res[1].profile.sensitivity.values, equal_nan=True)
+    for a, b in zip(res[0].profile.experts.saliency, res[1].profile.experts.saliency):
+        assert np.allclose(a, b)
+
+
+@pytest.mark.slow
+def test_memory_command(qwen, capsys):
+    assert main(["memory", "--model", str(qwen), "--max-tokens", "128"]) == 0
+    assert "streamed" in capsys.readouterr().out

@@ -1,0 +1,213 @@
+"""profiling.run on the tiny random models: the profile loads, solves, and its numbers add up."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from optimizer.budget import make_budget
+from optimizer.formats import get_format
+from optimizer.formulation.instance import FormulationOptions
+from optimizer.profile import load_profile
+from optimizer.solve import optimize
+
+FORMATS = {"qwen3_moe": ["int4_g32", "BF16"], "deepseek_v3": ["int4_g32", "int8_g32", "BF16"]}
+MEASURE_BLOCKS = {"qwen3_moe": None, "deepseek_v3": 12}  # None: every block
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Many small forwards: one torch thread avoids OpenMP contention on shared CPUs (as the CLI default)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from runtime.tiny_models import make_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: make_tiny_model(f, root / f) for f in ("qwen3_moe", "deepseek_v3")}
+
+
+def _run(model, out, **kw):
+    from profiling.run import RunOptions, run_profile
+
+    opts = dict(model=model, max_tokens=128, window=64, formats=["int4_g32", "BF16"], output=out,
+                measure=["prune", "topk", "sensitivity"], progress=False)
+    opts.update(kw)
+    return run_profile(RunOptions(**opts))
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("profiles")
+    return {f: _run(d, root / f"{f}.json", formats=FORMATS[f], measure_blocks=MEASURE_BLOCKS[f])
+            for f, d in tiny.items()}
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_profile_loads_and_solves(runs, family):
+    res = runs[family]
+    p = load_profile(res.profile_path)
+    assert p.hash == res.details["profile_hash"]
+    assert p.formats == tuple(get_format(f).name for f in FORMATS[family])
+    for m in (p.experts.measurement, p.experts.prune_cost_measurement, p.sensitivity.measurement,
+              p.topk_cost.measurement):
+        assert m.method and m.tokens == 128 and m.seed == 0 and not m.prior
+    full = sum(get_format("BF16").nbytes(b.shape) for b in p.architecture.blocks)
+    for objective in ("predicted_loss", "importance", "saliency"):
+        plan = optimize(p, make_budget(p.architecture, int(full * 0.7), context=0, overhead=0),
+                        FormulationOptions(objective=objective))
+        assert plan.solve.status.value in ("optimal", "feasible")
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_expert_stats_sum(runs, family):
+    p = load_profile(runs[family].profile_path)
+    for i, m in enumerate(p.architecture.moe_layers):
+        f = np.asarray(p.experts.frequency[i])
+        assert f.sum() == pytest.approx(1.0, abs=1e-6)
+        assert np.asarray(p.experts.routing_mass[i]).sum() == pytest.approx(1.0, abs=1e-6)
+        picks = f * 128 * m.top_k  # frequency = picks / (tokens x top_k)
+        assert np.allclose(picks, np.round(picks), atol=1e-4)
+        assert np.all(np.asarray(p.experts.saliency[i]) >= 0)
+        score = np.asarray(p.experts.mean_score[i])
+        assert np.all((score >= 0) & (score <= 1.0 + 1e-6))
+        assert np.all(np.isfinite(p.experts.prune_cost[i])) and np.all(p.experts.prune_cost[i] >= 0)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_topk_cost_zero_at_k_and_decreasing(runs, family):
+    p = load_profile(runs[family].profile_path)
+    rows = [np.asarray(v) for v in p.topk_cost.values]
+    for row in rows:
+        assert row[-1] == 0.0 and np.all(row >= 0)
+    mean = np.mean(np.stack(rows), axis=0)  # tiny models: the same top_k in every layer
+    assert np.all(np.diff(mean) <= 1e-12)
+
+
+def test_sensitivity_table_matches_details(runs):
+    res = runs["qwen3_moe"]
+    p, d = load_profile(res.profile_path), res.details
+    assert set(d["measured_blocks"]) == set(d["blocks"])  # small model: every block measured
+    for i, b in enumerate(p.architecture.blocks):
+        row = p.sensitivity.values[i]
+        if not b.quantizable:
+            assert np.all(np.isnan(row))
+            continue
+        for j, f in enumerate(p.sensitivity.formats):
+            if not get_format(f).admits(b.shape):
+                assert np.isnan(row[j])  # e.g. 16-element expert down_proj rows in int4_g32
+            else:
+                assert row[j] == pytest.approx(d["measured_kl"][b.name][f], rel=1e-5, abs=1e-9)  # --cost kl
+                assert d["proxy_raw"][b.name][f] >= 0
+    assert d["proxy_fit"]["global_scale"] > 0
+
+
+def test_cost_nll_stores_clipped_nll(tiny, tmp_path):
+    res = _run(tiny["qwen3_moe"], tmp_path / "n.json", measure=["prune", "sensitivity"], cost="nll")
+    d, p = res.details, res.profile
+    col = {f: j for j, f in enumerate(p.sensitivity.formats)}
+    for name, row in d["measured_nll"].items():
+        for f, v in row.items():
+            assert p.sensitivity.values[d["block_index"][name], col[f]] == pytest.approx(max(0.0, v), abs=1e-9)
+    for i, row in enumerate(d["prune_nll"]):
+        assert np.allclose(p.experts.prune_cost[i], np.maximum(row, 0.0), atol=1e-9)
+    assert "clipped at 0" in p.sensitivity.measurement.method
+
+
+def test_details_side_file(runs):
+    res = runs["deepseek_v3"]
+    assert res.details_path.name == "deepseek_v3.details.json"
+    d = json.loads(res.details_path.read_text())
+    for key in ("proxy_raw", "proxy_fitted", "measured_nll", "measured_kl", "prune_nll", "topk_kl", "timings_s",
+                "peak_rss_bytes"):
+        assert key in d
+    assert d["peak_rss_bytes"] > 0
+    # sampled model: 12 measured blocks, the other cells hold the fitted proxy
+    assert len(d["measured_blocks"]) == 12
+    p = load_profile(res.profile_path)
+    col = {f: j for j, f in enumerate(p.sensitivity.formats)}
+    for name in set(d["blocks"]) - set(d["measured_blocks"]):
+        for f, v in d["proxy_fitted"][name].items():
+            assert p.sensitivity.values[d["block_index"][name], col[f]] == pytest.approx(v, rel=1e-5, abs=1e-12)
+
+
+def test_engine_matches_full_forward(tiny):
+    """The layer-by-layer engine reproduces the model's own loss, with and without a perturbation."""
+    from profiling.engine import Engine, Perturbation
+    from profiling.model_io import Runner, load_text, token_windows, tokenize
+    from runtime.moe import mask_experts
+
+    model_dir = tiny["deepseek_v3"]
+    inputs, targets = token_windows(tokenize(model_dir, load_text("english")[0]), 128, 64)
+    runner = Runner(model_dir)
+    engine = Engine(runner, inputs, targets, batch_size=1, progress=False)
+    engine.reference()
+
+    def loss():
+        logits = runner.model(input_ids=inputs).logits
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)).item()
+
+    with torch.no_grad():
+        base = loss()
+        assert engine.ref_nll == pytest.approx(base, abs=1e-5)
+        eff = engine.evaluate([Perturbation("p", 2, lambda: mask_experts(runner.model, {2: [3]}))])["p"]
+        with mask_experts(runner.model, {2: [3]}):
+            assert eff.dnll == pytest.approx(loss() - base, abs=1e-5)
+        assert engine.evaluate_full().dnll == pytest.approx(0.0, abs=1e-6)
+        perts = [Perturbation(e, 1, lambda e=e: mask_experts(runner.model, {1: [e]})) for e in range(4)]
+        big = engine.evaluate(perts)
+        engine.state_budget_bytes = 1  # one perturbation per chunk
+        assert engine.evaluate(perts) == big
+
+
+def test_streamed_matches_in_memory(tiny, tmp_path):
+    a = _run(tiny["deepseek_v3"], tmp_path / "a.json", measure=["topk"])
+    b = _run(tiny["deepseek_v3"], tmp_path / "b.json", measure=["topk"], streamed=True)
+    for x, y in zip(a.profile.experts.routing_mass, b.profile.experts.routing_mass):
+        assert np.allclose(x, y, atol=1e-6)
+    for x, y in zip(a.profile.topk_cost.values, b.profile.topk_cost.values):
+        assert np.allclose(x, y, atol=1e-6)
+    assert np.allclose(a.profile.sensitivity.values, b.profile.sensitivity.values, equal_nan=True, rtol=1e-5)
+    assert b.details["streamed"] and b.details["reference_nll"] == pytest.approx(a.details["reference_nll"], abs=1e-6)
+
+
+def test_default_formats_fit_the_model(tiny):
+    from optimizer.architectures import load_architecture
+    from profiling.run import default_formats
+
+    assert default_formats(load_architecture(tiny["qwen3_moe"])) == [
+        "int2_g32", "int3_g32", "int4_g32", "int5_g32", "int6_g32", "int8_g32", "BF16"]
+
+
+def test_device_throughput_numbers():
+    from profiling.device import format_throughput, memory_bandwidth, peak_rss_bytes
+
+    assert memory_bandwidth(mib=4, repeats=1) > 0
+    tp = format_throughput(["int4_g32", "Q8_0", "BF16"], rows=32, cols=256, repeats=1)
+    assert set(tp) == {"int4_g32", "Q8_0", "BF16"} and all(v > 0 for v in tp.values())
+    assert peak_rss_bytes() > 0
+
+
+def test_token_windows_and_data_spec(tmp_path):
+    from profiling.model_io import ProfilingError, parse_data, token_windows
+
+    x, y = token_windows(list(range(10)), max_tokens=100, window=4)
+    assert x.shape == (2, 4) and y[0].tolist() == [1, 2, 3, 4]
+    x, y = token_windows(list(range(5)), max_tokens=100, window=64)  # shorter than a window: one window
+    assert x.shape == (1, 4)
+    assert parse_data("code") == ("code", "calibration") and parse_data("english/test") == ("english", "test")
+    text = tmp_path / "t.txt"
+    text.write_text("hello")
+    assert parse_data(str(text)) == (str(text), "file")
+    with pytest.raises(ProfilingError):
+        token_windows([1], max_tokens=10, window=4)
