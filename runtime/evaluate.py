@@ -6,6 +6,9 @@ after the first is predicted exactly once, with a context that restarts at each
 window boundary.  Deterministic: no sampling, no shuffling, float32 on CPU.
 
     python -m runtime eval MODEL_DIR [--split test] [--corpus english] [--max-tokens N] [--window 512]
+
+The default window is ``min(512, config.max_position_embeddings)``: the models
+trained here store their training context there (RoPE does not extrapolate).
 """
 from __future__ import annotations
 
@@ -23,6 +26,9 @@ import torch.nn.functional as F
 
 from .byte_tokenizer import is_byte_model
 from .corpora import CORPORA, SPLITS, CorpusError, load_corpus
+
+
+DEFAULT_WINDOW = 512
 
 
 class EvalError(ValueError):
@@ -91,15 +97,16 @@ def _read_text(corpus: str, split: str) -> str:
 
 @torch.no_grad()
 def evaluate(model_or_dir: Any, corpus: str = "english", split: str = "test",
-             max_tokens: int | None = None, window: int = 512, batch_size: int = 8,
+             max_tokens: int | None = None, window: int | None = None, batch_size: int = 8,
              progress: bool = False) -> EvalResult:
     """Score ``corpus``/``split`` with a model object or a model directory.
 
     A model object is assumed to read bytes unless it carries a ``config._name_or_path``
     directory with a tokenizer.  ``max_tokens`` caps the number of scored tokens
     (rounded down to whole windows; one shorter window if it is below ``window``).
+    ``window`` defaults to ``min(512, config.max_position_embeddings)`` (the trained context).
     """
-    if window < 1:
+    if window is not None and window < 1:
         raise EvalError(f"window must be positive, got {window}")
     text = _read_text(corpus, split)  # validate the corpus before the (slower) model load
     if isinstance(model_or_dir, (str, Path)):
@@ -113,6 +120,8 @@ def evaluate(model_or_dir: Any, corpus: str = "english", split: str = "test",
     if len(ids) < 2:
         raise EvalError(f"corpus {corpus!r} split {split!r} has fewer than 2 tokens")
     limit = getattr(model.config, "max_position_embeddings", None)
+    if window is None:
+        window = min(DEFAULT_WINDOW, limit or DEFAULT_WINDOW)
     if limit and window > limit:
         raise EvalError(f"window {window} exceeds the model's max_position_embeddings {limit}")
     n_windows = (len(ids) - 1) // window
@@ -160,7 +169,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", default="english", help=f"{' / '.join(CORPORA)} or a text file")
     parser.add_argument("--split", default="test", choices=SPLITS)
     parser.add_argument("--max-tokens", type=int, default=None)
-    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--window", type=int, default=None,
+                        help=f"tokens per window (default: min({DEFAULT_WINDOW}, model max_position_embeddings))")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
