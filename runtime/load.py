@@ -49,6 +49,10 @@ def _build(config: dict, dtype: torch.dtype) -> nn.Module:
     from transformers.initialization import no_init_weights
 
     cfg = AutoConfig.for_model(**config)
+    # The auxiliary load-balancing loss is for training and assumes the original expert count in every
+    # layer; a compressed model has per-layer counts, so it must not be computed at inference.
+    if hasattr(cfg, "output_router_logits"):
+        cfg.output_router_logits = False
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=False)
     return model
