@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..milp import MilpModel
-from ..plan import Target
 from .constraints import Variables
 from .instance import Instance
 
@@ -33,16 +32,6 @@ class Decisions:
     def weight_bytes(self, inst: Instance) -> int:
         """Bytes of all weights: chosen formats, router rows of kept experts, fixed tensors."""
         return int(inst.pair_bytes[self.chosen].sum() + inst.router_bytes[self.keep].sum() + inst.fixed_bytes)
-
-
-def smallest_pairs(inst: Instance) -> np.ndarray:
-    """Index of the fewest-bytes candidate pair of every quantizable block (ties: lowest cost)."""
-    order = np.lexsort((inst.pair_cost, inst.pair_bytes, inst.pair_block))
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = inst.pair_block[order][1:] != inst.pair_block[order][:-1]
-    out = np.full(len(inst.block_owner), -1)
-    out[inst.pair_block[order][first]] = order[first]
-    return out
 
 
 def to_vector(inst: Instance, model: MilpModel, v: Variables, d: Decisions) -> np.ndarray:
@@ -97,6 +86,3 @@ def check_decisions(inst: Instance, model: MilpModel, v: Variables, d: Decisions
     """Names of the constraint families ``d`` violates (empty when it is a valid plan)."""
     return model.violated_families(to_vector(inst, model, v, d), tol=1e-6)
 
-
-def is_llamacpp(inst: Instance) -> bool:
-    return inst.options.target == Target.LLAMACPP
