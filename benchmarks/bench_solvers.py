@@ -13,13 +13,12 @@ the method's objective to the best proven bound (so the baselines' distance from
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import sys
 import time
-from pathlib import Path
 
+from experiments.results_io import write_rows
 from optimizer.budget import make_budget
 from optimizer.errors import MoeccError
 from optimizer.examples.deepseek_v3 import build_deepseek_v3_profile
@@ -92,13 +91,7 @@ def main() -> int:
         if "gap_to_best_bound" in r:
             print(f"{r['method']:12s} {r['objective']:.6f}   {100 * r['gap_to_best_bound']:.4f}%")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        keys = sorted({k for r in rows for k in r})
-        with open(args.out, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
-        print(f"wrote {args.out}")
+        write_rows(args.out, rows)
     return 0
 
 

@@ -15,12 +15,12 @@ Reproduce (numbers in the README and the issue notes):
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from experiments.results_io import write_rows
 from optimizer.budget import make_budget
 from optimizer.errors import MoeccError
 from optimizer.formulation.instance import FormulationOptions
@@ -82,13 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             })
             print(rows[-1], flush=True)
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        with open(a.out, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
-        print(f"wrote {a.out}")
+        write_rows(a.out, rows)
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import sys
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from experiments.results_io import write_rows
 from optimizer.architecture import BlockKind
 
 QUANTIZED_KINDS = {BlockKind.ATTENTION, BlockKind.DENSE_MLP, BlockKind.SHARED_EXPERT, BlockKind.ROUTED_EXPERT}
@@ -117,12 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                  group=a.group, corpus=a.corpus, max_tokens=a.max_tokens, window=a.window)
     rows = run(cfg)
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(a.out, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-        print(f"wrote {a.out}")
+        write_rows(a.out, rows)
     return 0
 
 

@@ -9,15 +9,7 @@ from profiling.cli import main
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Many small forwards: one torch thread avoids OpenMP contention on shared CPUs (as the CLI default)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

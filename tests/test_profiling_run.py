@@ -18,15 +18,7 @@ MEASURE_BLOCKS = {"qwen3_moe": None, "deepseek_v3": 12}  # None: every block
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Many small forwards: one torch thread avoids OpenMP contention on shared CPUs (as the CLI default)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
