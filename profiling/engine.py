@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Hashable, Sequence
+from typing import Callable, Hashable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,13 +41,14 @@ class Effect:
 
 class Engine:
     def __init__(self, runner: Runner, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 8,
-                 state_budget_bytes: int = 1 << 30, progress: bool = True):
+                 state_budget_bytes: int = 1 << 30, progress: bool = True, head_chunk_bytes: int = 64 << 20):
         self.runner = runner
         self.inputs, self.targets = inputs, targets
         self.batches = [slice(i, min(i + batch_size, len(inputs))) for i in range(0, len(inputs), batch_size)]
         self.tokens = int(targets.numel())
         self.state_budget_bytes = state_budget_bytes
         self.progress = progress
+        self.head_chunk_bytes = head_chunk_bytes
         self.hidden: list[list[torch.Tensor]] = []  # hidden[l][b]: input of layer l (l = L: last output)
         self.kwargs: list[list[dict]] = []  # kwargs[b][l]
         self.ref_logp: list[torch.Tensor] = []
@@ -81,21 +82,37 @@ class Engine:
         done = on_head() if on_head else None
         self.ref_logp, nll = [], 0.0
         for i, b in enumerate(self.batches):
-            logp = F.log_softmax(self.runner.head(self.hidden[L][i]), dim=-1)
-            self.ref_logp.append(logp)
-            nll += -logp.gather(-1, self.targets[b].unsqueeze(-1)).sum().item()
+            targets = self.targets[b].reshape(-1)
+            parts = []
+            for rows, logp in self._head_chunks(self.hidden[L][i]):
+                parts.append(logp)
+                nll += -logp.gather(-1, targets[rows].unsqueeze(-1)).sum().item()
+            self.ref_logp.append(torch.cat(parts))
         if done:
             done()
         self.ref_nll = nll / self.tokens
+
+    def _head_chunks(self, hidden: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Log-probabilities of a batch's tokens (flattened), ``head_chunk_bytes`` of logits at a time.
+
+        The head's temporaries (logits, log-softmax, the KL terms) scale with tokens x vocabulary: a batch of
+        2,048 tokens over DeepSeek-V3's 129,280-token vocabulary is 1 GiB per float32 copy, more than the
+        streamed mode's single decoder layer, so they are computed a few hundred tokens at a time."""
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        vocab = self.runner.model.config.get_text_config().vocab_size
+        step = max(1, self.head_chunk_bytes // (4 * vocab))
+        for start in range(0, flat.shape[0], step):
+            rows = slice(start, start + step)
+            yield rows, F.log_softmax(self.runner.head(flat[rows]), dim=-1)
 
     # ---------------------------------------------------------------------------------- perturbations
     def _effects(self, states: list[torch.Tensor]) -> Effect:
         nll, kl = 0.0, 0.0
         for i, b in enumerate(self.batches):
-            logp = F.log_softmax(self.runner.head(states[i]), dim=-1)
-            nll += -logp.gather(-1, self.targets[b].unsqueeze(-1)).sum().item()
-            ref = self.ref_logp[i]
-            kl += (ref.exp() * (ref - logp)).sum().item()
+            targets = self.targets[b].reshape(-1)
+            for rows, logp in self._head_chunks(states[i]):
+                nll += -logp.gather(-1, targets[rows].unsqueeze(-1)).sum().item()
+                kl += F.kl_div(logp, self.ref_logp[i][rows], reduction="sum", log_target=True).item()
         return Effect(nll / self.tokens - self.ref_nll, max(0.0, kl / self.tokens))
 
     def _chunk_size(self) -> int:

@@ -129,6 +129,12 @@ class Checkpoint:
             self._files[fname] = safe_open(self.dir / fname, framework="pt")
         return self._files[fname].get_tensor(name).to(torch.float32)
 
+    def close(self) -> None:
+        """Drop the open files. ``safe_open`` memory-maps them, and every page a read touched stays mapped
+        (and counted in the process's resident memory) while the handle lives: closed after each layer, a
+        streamed profile holds one layer's pages, not the whole checkpoint's."""
+        self._files.clear()
+
     def find(self, model_name: str) -> str | None:
         """The checkpoint name of an in-memory tensor name (Mixtral keeps ``block_sparse_moe`` on disk)."""
         for cand in (model_name, model_name.replace(".mlp.", ".block_sparse_moe.")):
@@ -164,6 +170,30 @@ def _checkpoint_tensor(ckpt: Checkpoint, name: str, like: torch.Tensor) -> torch
     if tuple(t.shape) != tuple(like.shape):
         raise ProfilingError(f"{ckpt.dir}: {name} has shape {list(t.shape)}, the model expects {list(like.shape)}")
     return t
+
+
+def _load_libc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _load_libc_trim()
+
+
+def release_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    glibc keeps freed blocks of up to its (self-raising) mmap threshold in the heap. Streamed, every layer's
+    tensors are freed when the next is loaded, and without a trim the freed, fragmented heap grew by about
+    2x a layer's size per layer: on R3 the reference pass reached 1,336 MiB resident over 197 MiB of live
+    tensors, 804 MiB with a trim after each layer.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _assign(root: nn.Module, dotted: str, tensor: torch.Tensor) -> None:
@@ -223,6 +253,7 @@ class Runner:
                 model = AutoModelForCausalLM.from_config(self.config, dtype=torch_dtype)
             self.model = model.eval()
             self._materialize_outer()
+            self.ckpt.close()
         else:
             try:
                 model = AutoModelForCausalLM.from_pretrained(self.dir, dtype=torch_dtype)
@@ -261,11 +292,13 @@ class Runner:
         layer = self.layers[index]
         for name, t in list(layer.named_parameters()) + list(layer.named_buffers()):
             _assign(layer, name, _checkpoint_tensor(self.ckpt, prefix + name, t))
+        self.ckpt.close()
 
     def _unload_layer(self, index: int) -> None:
         layer = self.layers[index]
         for name, t in list(layer.named_parameters()) + list(layer.named_buffers()):
             _assign(layer, name, torch.empty_like(t, device="meta"))
+        release_freed_memory()
 
     @contextmanager
     def layer(self, index: int) -> Iterator[nn.Module]:

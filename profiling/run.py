@@ -28,7 +28,7 @@ from optimizer.profile import (Device, ExpertStats, Measurement, ModelInfo, Prof
 from .blocks import BlockRef, resolve_blocks
 from .engine import Engine
 from .fit import apply_fit, fit_proxy
-from .model_io import ProfilingError, Runner, load_text, token_windows, tokenize
+from .model_io import ProfilingError, Runner, load_text, release_freed_memory, token_windows, tokenize
 from .stats import Collector
 
 SECTIONS = ("prune", "topk", "sensitivity", "device")
@@ -174,6 +174,7 @@ def run_profile(opts: RunOptions) -> RunResult:
     engine = Engine(runner, inputs, targets, opts.batch_size, state_budget_bytes=budget << 20, progress=opts.progress)
     collector.embedding_moments(inputs, arch.vocab_size)
     collector.finish(runner.model, -1)
+    release_freed_memory()
 
     def on_layer(l, mod):
         handles = collector.attach(runner.model, l)
@@ -182,6 +183,7 @@ def run_profile(opts: RunOptions) -> RunResult:
             for h in handles:
                 h.remove()
             collector.finish(runner.model, l)
+            release_freed_memory()  # the proxies' quantized copies of this layer's blocks
         return done
 
     def on_head():

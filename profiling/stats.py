@@ -59,6 +59,19 @@ class LayerStats:
         return torch.where(self.count > 0, self.salience / self.count.clamp(min=1), 0.0).numpy()
 
 
+def _squared_error(w: torch.Tensor, q: torch.Tensor, per_row: bool, chunk_bytes: int = 16 << 20) -> torch.Tensor:
+    """``sum (w - q)^2`` of a 2-D block per column (``per_row=False``) or per row, float64.
+
+    Computed a few MiB of rows at a time: an embedding of 49,152 x 576 float32 is 113 MiB, and whole-matrix
+    float64 temporaries made this the peak memory of a streamed profile."""
+    rows = max(1, chunk_bytes // (4 * max(w.shape[-1], 1)))
+    parts = []
+    for start in range(0, w.shape[0], rows):
+        d2 = (w[start:start + rows].float() - q[start:start + rows].float()).pow_(2)
+        parts.append(d2.sum(1, dtype=torch.float64) if per_row else d2.sum(0, dtype=torch.float64))
+    return torch.cat(parts) if per_row else torch.stack(parts).sum(0)
+
+
 def _expert_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     names = ("hidden_states", "top_k_index", "top_k_weights")
     vals = list(args) + [kwargs[n] for n in names[len(args):]]
@@ -161,7 +174,7 @@ class Collector:
                 q = quantized_copy(w, f, self.method)
                 if self.cache is not None:
                     self.cache[(r.name, f)] = q
-                d2 = (w.double() - q.double()).pow(2)
-                col = d2.sum(1) if r.block.kind == BlockKind.EMBEDDING else d2.sum(0)
+                col = _squared_error(w, q, per_row=r.block.kind == BlockKind.EMBEDDING)
+                del q
                 self.proxy[r.name][f] = float((col * m).sum())
-                self.weight_sq[r.name][f] = float(d2.sum())
+                self.weight_sq[r.name][f] = float(col.sum())
