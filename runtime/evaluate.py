@@ -60,14 +60,24 @@ class EvalResult:
 
 
 def load_model(model_dir: str | Path):
-    """float32 CPU model from a ``save_pretrained`` directory (raises :class:`EvalError`)."""
+    """float32 CPU model from a ``save_pretrained`` directory or a ``runtime apply`` output (pruned and
+    quantized experts are rebuilt by :func:`runtime.load.load`); raises :class:`EvalError`."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
+
+    from optimizer.errors import InputError
+
+    from .load import is_compressed, load
 
     hf_logging.disable_progress_bar()
     path = Path(model_dir)
     if not (path.is_dir() and (path / "config.json").is_file()):
         raise EvalError(f"{path} is not a model directory (no config.json)")
+    if is_compressed(path):
+        try:
+            return load(path)
+        except InputError as exc:
+            raise EvalError(str(exc)) from exc
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as exc:

@@ -131,3 +131,22 @@ def test_kill_and_rerun_gives_identical_files(tiny: dict, tmp_path: Path) -> Non
     assert names == sorted(p.name for p in (tmp_path / "clean").iterdir())
     for n in names:
         assert (tmp_path / "out" / n).read_bytes() == (tmp_path / "clean" / n).read_bytes(), n
+
+
+@torch.no_grad()
+def test_eval_reads_a_compressed_checkpoint(tiny: dict, tmp_path: Path) -> None:
+    """`runtime eval OUT` scores the pruned, quantized model, exactly as the in-memory compression does."""
+    from runtime.evaluate import evaluate
+
+    d = tiny["qwen3_moe"]
+    plan = _pruned_plan(d)
+    save_plan(plan, tmp_path / "plan.json")
+    apply_plan(tmp_path / "plan.json", d, tmp_path / "out")
+    stored = evaluate(tmp_path / "out", max_tokens=96, window=32)
+    in_memory = evaluate(_reference(d, plan, "rtn"), max_tokens=96, window=32)
+    original = evaluate(d, max_tokens=96, window=32)
+    assert stored.tokens == in_memory.tokens == 96
+    assert stored.nll == pytest.approx(in_memory.nll, abs=1e-5)
+    assert stored.nll != pytest.approx(original.nll, abs=1e-6)  # the plan changed the model
+    proc = _cli("eval", str(tmp_path / "out"), "--max-tokens", "64", "--window", "32")
+    assert proc.returncode == 0, proc.stderr
