@@ -741,3 +741,19 @@ def test_llamacpp_min_experts_beyond_smallest_layer_is_reported() -> None:
         optimize(p, Budget(10_000, {}), fo, EXACT)
     if isinstance(err.value, InfeasibleError):
         assert err.value.min_bytes is None or err.value.min_bytes > 10_000
+
+
+def test_tiny_nearly_cancelling_objective_is_solved_to_the_relative_gap() -> None:
+    """R2's real profile at 4 MB: the objective (4.5e-4 nats/token) is an offset minus savings ~1e4 times
+    larger. HiGHS ignores improvements below 1e-6 in its own units, and with the costs scaled to ~1 it
+    stopped at a 2.3e-4 relative gap while reporting optimal. The optimum must be proven to 1e-4."""
+    from pathlib import Path
+
+    from optimizer.budget import make_budget
+    from optimizer.profile import load_profile
+
+    profile = load_profile(Path(__file__).resolve().parents[1] / "experiments/profiles/r2/english.json")
+    budget = make_budget(profile.architecture, "4MB", context=0, overhead="0")
+    plan = optimize(profile, budget, FormulationOptions(objective="predicted_loss"), SolveOptions(solver="highs"))
+    assert plan.solve.status.value == "optimal"
+    assert plan.solve.gap is not None and plan.solve.gap <= 1e-4

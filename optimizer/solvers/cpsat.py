@@ -79,6 +79,7 @@ class CpSatBackend(SolverBackend):
         params.num_workers = max(int(options.threads), 1)  # 1 worker: deterministic but weaker
         params.random_seed = int(options.seed) % 2**31
         params.relative_gap_limit = float(options.rel_gap)
+        params.absolute_gap_limit = 0.0  # only the relative gap decides (objectives can be tiny; see highs.py)
         params.log_search_progress = bool(options.verbose)
         if options.time_limit is not None:
             params.max_time_in_seconds = float(options.time_limit)
