@@ -45,6 +45,8 @@ def _add_run(sub) -> None:
                    help="torch CPU threads (default 1: profiling runs many small forwards, and on a shared machine "
                         "OpenMP threads wait for each other; raise it on a dedicated one)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run: reuse the effects in OUTPUT.journal.jsonl (same settings)")
     p.add_argument("-o", "--output", type=Path, default=Path("profile.json"))
 
 
@@ -103,7 +105,7 @@ def _cmd_run(args) -> int:
                       streamed=args.streamed, method=args.quant_method, prune_per_layer=args.prune_per_layer,
                       measure_blocks=args.measure_blocks, measure=measure, device_repeats=args.device_repeats, cost=args.cost,
                       state_budget_mib=args.state_budget_mib,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, resume=args.resume)
     res = run_profile(opts)
     print_summary(res.profile, res.details)
     print(f"wrote {res.profile_path} and {res.details_path}")

@@ -49,6 +49,7 @@ class Engine:
         self.state_budget_bytes = state_budget_bytes
         self.progress = progress
         self.head_chunk_bytes = head_chunk_bytes
+        self.journal = None  # a profiling.journal.Journal: effects already measured / to record
         self.hidden: list[list[torch.Tensor]] = []  # hidden[l][b]: input of layer l (l = L: last output)
         self.kwargs: list[list[dict]] = []  # kwargs[b][l]
         self.ref_logp: list[torch.Tensor] = []
@@ -124,10 +125,15 @@ class Engine:
         """Effect of each perturbation applied alone (see the module docstring)."""
         L = self.runner.num_layers
         by_step: dict[int, list[Perturbation]] = {}
-        for p in perturbations:
-            by_step.setdefault(p.step, []).append(p)
         out: dict[Hashable, Effect] = {}
+        for p in perturbations:
+            known = self.journal.get(desc, p.key) if self.journal is not None else None
+            if known is not None:  # measured before an interruption (--resume)
+                out[p.key] = Effect(*known)
+            else:
+                by_step.setdefault(p.step, []).append(p)
         bar = self._bar(len(perturbations), desc)
+        bar.update(len(out))
         size = self._chunk_size()
         for step in sorted(by_step):
             group = by_step[step]
@@ -142,7 +148,7 @@ class Engine:
                 elif step >= L:
                     for p in chunk:
                         with p.apply():
-                            out[p.key] = self._effects(self.hidden[L])
+                            self._store(out, desc, p.key, self._effects(self.hidden[L]))
                         bar.update()
                     continue
                 else:
@@ -158,10 +164,15 @@ class Engine:
                             for i in range(len(s)):
                                 s[i] = run_layer(mod, s[i], self.kwargs[i][l])
                 for p, s in zip(chunk, states):
-                    out[p.key] = self._effects(s)
+                    self._store(out, desc, p.key, self._effects(s))
                     bar.update()
         bar.close()
         return out
+
+    def _store(self, out: dict[Hashable, Effect], section: str, key: Hashable, effect: Effect) -> None:
+        out[key] = effect
+        if self.journal is not None:
+            self.journal.record(section, key, effect.dnll, effect.kl)
 
     @torch.no_grad()
     def evaluate_full(self, apply: Callable[[], AbstractContextManager] = nullcontext) -> Effect:

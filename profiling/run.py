@@ -64,6 +64,7 @@ class RunOptions:
     cost: str = "kl"  # measured effect stored as prune cost / sensitivity and fitted by the proxy: kl or nll
     device_repeats: int = 5
     progress: bool = True
+    resume: bool = False  # continue an interrupted run from its journal (profiling.journal)
 
 
 @dataclass
@@ -172,6 +173,8 @@ def run_profile(opts: RunOptions) -> RunResult:
     collector = Collector(arch, refs, formats, ntok, opts.method, qcache)
     budget = opts.state_budget_mib or (512 if opts.streamed else 128)
     engine = Engine(runner, inputs, targets, opts.batch_size, state_budget_bytes=budget << 20, progress=opts.progress)
+    journal = _open_journal(opts, formats, source, ntok) if opts.measure else None
+    engine.journal = journal
     collector.embedding_moments(inputs, arch.vocab_size)
     collector.finish(runner.model, -1)
     release_freed_memory()
@@ -196,6 +199,8 @@ def run_profile(opts: RunOptions) -> RunResult:
         return done
 
     engine.reference(on_layer, on_head)
+    if journal is not None:
+        journal.check_reference(engine.ref_nll)
     timings["reference_pass"] = time.perf_counter() - t
     stats = [collector.layer_stats[m.index] for m in arch.moe_layers]
     mass = [s.routing_mass() for s in stats]
@@ -311,7 +316,19 @@ def run_profile(opts: RunOptions) -> RunResult:
     from optimizer.jsonio import write_json
 
     write_json(dpath, details, indent=None)
+    if journal is not None:
+        journal.close(delete=True)
     return RunResult(profile, details, out, dpath, timings)
+
+
+def _open_journal(opts: RunOptions, formats: list[str], source: str, ntok: int):
+    """The run's journal (``OUT.journal.jsonl``): resumed with ``--resume``, else started afresh."""
+    from .journal import Journal, journal_path, model_fingerprint
+
+    settings = {"model": model_fingerprint(opts.model), "data": source, "tokens": ntok, "window": opts.window,
+                "batch_size": opts.batch_size, "seed": opts.seed, "formats": list(formats), "method": opts.method,
+                "prune_per_layer": opts.prune_per_layer, "measure_blocks": opts.measure_blocks}
+    return Journal(journal_path(Path(opts.output)), settings, resume=opts.resume)
 
 
 def _nan_to_none(rows: list[np.ndarray]) -> list[list[float | None]]:

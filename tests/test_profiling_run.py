@@ -203,3 +203,49 @@ def test_token_windows_and_data_spec(tmp_path):
     assert parse_data(str(text)) == (str(text), "file")
     with pytest.raises(ProfilingError):
         token_windows([1], max_tokens=10, window=4)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_profile(tiny, tmp_path, monkeypatch):
+    """Kill a run after 10 measured effects, resume it: only the rest is measured, and the profile equals an
+    uninterrupted run's (effects are deterministic and the journal stores them exactly)."""
+    from profiling.journal import Journal, journal_path
+    from profiling.model_io import ProfilingError
+
+    original = Journal.record
+    calls = {"n": 0, "die_at": None}
+
+    def record(self, *args):
+        original(self, *args)
+        calls["n"] += 1
+        if calls["n"] == calls["die_at"]:
+            raise _Interrupted
+
+    monkeypatch.setattr(Journal, "record", record)
+    d = tiny["qwen3_moe"]
+    full = _run(d, tmp_path / "full.json")
+    total = calls["n"]
+    assert total > 20 and not journal_path(tmp_path / "full.json").exists()  # deleted once the profile is written
+
+    calls.update(n=0, die_at=10)
+    with pytest.raises(_Interrupted):
+        _run(d, tmp_path / "p.json")
+    journal = journal_path(tmp_path / "p.json")
+    assert journal.is_file() and not (tmp_path / "p.json").exists()
+
+    calls.update(n=0, die_at=None)
+    with pytest.raises(ProfilingError, match="other settings"):  # a different run cannot reuse it
+        _run(d, tmp_path / "p.json", seed=1, resume=True)
+    resumed = _run(d, tmp_path / "p.json", resume=True)
+    assert calls["n"] == total - 10  # only what the interrupted run had not measured
+    assert np.array_equal(resumed.profile.sensitivity.values, full.profile.sensitivity.values, equal_nan=True)
+    for x, y in zip(resumed.profile.topk_cost.values, full.profile.topk_cost.values):
+        assert list(x) == list(y)
+    assert resumed.details["prune_kl"] == full.details["prune_kl"]
+    assert resumed.details["measured_kl"] == full.details["measured_kl"]
+    assert not journal.exists()
+    with pytest.raises(ProfilingError, match="no journal"):
+        _run(d, tmp_path / "p.json", resume=True)
