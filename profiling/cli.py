@@ -1,4 +1,4 @@
-"""Command line: ``python -m profiling run | validate | compare-domains | memory | inspect`` (docs/profiling.md).
+"""Command line: ``python -m profiling run | validate | compare-domains | memory | inspect | refit`` (docs/profiling.md).
 
 Bad input (not a supported MoE directory, an empty corpus, a format the model's shapes cannot take, a
 malformed profile) prints one line ``error: ...`` on stderr and exits with code 2.
@@ -76,6 +76,12 @@ def _add_inspect(sub) -> None:
     p.add_argument("profile", type=Path)
 
 
+def _add_refit(sub) -> None:
+    p = sub.add_parser("refit", help="refill the fitted proxy cells of a profile from its details file (no measuring)")
+    p.add_argument("profile", type=Path)
+    p.add_argument("-o", "--output", type=Path, default=None, help="write here (default: rewrite PROFILE in place)")
+
+
 def _add_memory(sub) -> None:
     p = sub.add_parser("memory", help="peak RSS of the reference pass, in memory vs streamed (two child processes)")
     p.add_argument("--model", type=Path, required=True)
@@ -92,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_domains(sub)
     _add_memory(sub)
     _add_inspect(sub)
+    _add_refit(sub)
     return parser
 
 
@@ -137,6 +144,14 @@ def _cmd_domains(args) -> int:
     return 0
 
 
+def _cmd_refit(args) -> int:
+    from .refit import refit
+
+    _, details, out = refit(args.profile, args.output)
+    print(f"refit {details['refit']['cells_changed']} fitted cells; wrote {out} ({details['profile_hash'][:19]}...)")
+    return 0
+
+
 def _cmd_inspect(args) -> int:
     from .inspect import inspect_profile, print_inspection
 
@@ -162,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"run": _cmd_run, "validate": _cmd_validate, "compare-domains": _cmd_domains,
-                "memory": _cmd_memory, "inspect": _cmd_inspect}[args.command](args)
+                "memory": _cmd_memory, "inspect": _cmd_inspect,
+                "refit": _cmd_refit}[args.command](args)
     except (InputError, CorpusError) as exc:
         print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2

@@ -27,7 +27,7 @@ from optimizer.profile import (Device, ExpertStats, Measurement, ModelInfo, Prof
 
 from .blocks import BlockRef, resolve_blocks
 from .engine import Engine
-from .fit import apply_fit, fit_proxy
+from .fit import apply_fit, fit_proxy, proxy_sentence
 from .model_io import ProfilingError, Runner, load_text, release_freed_memory, token_windows, tokenize
 from .stats import Collector
 
@@ -361,15 +361,11 @@ def _assemble(opts, arch, formats, source, ntok, stats, prune, prune_note, topk,
         prune_cost=prune_rows, measurement=stat_meas, prune_cost_measurement=prune_meas)
     n_meas = len(measured_refs)
     if measured_refs:
-        groups = ", ".join(f"{g} x{c:.3g}" for g, c in sorted(fit.scales.items()))
         sens_method = (
             f"measured {COST_TEXT[opts.cost]} when only this block is fake-quantized "
             f"(runtime.quant.fake_quantize, method {opts.method}) for {n_meas} of {len(refs)} quantizable blocks "
             + ("(all)" if n_meas == len(refs) else f"(seeded sample round-robin over kind/projection, seed {seed})")
-            + "; the other blocks hold the importance-matrix proxy sum_j E[x_j^2] ||W[:,j]-Q(W)[:,j]||^2 "
-            f"(routed experts: inputs weighted by squared routing weight) scaled into nats per kind/projection "
-            f"group by the median log ratio to the measured values ({groups}). Raw proxy and measured tables: "
-            f"{details_path(Path(opts.output)).name}")
+            + proxy_sentence(fit, details_path(Path(opts.output)).name))
     else:
         sens_method = ("importance-matrix proxy sum_j E[x_j^2] ||W[:,j]-Q(W)[:,j]||^2, NOT scaled into nats "
                        "(no measured sensitivities: --measure without sensitivity)")

@@ -249,3 +249,43 @@ def test_interrupted_run_resumes_to_the_same_profile(tiny, tmp_path, monkeypatch
     assert not journal.exists()
     with pytest.raises(ProfilingError, match="no journal"):
         _run(d, tmp_path / "p.json", resume=True)
+
+
+def test_refit_restores_fitted_cells_and_keeps_measured_ones(runs, tmp_path):
+    """A profile whose proxy cells were filled by another rule (here: zeroed) gets them back from its details
+    file; measured cells, other sections and the contract are untouched; refitting a fresh profile is a no-op."""
+    import dataclasses
+    import shutil
+
+    from optimizer.profile import save_profile
+    from profiling.cli import main
+    from profiling.refit import refit
+    from profiling.run import details_path
+
+    res = runs["deepseek_v3"]
+    src = tmp_path / "p.json"
+    shutil.copy(res.profile_path, src)
+    shutil.copy(res.details_path, details_path(src))
+    prof = load_profile(src)
+    measured = set(res.details["measured_blocks"])
+    index = res.details["block_index"]
+    unmeasured_rows = [i for n, i in index.items() if n not in measured]
+    measured_rows = [index[n] for n in measured]
+    assert unmeasured_rows and measured_rows
+    damaged = np.array(prof.sensitivity.values, copy=True)
+    damaged[unmeasured_rows] = np.where(np.isfinite(damaged[unmeasured_rows]), 0.0, np.nan)
+    save_profile(dataclasses.replace(prof, sensitivity=dataclasses.replace(prof.sensitivity, values=damaged)), src)
+
+    original = load_profile(res.profile_path).sensitivity.values  # as written (the contract rounds floats)
+    _, details, out = refit(src, tmp_path / "fixed.json")
+    fixed = load_profile(out)
+    assert np.array_equal(fixed.sensitivity.values, original, equal_nan=True)
+    assert details["refit"]["cells_changed"] > 0
+    assert fixed.topk_cost.values[0].tolist() == load_profile(res.profile_path).topk_cost.values[0].tolist()
+    assert "per (kind/projection group, format)" in fixed.sensitivity.measurement.method
+
+    assert main(["refit", str(out)]) == 0  # in place, already current: nothing changes
+    assert json.loads(details_path(out).read_text())["refit"]["cells_changed"] == 0
+    assert np.array_equal(load_profile(out).sensitivity.values, original, equal_nan=True)
+    details_path(src).unlink()
+    assert main(["refit", str(src)]) == 2  # no details file: one line, exit 2
