@@ -1,9 +1,12 @@
 """Deployment recipes for a plan: ``python -m runtime export PLAN --to llamacpp|gptqmodel|torchao -o DIR``.
 
-* ``llamacpp``: ``tensor-types.txt`` for ``llama-quantize --tensor-type-file`` (one GGUF tensor name and
-  type a line, e.g. ``blk.3.ffn_down_exps.weight=Q4_K``), ``override-kv.txt`` (``--override-kv`` values for
-  the expert count and top-k, with the family's GGUF arch prefix), ``kept-experts.json`` and ``README.md``
-  with the command. Plans llama.cpp cannot express are refused.
+* ``llamacpp``: ``tensor-types.txt`` for ``llama-quantize --tensor-type-file`` (one anchored GGUF tensor
+  name and type a line, e.g. ``^blk\\.3\\.ffn_down_exps\\.weight$=Q4_K``), ``override-kv.txt`` (the top-k as
+  an ``--override-kv`` value, with the family's GGUF arch prefix), ``kept-experts.json``, ``README.md`` with
+  the converter and llama-quantize commands, and, when the plan prunes and ``--model`` is the checkpoint,
+  ``hf-pruned/``: the checkpoint without the pruned experts (:mod:`runtime.prune_checkpoint`), which
+  ``convert_hf_to_gguf.py`` turns into a GGUF with the right expert count. Plans llama.cpp cannot express
+  are refused.
 * ``gptqmodel``: ``gptqmodel.json``, a ``QuantizeConfig``-style map: default ``bits``/``group_size`` plus a
   ``dynamic`` map of ``+:^module$`` -> ``{bits, group_size}`` overrides and ``-:^module$`` skips.
 * ``torchao``: ``torchao.json``, module FQN -> ``IntxWeightOnlyConfig`` arguments (``weight_dtype``,
@@ -29,6 +32,8 @@ TARGETS = ("llamacpp", "gptqmodel", "torchao")
 #: GGUF architecture name (key prefix) of each family, as llama.cpp's convert_hf_to_gguf.py writes it.
 GGUF_ARCH = {"deepseek_v3": "deepseek2", "deepseek_v2": "deepseek2", "qwen3_moe": "qwen3moe",
              "qwen2_moe": "qwen2moe", "mixtral": "llama", "olmoe": "olmoe"}
+#: GGUF archs whose llama.cpp loader requires ``output.weight`` (no fallback to a tied embedding)
+NEEDS_OUTPUT = {"qwen2moe", "olmoe"}
 _SOLVE_HINT = "solve with `python -m optimizer solve ... --target llamacpp`"
 
 
@@ -67,10 +72,28 @@ def gguf_name(block_name: str, family: str, num_layers: int) -> str | None:
     return None
 
 
-def llamacpp_recipe(plan: Plan, arch: Architecture | None = None) -> dict[str, str]:
+def _types_line(tensor: str, ggml_type: str) -> str:
+    """One ``--tensor-type-file`` entry: llama-quantize regex-searches (``std::regex_search``, first match
+    wins) the lowercased pattern in each tensor name, so the exact name is anchored and its dots escaped."""
+    return f"^{re.escape(tensor)}$={ggml_type}\n"
+
+
+def parse_tensor_types(text: str) -> dict[str, str]:
+    """GGUF tensor name -> type of a ``tensor-types.txt`` written by :func:`llamacpp_recipe`."""
+    out = {}
+    for entry in text.split():
+        pattern, _, ggml_type = entry.partition("=")
+        out[pattern.removeprefix("^").removesuffix("$").replace("\\", "")] = ggml_type
+    return out
+
+
+def llamacpp_recipe(plan: Plan, arch: Architecture | None = None, model: Path | None = None,
+                    checkpoint: str | None = None) -> dict[str, str]:
     """Files of the llama.cpp recipe; raises InputError for plans llama.cpp cannot express.
 
     Without ``arch`` the tensors are classified from the plan's names (norms, biases, routers are skipped).
+    ``checkpoint`` names the pruned checkpoint written next to the recipe (``hf-pruned``), if any; ``model``
+    is the original checkpoint, named in the README's commands.
     """
     family = arch.family if arch is not None else plan.family
     if family not in GGUF_ARCH:
@@ -100,23 +123,72 @@ def llamacpp_recipe(plan: Plan, arch: Architecture | None = None) -> dict[str, s
         if types.setdefault(target, f.name) != f.name:
             raise InputError(f"llama.cpp stores {target} as one tensor, but the plan gives its experts different "
                              f"formats ({types[target]}, {f.name}); {_SOLVE_HINT}")
-    prefix = GGUF_ARCH[family]
     n, k = counts.pop(), ks.pop()
-    full = arch is not None and {m.num_experts for m in arch.moe_layers} == {n}
-    kv = [f"{prefix}.expert_used_count=int:{k}"] + ([] if full else [f"{prefix}.expert_count=int:{n}"])
-    args = " ".join(f"--override-kv {line}" for line in kv)
-    readme = (
-        f"# llama.cpp recipe for {plan.model_name}\n\n"
-        f"Convert the checkpoint to GGUF (BF16) with llama.cpp's convert_hf_to_gguf.py"
-        + ("" if full else f", after removing the pruned experts (kept-experts.json: {n} per layer)") + ", then:\n\n"
-        f"    llama-quantize --tensor-type-file tensor-types.txt {args} model-bf16.gguf model.gguf Q8_0\n\n"
-        f"Every quantizable tensor is named in tensor-types.txt; the trailing type only covers tensors it misses.\n"
-        f"`{kv[0]}` can also be given to llama-cli / llama-server at load time.\n"
-    )
+    untie = untie_needed(plan, family)
+    if untie and "token_embd.weight" in types:
+        types["output.weight"] = types["token_embd.weight"]
+    kv = [f"{GGUF_ARCH[family]}.expert_used_count=int:{k}"]
     kept = {str(lp.layer): list(lp.kept_experts) for lp in plan.layers}
-    return {"tensor-types.txt": "".join(f"{t}={ty}\n" for t, ty in sorted(types.items(), key=_natural)),
+    return {"tensor-types.txt": "".join(_types_line(t, ty) for t, ty in sorted(types.items(), key=_natural)),
             "override-kv.txt": "".join(line + "\n" for line in kv),
-            "kept-experts.json": json.dumps(kept, indent=1) + "\n", "README.md": readme}
+            "kept-experts.json": json.dumps(kept, indent=1) + "\n",
+            "README.md": _readme(plan, arch, n, k, kv[0], set(types.values()), model, checkpoint, untie)}
+
+
+def untie_needed(plan: Plan, family: str) -> bool:
+    """Whether llama.cpp needs an ``output.weight`` the plan's tied checkpoint lacks (qwen2moe, olmoe)."""
+    return GGUF_ARCH.get(family) in NEEDS_OUTPUT and "lm_head.weight" not in plan.formats
+
+
+def _readme(plan: Plan, arch: Architecture | None, n: int, k: int, kv: str, used: set[str],
+            model: Path | None, checkpoint: str | None, untie: bool = False) -> str:
+    """The recipe's README: the converter and llama-quantize commands, in order."""
+    sizes = {m.num_experts for m in arch.moe_layers} if arch is not None else set()
+    ks = {m.top_k for m in arch.moe_layers} if arch is not None else set()
+    prunes = arch is None or sizes != {n}
+    source = checkpoint or (str(model) if model is not None and model.is_dir() else "path/to/hf-model")
+    outtype = "f32" if used & {"F32", "F16"} else "bf16"
+    override = "" if checkpoint or (arch is not None and ks == {k}) else f" --override-kv {kv}"
+    lines = [f"# llama.cpp recipe for {plan.model_name}", "",
+             f"The plan keeps {n} experts in every MoE layer"
+             + (f" (of {sizes.pop()})" if len(sizes) == 1 and prunes else "") + f" and routes each token to {k}; "
+             "tensor-types.txt gives every quantizable tensor its GGUF type.", ""]
+    if checkpoint:
+        lines += [f"`{checkpoint}/` is the original checkpoint with the pruned experts removed (kept-experts.json, "
+                  f"renumbered 0..{n - 1}), routers sliced and config.json set to {n} experts, top-k {k}; "
+                  "weights in their original dtype, not quantized.", ""]
+    elif prunes:
+        lines += ["llama-quantize cannot remove experts. Write the pruned checkpoint first (it becomes "
+                  "`hf-pruned/` in this directory):", "",
+                  "    python -m runtime export PLAN --to llamacpp --model path/to/hf-model -o THIS_DIR", "",
+                  "then convert `hf-pruned` instead of the original checkpoint below.", ""]
+        source = "hf-pruned"
+    lines += ["From this directory, with `LLAMA_CPP` a llama.cpp checkout whose tools are built:", "",
+              f"    python $LLAMA_CPP/convert_hf_to_gguf.py {source} --outtype {outtype} --outfile model-{outtype}.gguf",
+              f"    $LLAMA_CPP/build/bin/llama-quantize --tensor-type-file tensor-types.txt{override} "
+              f"model-{outtype}.gguf model-plan.gguf Q8_0 $(nproc)", "",
+              "* `tensor-types.txt`: one `^name$=TYPE` a line; llama-quantize regex-searches each pattern in the tensor "
+              "names (first match wins), so the names are anchored.",
+              "* `Q8_0` is only the default for tensors the file does not name (none of the quantizable ones); it must "
+              "be a quantized type, because llama-quantize applies the per-tensor types only then. Norms, routers "
+              "(`ffn_gate_inp`) and 1-D tensors stay F32.",
+              "* A row length that is not a multiple of a type's block (256 for K-quants, 32 for Q4_0/Q8_0...) makes "
+              "llama-quantize fall back (Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0, Q2_K/Q3_K->Q4_0, IQ types->IQ4_NL; "
+              "F16 if that does not fit either); plans solved with "
+              "`--target llamacpp` only choose types the shapes admit."]
+    if untie:
+        lines.append(f"* llama.cpp's {GGUF_ARCH[plan.family]} has no tied output head: "
+                     + (f"`{checkpoint}/` stores `lm_head.weight` as a copy of the embedding" if checkpoint else
+                        "convert a checkpoint with `lm_head.weight` (a copy of the embedding; `--pruned-checkpoint` "
+                        "writes one)")
+                     + ", and `output.weight` gets the embedding's type: the GGUF is larger than the plan by that "
+                     "tensor.")
+    if used & {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"}:
+        lines.append("* The plan uses IQ1/IQ2/IQ3_XXS types: llama-quantize needs `--imatrix FILE` "
+                     "(made by `llama-imatrix`) for them.")
+    lines.append(f"* `override-kv.txt` (`{kv}`) is only needed when converting a checkpoint whose config has another "
+                 "top-k; it can also be given to llama-cli / llama-server at load time (`--override-kv`).")
+    return "\n".join(lines) + "\n"
 
 
 def _natural(item: tuple[str, str]) -> list:
@@ -181,23 +253,51 @@ def torchao_config(plan: Plan, arch: Architecture) -> dict:
                       "note": "names are per-expert checkpoint modules; transformers >= 5 fuses experts in memory"}}
 
 
-def export(plan_path: str | Path, to: str, out: str | Path, model: str | Path | None) -> list[Path]:
-    """Write the recipe files of ``to`` into ``out``; returns their paths."""
+CHECKPOINT_DIR = "hf-pruned"
+
+
+def export(plan_path: str | Path, to: str, out: str | Path, model: str | Path | None,
+           pruned_checkpoint: bool | None = None) -> list[Path]:
+    """Write the recipe files of ``to`` into ``out``; returns their paths.
+
+    ``pruned_checkpoint`` (llamacpp only): True writes ``out/hf-pruned`` (needs ``model`` to be a checkpoint
+    directory), False never does, None (the default) writes it when ``model`` is a checkpoint directory and
+    the plan prunes experts. See :mod:`runtime.prune_checkpoint`.
+    """
     if to not in TARGETS:
         raise InputError(f"--to: {to!r} is not one of {', '.join(TARGETS)}")
+    if pruned_checkpoint and to != "llamacpp":
+        raise InputError("--pruned-checkpoint: only for --to llamacpp")
     plan = load_plan(plan_path)
+    model = Path(model) if model else None
+    out = Path(out)
+    checkpoint = None
     if to == "llamacpp":
-        files = llamacpp_recipe(plan, _architecture(plan, Path(model)) if model else None)
+        arch = _architecture(plan, model) if model else None
+        if pruned_checkpoint and (model is None or not model.is_dir()):
+            raise InputError("--pruned-checkpoint: --model must be the checkpoint directory")
+        from .prune_checkpoint import is_tied, plan_digest, plan_prunes, uniform_layers, write_pruned_checkpoint
+
+        untie = arch is not None and untie_needed(plan, arch.family)
+        write = pruned_checkpoint if pruned_checkpoint is not None else (
+            arch is not None and model.is_dir() and (plan_prunes(plan, arch) or (untie and is_tied(model))))
+        if write:
+            uniform_layers(plan, arch)  # refuse before any file is written
+            checkpoint = CHECKPOINT_DIR
+        files = llamacpp_recipe(plan, arch, model, checkpoint)
     else:
-        arch = _architecture(plan, Path(model) if model else None)
+        arch = _architecture(plan, model)
         config = gptqmodel_config(plan, arch) if to == "gptqmodel" else torchao_config(plan, arch)
         files = {f"{to}.json": json.dumps(config, indent=1, sort_keys=True) + "\n"}
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, text in files.items():
         (out / name).write_text(text, encoding="utf-8")
         paths.append(out / name)
+    if checkpoint:
+        report = write_pruned_checkpoint(plan, arch, model, out / checkpoint, plan_digest(plan_path),
+                                         untie_embeddings=untie)
+        paths.append(report.out)
     return paths
 
 
@@ -208,12 +308,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--out", type=Path, required=True, help="directory for the recipe files")
     parser.add_argument("--model", type=Path, help="checkpoint directory or config.json the plan was made for "
                         "(required for gptqmodel/torchao; optional for llamacpp)")
+    parser.add_argument("--pruned-checkpoint", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"llamacpp: write OUT/{CHECKPOINT_DIR}, the checkpoint without the pruned experts, "
+                        "for convert_hf_to_gguf.py (default: when the plan prunes and --model is a directory)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Write the recipe; bad input or an inexpressible plan -> one line on stderr, exit code 2."""
     try:
-        paths = export(args.plan, args.to, args.out, args.model)
+        paths = export(args.plan, args.to, args.out, args.model, args.pruned_checkpoint)
     except (InputError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

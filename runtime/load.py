@@ -84,6 +84,8 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     arch = architecture_from_config(config, str(path / "config.json"))
     blocks = {b.name: b for b in arch.blocks}
     model = _build(config, dtype)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()  # built without init, the head is not tied yet: it would stay zero
     kept: dict[int, list[int]] = {}
     for entry in section["layers"]:
         layer, keep, k = int(entry["layer"]), [int(e) for e in entry["kept_experts"]], int(entry["top_k"])

@@ -9,9 +9,9 @@ import pytest
 from optimizer.architectures import load_architecture
 from optimizer.errors import InputError
 from optimizer.plan import save_plan
-from runtime.export import export
+from runtime.export import export, parse_tensor_types
 from runtime.testing import made_up_plan, restrict_plan
-from runtime.tiny_models import make_tiny_model
+from runtime.tiny_models import FAMILIES, make_tiny_model
 
 GGUF_FORMATS = ("Q4_0", "Q5_0", "Q8_0", "BF16")
 
@@ -27,15 +27,22 @@ def test_llamacpp_recipe(dsv3: Path, tmp_path: Path) -> None:
     plan = restrict_plan(plan, arch, {m.index: ([0, 1, 4, 5], 1) for m in arch.moe_layers})
     save_plan(plan, tmp_path / "plan.json")
     export(tmp_path / "plan.json", "llamacpp", tmp_path / "r", dsv3)
-    lines = (tmp_path / "r" / "tensor-types.txt").read_text().splitlines()
-    types = dict(line.split("=") for line in lines)
+    text = (tmp_path / "r" / "tensor-types.txt").read_text()
+    assert text.splitlines()[0].startswith("^blk\\.") and text.splitlines()[0].split("=")[0].endswith("$")
+    types = parse_tensor_types(text)
     assert types["blk.1.ffn_down_exps.weight"] == plan.formats["model.layers.1.mlp.experts.0.down_proj.weight"]
     assert "token_embd.weight" in types and "output.weight" in types
     assert not any("norm" in t or "ffn_gate_inp" in t for t in types)
     kv = (tmp_path / "r" / "override-kv.txt").read_text().split()
-    assert kv == ["deepseek2.expert_used_count=int:1", "deepseek2.expert_count=int:4"]
+    assert kv == ["deepseek2.expert_used_count=int:1"]  # the pruned checkpoint's config carries the count
+    readme = (tmp_path / "r" / "README.md").read_text()
+    assert "convert_hf_to_gguf.py hf-pruned --outtype bf16 --outfile model-bf16.gguf" in readme
+    assert "llama-quantize --tensor-type-file tensor-types.txt model-bf16.gguf model-plan.gguf Q8_0" in readme
+    assert (tmp_path / "r" / "hf-pruned" / "model.safetensors").is_file()  # written by default: the plan prunes
     export(tmp_path / "plan.json", "llamacpp", tmp_path / "r2", None)  # names from the plan alone
-    assert (tmp_path / "r2" / "tensor-types.txt").read_text() == "\n".join(lines) + "\n"
+    assert (tmp_path / "r2" / "tensor-types.txt").read_text() == text
+    assert not (tmp_path / "r2" / "hf-pruned").exists()
+    assert "python -m runtime export PLAN --to llamacpp --model" in (tmp_path / "r2" / "README.md").read_text()
 
 
 def test_llamacpp_refusals(dsv3: Path, tmp_path: Path) -> None:
@@ -68,3 +75,124 @@ def test_gptqmodel_and_torchao(dsv3: Path, tmp_path: Path) -> None:
     assert (t[name] is None) == (fmt == "BF16")
     with pytest.raises(InputError, match="--model"):
         export(tmp_path / "plan.json", "torchao", tmp_path / "t2", None)
+
+
+# --------------------------------------------------------------------------- pruned checkpoint (hf-pruned)
+
+def _keep(family: str) -> tuple[list[int], int]:
+    """Kept experts and k: DeepSeek keeps 2 of 4 in each of its 2 groups (topk_group 1 -> k <= 2)."""
+    return ([1, 3, 4, 6], 1) if family == "deepseek_v3" else ([0, 2, 5, 6, 7], 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_checkpoint_matches_in_memory_pruning(family: str, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from runtime.moe import drop_experts, moe_layers, set_top_k
+
+    torch.set_num_threads(1)
+    model_dir = make_tiny_model(family, tmp_path / "model")
+    arch = load_architecture(model_dir)
+    keep, k = _keep(family)
+    plan = made_up_plan(model_dir, formats=GGUF_FORMATS, target="llamacpp", fraction=0.6)
+    plan = restrict_plan(plan, arch, {m.index: (keep, k) for m in arch.moe_layers})
+    save_plan(plan, tmp_path / "plan.json")
+    paths = export(tmp_path / "plan.json", "llamacpp", tmp_path / "recipe", model_dir)
+    out = tmp_path / "recipe" / "hf-pruned"
+    assert out in paths and (out / "byte_tokenizer.json").is_file()
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_experts_per_tok"] == k
+    assert config.get("n_routed_experts", config.get("num_experts", config.get("num_local_experts"))) == len(keep)
+    assert config["moecc_pruned"]["kept_experts"][str(arch.moe_layers[0].index)] == keep
+    assert all(m.num_experts == len(keep) for m in load_architecture(out).moe_layers)
+
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for h in moe_layers(ref):
+        set_top_k(ref, h.index, min(k, h.top_k))
+        drop_experts(ref, h.index, keep)
+        set_top_k(ref, h.index, k)
+    pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert all(h.num_experts == len(keep) and h.top_k == k for h in moe_layers(pruned))
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+def test_pruned_checkpoint_refusals(dsv3: Path, tmp_path: Path) -> None:
+    arch = load_architecture(dsv3)
+    plan = made_up_plan(dsv3, formats=GGUF_FORMATS, target="llamacpp", fraction=0.6)
+    l0, l1 = (m.index for m in arch.moe_layers)
+    cases = {
+        "per_layer_count": (restrict_plan(plan, arch, {l0: ([0, 1, 4, 5], 1), l1: ([0, 1, 2, 4, 5, 6], 1)}),
+                            "one expert count"),
+        "per_layer_k": (restrict_plan(plan, arch, {l0: ([0, 1, 4, 5], 1), l1: ([0, 1, 4, 5], 2)}), "one top-k"),
+        "unbalanced_groups": (restrict_plan(plan, arch, {l0: ([0, 1, 4], 1), l1: ([0, 1, 4], 1)}), "groups"),
+        "k_beyond_groups": (restrict_plan(plan, arch, {l0: ([0, 1, 4, 5], 3), l1: ([0, 1, 4, 5], 3)}), "top_k=3"),
+    }
+    for name, (bad, message) in cases.items():
+        save_plan(bad, tmp_path / f"{name}.json")
+        with pytest.raises(InputError, match=message):
+            export(tmp_path / f"{name}.json", "llamacpp", tmp_path / name, dsv3, pruned_checkpoint=True)
+        assert not (tmp_path / name / "hf-pruned").exists()
+    good = restrict_plan(plan, arch, {l0: ([0, 1, 4, 5], 1), l1: ([0, 1, 4, 5], 1)})
+    save_plan(good, tmp_path / "good.json")
+    with pytest.raises(InputError, match="checkpoint directory"):
+        export(tmp_path / "good.json", "llamacpp", tmp_path / "g", dsv3 / "config.json", pruned_checkpoint=True)
+    with pytest.raises(InputError, match="only for --to llamacpp"):
+        export(tmp_path / "good.json", "torchao", tmp_path / "g", dsv3, pruned_checkpoint=True)
+    export(tmp_path / "good.json", "llamacpp", tmp_path / "skip", dsv3, pruned_checkpoint=False)
+    assert not (tmp_path / "skip" / "hf-pruned").exists()
+
+
+def test_export_cli_pruned_checkpoint(dsv3: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from runtime.__main__ import main
+
+    arch = load_architecture(dsv3)
+    plan = made_up_plan(dsv3, formats=GGUF_FORMATS, target="llamacpp", fraction=0.6)
+    l0, l1 = (m.index for m in arch.moe_layers)
+    save_plan(restrict_plan(plan, arch, {l0: ([0, 1, 4, 5], 1), l1: ([0, 1, 2, 4, 5, 6], 1)}), tmp_path / "bad.json")
+    assert main(["export", str(tmp_path / "bad.json"), "--to", "llamacpp", "--model", str(dsv3),
+                 "-o", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
+    full = restrict_plan(plan, arch, {m.index: (list(range(8)), 2) for m in arch.moe_layers})
+    save_plan(full, tmp_path / "full.json")
+    assert main(["export", str(tmp_path / "full.json"), "--to", "llamacpp", "--model", str(dsv3),
+                 "-o", str(tmp_path / "full")]) == 0
+    assert not (tmp_path / "full" / "hf-pruned").exists()  # nothing pruned: convert the original checkpoint
+    assert f"convert_hf_to_gguf.py {dsv3} " in (tmp_path / "full" / "README.md").read_text()
+
+
+def test_tied_qwen2_moe_gets_an_output_head(tmp_path: Path) -> None:
+    """llama.cpp's qwen2moe/olmoe need output.weight: a tied checkpoint is untied in hf-pruned."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from runtime.tiny_models import tiny_config
+
+    torch.set_num_threads(1)
+    config = tiny_config("qwen2_moe")
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path / "tied")
+    from runtime.byte_tokenizer import save_byte_tokenizer
+
+    save_byte_tokenizer(tmp_path / "tied")
+    arch = load_architecture(tmp_path / "tied")
+    plan = made_up_plan(tmp_path / "tied", formats=GGUF_FORMATS, target="llamacpp", fraction=0.8)
+    assert "lm_head.weight" not in plan.formats
+    full = restrict_plan(plan, arch, {m.index: (list(range(8)), 2) for m in arch.moe_layers})
+    save_plan(full, tmp_path / "plan.json")
+    export(tmp_path / "plan.json", "llamacpp", tmp_path / "r", tmp_path / "tied")  # default: written (tied)
+    types = parse_tensor_types((tmp_path / "r" / "tensor-types.txt").read_text())
+    assert types["output.weight"] == types["token_embd.weight"]
+    assert "no tied output head" in (tmp_path / "r" / "README.md").read_text()
+    out = tmp_path / "r" / "hf-pruned"
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "tied", dtype=torch.float32).eval()
+    untied = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(untied(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=1e-6)
