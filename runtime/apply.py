@@ -11,6 +11,12 @@ Order of work (see ``docs/runtime.md``):
    experts, every block is quantized to its planned format and written at once (peak memory ~ one tensor).
 4. Everything is written into ``.OUT.moecc-partial`` next to ``OUT`` and renamed to ``OUT`` at the end: a
    killed run never leaves an ``OUT``; a rerun deletes the partial directory and writes identical files.
+
+``method="gptq"`` first loads the whole original model (float32) and collects the input Hessians of the
+int-format linear blocks on calibration text, routed as the plan says, layer by layer on the progressively
+GPTQ-quantized model (:mod:`runtime.calibration`), then streams as above with those Hessians; int blocks
+without a Hessian (embeddings) fall back to ``rtn``, and the manifest records each tensor's method and the
+calibration.
 """
 from __future__ import annotations
 
@@ -31,9 +37,11 @@ from optimizer.errors import InputError
 from optimizer.formats import INT_FAMILY, get_format
 from optimizer.plan import Plan, load_plan
 
+from .calibration import DEFAULT_CALIB_TOKENS, DEFAULT_DATA, calibrate_plan, parse_data
 from .checkpoint import PlannedTensor, ShardWriter, TensorInfo, read_headers
 from .moe import check_keep
-from .quant import FLOAT_DTYPES, GGUF_NATIVE, METHODS, quantize, storage_format
+from .quant import CALIBRATED_METHODS, FLOAT_DTYPES, GGUF_NATIVE, METHODS, quantize, storage_format
+from .quant.gptq import DEFAULT_BLOCK, DEFAULT_PERCDAMP
 
 MANIFEST = "moecc_manifest.json"
 INDEX = "moecc.safetensors.index.json"
@@ -69,6 +77,7 @@ class ApplyReport:
     blocks: int
     skipped: list[str]
     shards: int
+    notes: list[str] = field(default_factory=list)
 
     @property
     def relative_diff(self) -> float:
@@ -85,7 +94,7 @@ class ApplyReport:
         if self.skipped:
             out.append(f"skipped {len(self.skipped)} checkpoint tensors outside the architecture "
                        f"(e.g. {self.skipped[0]})")
-        return out
+        return out + self.notes
 
 
 def part_layout(name: str, stored: str, shape: tuple[int, ...]) -> list[PlannedTensor]:
@@ -189,10 +198,20 @@ def _copy_side_files(model_dir: Path, tmp: Path) -> None:
 
 def apply_plan(plan_path: str | Path, model_dir: str | Path, out: str | Path, method: str = "rtn",
                shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
-               progress: Callable[[int, int, str], None] | None = None) -> ApplyReport:
-    """Write the compressed checkpoint ``out``; see the module docstring. Raises InputError on bad input."""
+               progress: Callable[[int, int, str], None] | None = None, data: str = DEFAULT_DATA,
+               calib_tokens: int = DEFAULT_CALIB_TOKENS, calib_progress: bool = False,
+               sequential: bool = True) -> ApplyReport:
+    """Write the compressed checkpoint ``out``; see the module docstring. Raises InputError on bad input.
+
+    ``data`` (``CORPUS[:SPLIT]`` or a text file), ``calib_tokens`` and ``sequential`` (layer-by-layer, else one
+    pass) are the calibration of ``method="gptq"``; ``calib_progress`` shows its progress bar.
+    """
     if method not in METHODS:
         raise InputError(f"--method: {method!r} is not one of {', '.join(METHODS)}")
+    if method in CALIBRATED_METHODS:
+        parse_data(data)
+        if calib_tokens < 1:
+            raise InputError(f"--calib-tokens must be positive, got {calib_tokens}")
     model_dir, out = Path(model_dir), Path(out)
     plan_raw = Path(plan_path).read_bytes() if Path(plan_path).is_file() else None
     if plan_raw is None:
@@ -211,6 +230,11 @@ def apply_plan(plan_path: str | Path, model_dir: str | Path, out: str | Path, me
     jobs, skipped = plan_jobs(plan, arch, read_headers(model_dir), layers)
     n_shards = _assign_shards(jobs, shard_bytes)
     files = [f"moecc-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)]
+    hessians, calib = None, None
+    if method in CALIBRATED_METHODS:
+        hessians, calib = calibrate_plan(model_dir, layers, {j.block.name: j.requested for j in jobs}, data,
+                                         calib_tokens, calib_progress, sequential)
+    methods: dict[str, str] = {}  # int-stored block -> the method that quantized it
 
     tmp = out.parent / f".{out.name}{PARTIAL_SUFFIX}"
     if tmp.exists():
@@ -231,8 +255,14 @@ def apply_plan(plan_path: str | Path, model_dir: str | Path, out: str | Path, me
                 tensor = handles[job.source.file].get_tensor(job.source.name)
                 if job.rows is not None:
                     tensor = tensor.index_select(0, torch.tensor(job.rows, dtype=torch.long))
-                qt = quantize(tensor, job.requested, method)
-                del tensor
+                job_method, hessian = method, None
+                if hessians is not None:
+                    hessian = hessians.for_block(job.block.name)
+                    job_method = method if hessian is not None else "rtn"
+                qt = quantize(tensor, job.requested, job_method, hessian=hessian)
+                if get_format(job.stored).family == INT_FAMILY:
+                    methods[job.block.name] = job_method
+                del tensor, hessian
                 for part in job.parts:
                     suffix = part.name[len(job.block.name):].lstrip(".")
                     writer.write(part.name, qt.parts[suffix])
@@ -248,6 +278,16 @@ def apply_plan(plan_path: str | Path, model_dir: str | Path, out: str | Path, me
     mapped = {j.requested: j.stored for j in jobs if j.requested != j.stored}
     native = all(get_format(j.requested).family == INT_FAMILY or j.requested in FLOAT_DTYPES
                  or j.requested in GGUF_NATIVE for j in jobs)
+    notes = []
+    if calib is not None:
+        fallback = sorted(n for n, m in methods.items() if m != method)
+        gguf = sum(1 for j in jobs if j.stored in GGUF_NATIVE)
+        notes.append(f"{method}: {'sequential' if calib.sequential else 'one-pass'} Hessians from {calib.tokens:,} "
+                     f"tokens of {calib.source} "
+                     f"({calib.windows} window(s) of {calib.window}); {len(methods) - len(fallback)} int blocks by "
+                     f"{method}" + (f", {len(fallback)} without calibration input by rtn (e.g. {fallback[0]})"
+                                    if fallback else "")
+                     + (f"; {gguf} GGUF blocks by gguf-py" if gguf else ""))
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     config["moecc"] = {
         "version": 1,
@@ -260,15 +300,21 @@ def apply_plan(plan_path: str | Path, model_dir: str | Path, out: str | Path, me
                    for l, (keep, k) in sorted(layers.items())],
         "formats": {j.block.name: j.stored for j in jobs},
     }
+    if calib is not None:
+        config["moecc"]["calibration"] = calib.to_json()
     manifest = {
         "schema": "moecc.runtime_manifest", "version": 1, "method": method,
         "tensors": {j.block.name: {"requested": j.requested, "stored": j.stored, "shape": list(j.shape),
                                    "source_shape": list(j.block.shape), "kind": j.block.kind.value,
                                    "file": files[j.shard], "parts": [p.name for p in j.parts],
-                                   "bytes": sum(p.nbytes for p in j.parts)} for j in jobs},
+                                   "bytes": sum(p.nbytes for p in j.parts),
+                                   **({"method": methods[j.block.name]} if j.block.name in methods else {})}
+                    for j in jobs},
         "bytes": {"weights": weight_bytes, "plan_total": plan.bytes.total},
         "skipped": skipped,
     }
+    if calib is not None:
+        manifest["calibration"] = {**calib.to_json(), "percdamp": DEFAULT_PERCDAMP, "block": DEFAULT_BLOCK}
     index = {"metadata": {"total_size": weight_bytes},
              "weight_map": {p.name: files[j.shard] for j in jobs for p in j.parts}}
     (tmp / "config.json").write_bytes(_json_bytes(config))
@@ -285,4 +331,5 @@ def apply_plan(plan_path: str | Path, model_dir: str | Path, out: str | Path, me
         shutil.rmtree(trash)
     else:
         tmp.rename(out)
-    return ApplyReport(out, weight_bytes, plan.bytes.total, file_bytes, native, mapped, len(jobs), skipped, n_shards)
+    return ApplyReport(out, weight_bytes, plan.bytes.total, file_bytes, native, mapped, len(jobs), skipped, n_shards,
+                       notes)

@@ -3,10 +3,12 @@
 Every format of :mod:`optimizer.formats` is accepted; what is stored:
 
 * ``int{b}_g{g}`` (b = 2..8): packed b-bit codes + fp16 scale + fp16 zero per group (:mod:`runtime.quant.intq`),
-  by round-to-nearest (``method="rtn"``) or the error-minimising ``method="hqq"``;
-* ``F32``, ``F16``, ``BF16``: the tensor in that dtype;
+  by round-to-nearest (``method="rtn"``), the error-minimising ``method="hqq"``, or the calibration-based
+  ``method="gptq"`` (:mod:`runtime.quant.gptq`; needs the layer's input Hessian, ``hessian=``);
+* ``F32``, ``F16``, ``BF16``: the tensor in that dtype (``method`` does not apply);
 * ``Q8_0``, ``Q4_0``, ``Q4_1``, ``Q5_0``, ``Q5_1``: GGUF blocks written by ``gguf.quants.quantize``
-  (llama.cpp's reference quantizer; ``method`` does not apply);
+  (llama.cpp's reference quantizer; ``method`` does not apply: with ``gptq`` a one-line warning says so and
+  the Hessian is unused);
 * every other GGUF type (K-quants, I-quants), which gguf-py cannot quantize: the smallest runtime int format
   that admits the shape and takes at least as many bytes (``int{b}_g{g}``, g in 32/64/128), with a one-line
   ``logging.warning`` (:func:`storage_format`). Q4_K -> int4_g64, Q2_K -> int2_g32, Q6_K -> int6_g32 for rows
@@ -27,14 +29,19 @@ import torch
 from optimizer.errors import InputError
 from optimizer.formats import GGUF_FAMILY, INT_BITS, INT_FAMILY, INT_GROUP_SIZES, Format, get_format
 
+from .gptq import DEFAULT_BLOCK, DEFAULT_PERCDAMP, gptq_quantize
 from .intq import dequantize_int, quantize_int
 
-__all__ = ["QuantizedTensor", "quantize", "fake_quantize", "storage_format", "METHODS", "GGUF_NATIVE",
-           "FLOAT_DTYPES"]
+__all__ = ["QuantizedTensor", "quantize", "fake_quantize", "storage_format", "METHODS", "CALIBRATION_FREE_METHODS",
+           "CALIBRATED_METHODS", "GGUF_NATIVE", "FLOAT_DTYPES"]
 
 log = logging.getLogger(__name__)
 
-METHODS = ("rtn", "hqq")
+#: methods that need nothing but the weight (what profiling offers)
+CALIBRATION_FREE_METHODS = ("rtn", "hqq")
+#: methods that need the layer's input Hessian (``quantize(..., hessian=H)``)
+CALIBRATED_METHODS = ("gptq",)
+METHODS = CALIBRATION_FREE_METHODS + CALIBRATED_METHODS
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 #: GGUF types gguf-py (0.19) can quantize, written as GGUF blocks.
 GGUF_NATIVE = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
@@ -102,10 +109,19 @@ def storage_format(name: str, shape: Sequence[int]) -> tuple[str, str | None]:
 _warned: set[tuple[str, str]] = set()
 
 
-def quantize(weight: torch.Tensor, format_name: str, method: str = "rtn", warn: bool = True) -> QuantizedTensor:
-    """Quantize ``weight`` (rows along the last dim; 1-D, 2-D or fused 3-D ``[E, out, in]``) to ``format_name``."""
+def quantize(weight: torch.Tensor, format_name: str, method: str = "rtn", warn: bool = True,
+             hessian: torch.Tensor | None = None, percdamp: float = DEFAULT_PERCDAMP) -> QuantizedTensor:
+    """Quantize ``weight`` (rows along the last dim; 1-D, 2-D or fused 3-D ``[E, out, in]``) to ``format_name``.
+
+    ``method="gptq"`` needs ``hessian`` (``[in, in]``, or ``[E, in, in]`` for fused experts; see
+    :func:`runtime.quant.gptq.gptq_quantize`) and a 2-D or 3-D weight; it applies to int storage formats;
+    float formats ignore it and GGUF block formats use gguf-py's quantizer (one-line warning).
+    """
     if method not in METHODS:
         raise InputError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}")
+    if method in CALIBRATED_METHODS and hessian is None:
+        raise InputError(f"method {method!r} needs calibration: pass the layer's input Hessian (hessian=X^T X); "
+                         f"calibration-free methods are {', '.join(CALIBRATION_FREE_METHODS)}")
     shape = tuple(int(s) for s in weight.shape)
     stored, notice = storage_format(format_name, shape)
     if notice and warn and (format_name, stored) not in _warned:
@@ -113,8 +129,16 @@ def quantize(weight: torch.Tensor, format_name: str, method: str = "rtn", warn: 
         log.warning(notice)
     fmt = get_format(stored)
     w = weight.detach()
+    meta: dict = {}
+    if method in CALIBRATED_METHODS and fmt.name in GGUF_NATIVE and warn and (method, fmt.name) not in _warned:
+        _warned.add((method, fmt.name))
+        log.warning(f"{method} applies to int formats only; {fmt.name} blocks use gguf-py's quantizer")
     if fmt.name in FLOAT_DTYPES:
         parts = {"": w.to(FLOAT_DTYPES[fmt.name]).contiguous()}
+    elif fmt.family == INT_FAMILY and method == "gptq":
+        codes, scale, zero = gptq_quantize(w, fmt.bits, fmt.block_elements, hessian, percdamp, DEFAULT_BLOCK)
+        parts = {"qcodes": codes, "qscale": scale, "qzero": zero}
+        meta = {"percdamp": percdamp, "block": DEFAULT_BLOCK}
     elif fmt.family == INT_FAMILY:
         codes, scale, zero = quantize_int(w, fmt.bits, fmt.block_elements, method)
         parts = {"qcodes": codes, "qscale": scale, "qzero": zero}
@@ -125,7 +149,7 @@ def quantize(weight: torch.Tensor, format_name: str, method: str = "rtn", warn: 
         rows = w.to(torch.float32).reshape(-1, shape[-1] if shape else 1).numpy()
         data = gguf_quantize(np.ascontiguousarray(rows), GGMLQuantizationType[fmt.name])
         parts = {"gguf": torch.from_numpy(np.ascontiguousarray(data)).reshape(*shape[:-1], -1)}
-    qt = QuantizedTensor(fmt.name, shape, parts, requested=get_format(format_name).name, method=method)
+    qt = QuantizedTensor(fmt.name, shape, parts, requested=get_format(format_name).name, method=method, meta=meta)
     if qt.nbytes != fmt.nbytes(shape):  # an internal invariant, not user input
         raise RuntimeError(f"{fmt.name}: stored {qt.nbytes} bytes for {list(shape)}, format says {fmt.nbytes(shape)}")
     return qt
@@ -151,10 +175,12 @@ def dequantize_parts(format_name: str, shape: Sequence[int], parts: dict[str, to
     raise InputError(f"cannot dequantize format {format_name}")
 
 
-def fake_quantize(weight: torch.Tensor, format_name: str, method: str = "rtn") -> torch.Tensor:
+def fake_quantize(weight: torch.Tensor, format_name: str, method: str = "rtn",
+                  hessian: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize then dequantize ``weight`` along its last dim (rows); same shape and dtype as the input.
 
     Works on 2-D weights and on fused 3-D ``[E, out, in]`` expert tensors (groups never cross rows, so each
-    expert is quantized on its own). Equals ``quantize(weight, ...).dequantize()`` exactly.
+    expert is quantized on its own; ``gptq`` then takes one Hessian per expert, ``[E, in, in]``). Equals
+    ``quantize(weight, ...).dequantize()`` exactly.
     """
-    return quantize(weight, format_name, method).dequantize(weight.dtype)
+    return quantize(weight, format_name, method, hessian=hessian).dequantize(weight.dtype)
