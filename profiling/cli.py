@@ -80,6 +80,10 @@ def _add_refit(sub) -> None:
     p = sub.add_parser("refit", help="refill the fitted proxy cells of a profile from its details file (no measuring)")
     p.add_argument("profile", type=Path)
     p.add_argument("-o", "--output", type=Path, default=None, help="write here (default: rewrite PROFILE in place)")
+    p.add_argument("--rule", choices=("group_format", "group"), default="group_format",
+                   help="proxy scale per (group, format) (default) or per group")
+    p.add_argument("--proxy-only", action="store_true",
+                   help="the fitted proxy replaces measured cells too (measurements only set the scales)")
 
 
 def _add_memory(sub) -> None:
@@ -147,7 +151,7 @@ def _cmd_domains(args) -> int:
 def _cmd_refit(args) -> int:
     from .refit import refit
 
-    _, details, out = refit(args.profile, args.output)
+    _, details, out = refit(args.profile, args.output, rule=args.rule, proxy_only=args.proxy_only)
     print(f"refit {details['refit']['cells_changed']} fitted cells; wrote {out} ({details['profile_hash'][:19]}...)")
     return 0
 

@@ -46,19 +46,27 @@ class ProxyFit:
         return self.scales.get(group, self.global_scale)
 
     def to_json(self) -> dict:
+        rule = (f"median log ratio per (group, format) with >= {MIN_PAIRS} pairs, else per group"
+                if self.format_scales else "median log ratio per group")
         return {"scales": self.scales, "global_scale": self.global_scale, "pairs": self.pairs,
                 "format_scales": self.format_scales, "fallback_groups": self.fallback,
-                "rule": f"median log ratio per (group, format) with >= {MIN_PAIRS} pairs, else per group; "
-                        "pairs with both > 0"}
+                "rule": rule + "; pairs with both > 0"}
 
 
 def _median_scale(logs: list[float]) -> float:
     return float(math.exp(np.median(logs)))
 
 
+#: Fit rules: ``group_format`` (default) or ``group`` (one scale per group: keeps the proxy's own ratios
+#: between formats, which add up over a plan even where single-block measurements do not).
+RULES = ("group_format", "group")
+
+
 def fit_proxy(proxy: dict[str, dict[str, float]], measured: dict[str, dict[str, float]],
-              group_of: dict[str, str]) -> ProxyFit:
+              group_of: dict[str, str], rule: str = "group_format") -> ProxyFit:
     """``proxy[block][format]`` and ``measured[block][format]`` (nats) -> per-(group, format) scales."""
+    if rule not in RULES:
+        raise ValueError(f"unknown fit rule {rule!r}; choose one of {', '.join(RULES)}")
     logs: dict[str, list[float]] = {}
     by_format: dict[tuple[str, str], list[float]] = {}
     for name, row in measured.items():
@@ -81,7 +89,7 @@ def fit_proxy(proxy: dict[str, dict[str, float]], measured: dict[str, dict[str, 
             fallback.append(g)
     format_scales: dict[str, dict[str, float]] = {}
     for (g, f), vals in sorted(by_format.items()):
-        if len(vals) >= MIN_PAIRS:
+        if rule == "group_format" and len(vals) >= MIN_PAIRS:
             format_scales.setdefault(g, {})[f] = _median_scale(vals)
     return ProxyFit(scales, global_scale, {g: len(logs.get(g, [])) for g in groups}, fallback, format_scales)
 
@@ -94,10 +102,13 @@ def apply_fit(proxy: dict[str, dict[str, float]], fit: ProxyFit, group_of: dict[
 PROXY_SENTENCE_START = "; the other blocks hold"
 
 
-def proxy_sentence(fit: ProxyFit, details_name: str) -> str:
+def proxy_sentence(fit: ProxyFit, details_name: str, proxy_only: bool = False) -> str:
     """The part of ``sensitivity.measurement.method`` that says how unmeasured cells were filled."""
     groups = ", ".join(f"{g} x{c:.3g}" for g, c in sorted(fit.scales.items()))
-    return (f"{PROXY_SENTENCE_START} the importance-matrix proxy sum_j E[x_j^2] ||W[:,j]-Q(W)[:,j]||^2 (routed "
-            f"experts: inputs weighted by squared routing weight) scaled into nats per (kind/projection group, "
-            f"format) by the median log ratio to the measured values (profiling.fit; group scales {groups}; "
-            f"per-format scales in the details file's proxy_fit). Raw proxy and measured tables: {details_name}")
+    per = ("(kind/projection group, format)" if fit.format_scales else "kind/projection group")
+    who = PROXY_SENTENCE_START + (" (and, after refit --proxy-only, the measured ones too)" if proxy_only else "")
+    return (f"{who} the importance-matrix proxy sum_j E[x_j^2] "
+            f"||W[:,j]-Q(W)[:,j]||^2 (routed experts: inputs weighted by squared routing weight) scaled into nats "
+            f"per {per} by the median log ratio to the measured values (profiling.fit; group scales {groups}"
+            f"{'; per-format scales in the details file' if fit.format_scales else ''}). Raw proxy and measured "
+            f"tables: {details_name}")

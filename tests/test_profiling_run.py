@@ -282,10 +282,40 @@ def test_refit_restores_fitted_cells_and_keeps_measured_ones(runs, tmp_path):
     assert np.array_equal(fixed.sensitivity.values, original, equal_nan=True)
     assert details["refit"]["cells_changed"] > 0
     assert fixed.topk_cost.values[0].tolist() == load_profile(res.profile_path).topk_cost.values[0].tolist()
-    assert "per (kind/projection group, format)" in fixed.sensitivity.measurement.method
+    assert "scaled into nats per" in fixed.sensitivity.measurement.method
 
     assert main(["refit", str(out)]) == 0  # in place, already current: nothing changes
     assert json.loads(details_path(out).read_text())["refit"]["cells_changed"] == 0
     assert np.array_equal(load_profile(out).sensitivity.values, original, equal_nan=True)
     details_path(src).unlink()
     assert main(["refit", str(src)]) == 2  # no details file: one line, exit 2
+
+
+def test_refit_proxy_only_with_group_rule(runs, tmp_path):
+    """--proxy-only --rule group: every admissible cell is raw proxy x its group's scale, measured ones too."""
+    import shutil
+
+    from profiling.refit import refit
+    from profiling.run import details_path
+
+    res = runs["deepseek_v3"]
+    src = tmp_path / "p.json"
+    shutil.copy(res.profile_path, src)
+    shutil.copy(res.details_path, details_path(src))
+    _, details, out = refit(src, tmp_path / "q.json", rule="group", proxy_only=True)
+    prof = load_profile(out)
+    scales = details["proxy_fit"]["scales"]
+    assert details["proxy_fit"]["format_scales"] == {} and details["refit"]["proxy_only"]
+    formats = list(prof.sensitivity.formats)
+    checked = 0
+    for name, row in details["proxy_raw"].items():
+        i = details["block_index"][name]
+        for f, raw in row.items():
+            cell = prof.sensitivity.values[i, formats.index(f)]
+            if np.isfinite(cell):
+                assert cell == pytest.approx(raw * scales[details["groups"][name]], rel=1e-5)
+                checked += name in details["measured_blocks"]
+    assert checked > 0  # measured blocks were replaced too
+    assert "measured ones too" in prof.sensitivity.measurement.method
+    with pytest.raises(Exception, match="rule"):
+        refit(src, tmp_path / "r.json", rule="per_block")
