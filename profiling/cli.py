@@ -60,6 +60,8 @@ def _add_validate(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--no-uniform", action="store_true",
+                   help="skip the uniform-format plans (one per quantized candidate) added to the random ones")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -127,7 +129,7 @@ def _cmd_validate(args) -> int:
     from .validate import print_validation, validate
 
     res = validate(args.profile, args.model, plans=args.plans, data=args.data, max_tokens=args.max_tokens,
-                   seed=args.seed, progress=not args.no_progress)
+                   seed=args.seed, progress=not args.no_progress, uniform=not args.no_uniform)
     print_validation(res)
     if args.json:
         from optimizer.jsonio import write_json

@@ -25,7 +25,11 @@ Proxies (terms that differ; the rest come from the profile):
 * ``measured_nll_raw``: every term the measured NLL increase, not clipped (unmeasured: ``imatrix_nll_fit``).
 
 The report gives Spearman (and Pearson) correlation of each proxy with the measured NLL increase of the
-plans (and Spearman with the plans' measured KL), and the worst plans of the best proxy.
+plans (and Spearman with the plans' measured KL), and the worst plans of the best proxy. Unless
+``--no-uniform``, one *uniform-format* plan per quantized candidate (nothing pruned, original k, every
+block in that format) is measured too, and the Spearman over random + uniform plans is reported beside:
+random plans rarely hold the trade-off a solver weighs most (a whole model a few bits lower versus pruning),
+and on R3 the profile mispriced exactly that (docs/profiling.md, R3).
 """
 from __future__ import annotations
 
@@ -85,6 +89,42 @@ def random_plan(profile: Profile, rng: np.random.Generator) -> dict:
         top = max(fits, key=lambda f: get_format(f).bits_per_weight)
         plan["formats"][b.name] = str(rng.choice(fits)) if rng.random() < s else (best if best in fits else top)
     return plan
+
+
+def uniform_plans(profile: Profile) -> list[dict]:
+    """One plan per quantized candidate format f: nothing pruned, original k, every quantizable block in f
+    (the most precise admissible format where f cannot store it). These are the trade-offs a solver weighs
+    against pruning; random plans rarely contain them."""
+    a = profile.architecture
+    plans = []
+    for f in sorted((f for f in profile.formats if get_format(f).quantized),
+                    key=lambda f: get_format(f).bits_per_weight):
+        plan = {"severity": None, "kind": f"uniform {f}", "pruned": {m.index: [] for m in a.moe_layers},
+                "top_k": {m.index: m.top_k for m in a.moe_layers}, "formats": {}}
+        for b in a.blocks:
+            if not b.quantizable:
+                continue
+            fits = [g for g in profile.formats if get_format(g).admits(b.shape)]
+            plan["formats"][b.name] = f if f in fits else max(fits, key=lambda g: get_format(g).bits_per_weight)
+        plans.append(plan)
+    return plans
+
+
+def _correlations(rows: list[dict], names) -> dict:
+    from scipy.stats import pearsonr, spearmanr
+
+    measured = np.array([r["measured_nll"] for r in rows])
+    measured_kl = np.array([r["measured_kl"] for r in rows])
+    corr = {}
+    for name in names:
+        pred = np.array([r["predicted"][name] for r in rows])
+        ok = np.ptp(pred) > 0
+        corr[name] = {"spearman": float(spearmanr(pred, measured).statistic) if ok else float("nan"),
+                      "pearson": float(pearsonr(pred, measured).statistic) if ok else float("nan"),
+                      "spearman_vs_kl": float(spearmanr(pred, measured_kl).statistic) if ok else float("nan"),
+                      "median_ratio": float(np.median(pred[measured > 0] / measured[measured > 0]))
+                      if np.any(measured > 0) else float("nan")}
+    return corr
 
 
 def _term_tables(profile: Profile, details: dict | None) -> dict[str, tuple[list, np.ndarray, list]]:
@@ -149,9 +189,7 @@ def predict(profile: Profile, plan: dict, terms: tuple) -> float:
 
 
 def validate(profile_path: Path, model_dir: Path, plans: int = 20, data: str | None = None,
-             max_tokens: int | None = None, seed: int = 0, progress: bool = True) -> dict:
-    from scipy.stats import pearsonr, spearmanr
-
+             max_tokens: int | None = None, seed: int = 0, progress: bool = True, uniform: bool = True) -> dict:
     from runtime.moe import mask_experts
 
     profile = load_profile(profile_path)
@@ -174,8 +212,9 @@ def validate(profile_path: Path, model_dir: Path, plans: int = 20, data: str | N
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    for p in tqdm(range(plans), desc="plans", disable=not progress, leave=False):
-        plan = random_plan(profile, rng)
+    todo = [random_plan(profile, rng) for _ in range(plans)] + (uniform_plans(profile) if uniform else [])
+    for p in tqdm(range(len(todo)), desc="plans", disable=not progress, leave=False):
+        plan = todo[p]
 
         def apply(plan=plan):
             stack = ExitStack()
@@ -188,29 +227,24 @@ def validate(profile_path: Path, model_dir: Path, plans: int = 20, data: str | N
         eff = engine.evaluate_full(apply)
         bits = [get_format(f).bits_per_weight for f in plan["formats"].values()]
         rows.append({
-            "plan": p, "severity": plan["severity"], "measured_nll": eff.dnll, "measured_kl": eff.kl,
+            "plan": p, "kind": plan.get("kind", "random"), "severity": plan["severity"],
+            "measured_nll": eff.dnll, "measured_kl": eff.kl,
             "pruned": sum(len(v) for v in plan["pruned"].values()),
             "mean_top_k": float(np.mean(list(plan["top_k"].values()))),
             "mean_bits": float(np.mean(bits)) if bits else 0.0,
             "predicted": {name: predict(profile, plan, t) for name, t in terms.items()},
         })
-    measured = np.array([r["measured_nll"] for r in rows])
-    measured_kl = np.array([r["measured_kl"] for r in rows])
-    corr = {}
-    for name in terms:
-        pred = np.array([r["predicted"][name] for r in rows])
-        ok = np.ptp(pred) > 0
-        sp = spearmanr(pred, measured).statistic if ok else float("nan")
-        pe = pearsonr(pred, measured).statistic if ok else float("nan")
-        corr[name] = {"spearman": float(sp), "pearson": float(pe),
-                      "spearman_vs_kl": float(spearmanr(pred, measured_kl).statistic) if ok else float("nan"),
-                      "median_ratio": float(np.median(pred[measured > 0] / measured[measured > 0]))
-                      if np.any(measured > 0) else float("nan")}
+    random_rows = [r for r in rows if r["kind"] == "random"]
+    corr = _correlations(random_rows, terms)
+    corr_all = _correlations(rows, terms) if len(rows) > len(random_rows) else {}
     best = max(corr, key=lambda n: -1 if math.isnan(corr[n]["spearman"]) else corr[n]["spearman"])
     worst = sorted(rows, key=lambda r: -abs(math.log((max(r["predicted"][best], 1e-9)) / max(r["measured_nll"], 1e-9))))
+    uniform_rows = [{"kind": r["kind"], "measured_nll": r["measured_nll"], "measured_kl": r["measured_kl"],
+                     "predicted_profile": r["predicted"]["profile"]} for r in rows if r["kind"] != "random"]
     return {"profile": str(profile_path), "model": str(model_dir), "data": source, "tokens": engine.tokens,
             "plans": plans, "seed": seed, "reference_nll": engine.ref_nll, "seconds": time.perf_counter() - t0,
-            "correlation": corr, "best_proxy": best, "worst": [r["plan"] for r in worst[:5]], "rows": rows}
+            "correlation": corr, "correlation_with_uniform": corr_all, "uniform": uniform_rows,
+            "best_proxy": best, "worst": [r["plan"] for r in worst[:5]], "rows": rows}
 
 
 def print_validation(res: dict) -> None:
@@ -221,19 +255,34 @@ def print_validation(res: dict) -> None:
     if not console.is_terminal:
         console = Console(width=160)
     t = Table(title=f"additivity: {res['plans']} random plans, {res['tokens']:,} tokens of {res['data']}")
-    for col in ("proxy", "Spearman (NLL)", "Pearson (NLL)", "Spearman (KL)", "median predicted/measured NLL"):
+    with_uniform = res.get("correlation_with_uniform") or {}
+    cols = ["proxy", "Spearman (NLL)", "Pearson (NLL)", "Spearman (KL)", "median predicted/measured NLL"]
+    if with_uniform:
+        cols.append(f"Spearman (NLL), + {len(res['uniform'])} uniform-format plans")
+    for col in cols:
         t.add_column(col, justify="right")
     for name, c in sorted(res["correlation"].items(), key=lambda kv: -np.nan_to_num(kv[1]["spearman"], nan=-2)):
-        t.add_row(name, f"{c['spearman']:.3f}", f"{c['pearson']:.3f}", f"{c['spearman_vs_kl']:.3f}",
-                  f"{c['median_ratio']:.3g}")
+        row = [name, f"{c['spearman']:.3f}", f"{c['pearson']:.3f}", f"{c['spearman_vs_kl']:.3f}",
+               f"{c['median_ratio']:.3g}"]
+        if with_uniform:
+            row.append(f"{with_uniform[name]['spearman']:.3f}")
+        t.add_row(*row)
     console.print(t)
+    if res.get("uniform"):
+        u = Table(title="uniform-format plans (nothing pruned, original k): what the profile predicts")
+        for col in ("plan", "predicted (profile)", "measured NLL", "measured KL"):
+            u.add_column(col, justify="right")
+        for r in res["uniform"]:
+            u.add_row(r["kind"], f"{r['predicted_profile']:.4g}", f"{r['measured_nll']:.4g}", f"{r['measured_kl']:.4g}")
+        console.print(u)
     w = Table(title=f"worst plans for the best proxy ({res['best_proxy']})")
     for col in ("plan", "severity", "pruned", "mean k", "mean bits", "predicted", "measured NLL", "measured KL"):
         w.add_column(col, justify="right")
     by = {r["plan"]: r for r in res["rows"]}
     for p in res["worst"]:
         r = by[p]
-        w.add_row(str(p), f"{r['severity']:.2f}", str(r["pruned"]), f"{r['mean_top_k']:.2f}", f"{r['mean_bits']:.2f}",
+        w.add_row(str(p) if r.get("kind", "random") == "random" else r["kind"],
+                  "-" if r["severity"] is None else f"{r['severity']:.2f}", str(r["pruned"]), f"{r['mean_top_k']:.2f}", f"{r['mean_bits']:.2f}",
                   f"{r['predicted'][res['best_proxy']]:.4g}", f"{r['measured_nll']:.4g}", f"{r['measured_kl']:.4g}")
     console.print(w)
     console.print(f"reference NLL {res['reference_nll']:.4f}; {res['seconds']:.1f} s for the plans")

@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+from optimizer.formats import get_format
+from optimizer.profile import load_profile
 from profiling.cli import main
 
 
@@ -74,7 +76,13 @@ def test_validate_reports_correlations(profiles, qwen, tmp_path, capsys):
     from profiling.validate import validate
 
     res = validate(profiles["english"], qwen, plans=6, progress=False)
-    assert len(res["rows"]) == 6 and res["tokens"] == 128
+    quantized = [f for f in load_profile(profiles["english"]).formats if get_format(f).quantized]
+    assert len(res["rows"]) == 6 + len(quantized) and res["tokens"] == 128
+    assert [r["kind"] for r in res["uniform"]] == [f"uniform {f}" for f in quantized]
+    assert set(res["correlation_with_uniform"]) == set(res["correlation"])
+    for r in res["uniform"]:  # nothing pruned, original k: a uniform plan's measured loss is quantization only
+        assert r["measured_kl"] >= 0 and r["predicted_profile"] >= 0
+    assert len(validate(profiles["english"], qwen, plans=3, progress=False, uniform=False)["rows"]) == 3
     assert {"profile", "imatrix_kl_fit", "routing_mass", "measured_kl", "measured_nll_raw"} <= set(res["correlation"])
     for row in res["rows"]:
         assert set(row["predicted"]) == set(res["correlation"])
