@@ -36,36 +36,25 @@ class ProfilingError(InputError):
 
 # ------------------------------------------------------------------------------------------ calibration
 def parse_data(spec: str) -> tuple[str, str]:
-    """``CORPUS[:SPLIT]`` (also ``CORPUS/SPLIT``; split defaults to ``calibration``) or a text-file path."""
-    from runtime.corpora import CORPORA
+    """``CORPUS[:SPLIT]`` (also ``CORPUS/SPLIT``; split defaults to ``calibration``) or a text-file path
+    (split ``"file"``); :func:`runtime.corpora.parse_data_spec` with profiling's error type."""
+    from runtime.corpora import CorpusError, parse_data_spec
 
-    if Path(spec).is_file():
-        return spec, "file"
-    corpus, _, split = spec.replace("/", ":").partition(":")
-    split = split or "calibration"
-    if corpus not in CORPORA:
-        raise ProfilingError(f"--data {spec!r}: unknown corpus {corpus!r} (choose {', '.join(CORPORA)}, "
-                             f"optionally :train/:calibration/:test, or a text file)")
-    return corpus, split
+    try:
+        corpus, split = parse_data_spec(spec)
+    except CorpusError as exc:
+        raise ProfilingError(str(exc)) from None
+    return corpus, split or "file"
 
 
 def load_text(spec: str) -> tuple[str, str]:
     """Text of ``--data`` and a normalised source label (``english:calibration`` or the file path)."""
-    from runtime.corpora import CorpusError, load_corpus
+    from runtime.corpora import CorpusError, load_data_spec
 
-    corpus, split = parse_data(spec)
-    if split == "file":
-        text = Path(corpus).read_text(encoding="utf-8", errors="replace")
-        source = str(corpus)
-    else:
-        try:
-            text = load_corpus(corpus, split)
-        except CorpusError as exc:
-            raise ProfilingError(f"--data {spec!r}: {exc}") from None
-        source = f"{corpus}:{split}"
-    if not text.strip():
-        raise ProfilingError(f"--data {spec!r}: the calibration text is empty")
-    return text, source
+    try:
+        return load_data_spec(spec)
+    except CorpusError as exc:
+        raise ProfilingError(str(exc)) from None
 
 
 def tokenize(model_dir: Path, text: str) -> list[int]:

@@ -20,12 +20,7 @@ from optimizer.profile import Profile, load_profile, save_profile
 
 from .fit import PROXY_SENTENCE_START, apply_fit, fit_proxy, proxy_sentence
 from .model_io import ProfilingError
-
-
-def details_path(profile_path: Path) -> Path:
-    from .run import details_path as run_details_path
-
-    return run_details_path(profile_path)
+from .run import details_path
 
 
 def refit(profile_path: Path, out: Path | None = None, rule: str = "group_format",

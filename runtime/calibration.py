@@ -65,29 +65,23 @@ class Calibration:
 
 
 def parse_data(spec: str) -> tuple[str, str | None]:
-    """``CORPUS[:SPLIT]`` (split defaults to ``calibration``) -> (corpus, split); a text file -> (path, None)."""
-    from .corpora import CORPORA, SPLITS
+    """``CORPUS[:SPLIT]`` (split defaults to ``calibration``) -> (corpus, split); a text file -> (path, None).
+    :func:`runtime.corpora.parse_data_spec` raising InputError."""
+    from .corpora import CorpusError, parse_data_spec
 
-    if Path(spec).is_file():
-        return spec, None
-    corpus, _, split = spec.replace("/", ":").partition(":")
-    split = split or "calibration"
-    if corpus not in CORPORA or split not in SPLITS:
-        raise InputError(f"--data {spec!r}: not a text file nor CORPUS[:SPLIT] with corpus in {', '.join(CORPORA)} "
-                         f"and split in {', '.join(SPLITS)}")
-    return corpus, split
+    try:
+        return parse_data_spec(spec)
+    except CorpusError as exc:
+        raise InputError(str(exc)) from None
 
 
 def _load_text(spec: str) -> tuple[str, str]:
-    from .corpora import CorpusError, load_corpus
+    from .corpora import CorpusError, load_data_spec
 
-    corpus, split = parse_data(spec)
-    if split is None:
-        return Path(corpus).read_text(encoding="utf-8", errors="replace"), corpus
     try:
-        return load_corpus(corpus, split), f"{corpus}:{split}"
+        return load_data_spec(spec)
     except CorpusError as exc:
-        raise InputError(f"--data {spec!r}: {exc}") from None
+        raise InputError(str(exc)) from None
 
 
 def calibration_inputs(model: nn.Module, model_dir: str | Path | None, spec: str = DEFAULT_DATA,
@@ -103,8 +97,6 @@ def calibration_inputs(model: nn.Module, model_dir: str | Path | None, spec: str
     if tokens < 1:
         raise InputError(f"--calib-tokens must be positive, got {tokens}")
     text, source = _load_text(spec)
-    if not text.strip():
-        raise InputError(f"--data {spec!r}: the calibration text is empty")
     try:
         ids, _, _ = _tokenize(Path(model_dir) if model_dir else None, text)
     except EvalError as exc:

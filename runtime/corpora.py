@@ -129,6 +129,35 @@ def load_corpus(name: str, split: str) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def parse_data_spec(spec: str) -> tuple[str, str | None]:
+    """``CORPUS[:SPLIT]`` (also ``CORPUS/SPLIT``; split defaults to ``calibration``) -> (corpus, split), or
+    an existing text file -> (path, None). Raises :class:`CorpusError` otherwise."""
+    if Path(spec).is_file():
+        return spec, None
+    corpus, _, split = spec.replace("/", ":").partition(":")
+    split = split or "calibration"
+    if corpus not in CORPORA or split not in SPLITS:
+        raise CorpusError(f"--data {spec!r}: not a text file nor CORPUS[:SPLIT] with corpus in "
+                          f"{', '.join(CORPORA)} and split in {', '.join(SPLITS)}")
+    return corpus, split
+
+
+def load_data_spec(spec: str) -> tuple[str, str]:
+    """Text of a ``--data`` spec (:func:`parse_data_spec`) and its source label (``english:calibration`` or
+    the file path); an empty text is a :class:`CorpusError`."""
+    corpus, split = parse_data_spec(spec)
+    if split is None:
+        text, source = Path(corpus).read_text(encoding="utf-8", errors="replace"), str(corpus)
+    else:
+        try:
+            text, source = load_corpus(corpus, split), f"{corpus}:{split}"
+        except CorpusError as exc:
+            raise CorpusError(f"--data {spec!r}: {exc}") from None
+    if not text.strip():
+        raise CorpusError(f"--data {spec!r}: the text is empty")
+    return text, source
+
+
 def load_corpus_bytes(name: str, split: str) -> bytes:
     """UTF-8 bytes of :func:`load_corpus` (what byte-level models see)."""
     return load_corpus(name, split).encode("utf-8")

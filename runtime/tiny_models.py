@@ -61,11 +61,15 @@ def tiny_config(family: str):
     raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
 
 
-def make_tiny_model(family: str, directory: str | Path, seed: int = 0) -> Path:
-    """Write a seeded tiny random ``family`` checkpoint into ``directory``; return it."""
+def make_tiny_model(family: str, directory: str | Path, seed: int = 0, tie_word_embeddings: bool = False) -> Path:
+    """Write a seeded tiny random ``family`` checkpoint into ``directory``; return it.
+
+    ``tie_word_embeddings``: the output head shares the embedding (as SmolLM2, hence R3, does)."""
     from transformers import AutoModelForCausalLM
 
     config = tiny_config(family)
+    if tie_word_embeddings:
+        config.tie_word_embeddings = True
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng():

@@ -169,16 +169,10 @@ def test_tied_qwen2_moe_gets_an_output_head(tmp_path: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from runtime.tiny_models import tiny_config
+    from runtime.tiny_models import make_tiny_model
 
     torch.set_num_threads(1)
-    config = tiny_config("qwen2_moe")
-    config.tie_word_embeddings = True
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path / "tied")
-    from runtime.byte_tokenizer import save_byte_tokenizer
-
-    save_byte_tokenizer(tmp_path / "tied")
+    make_tiny_model("qwen2_moe", tmp_path / "tied", tie_word_embeddings=True)
     arch = load_architecture(tmp_path / "tied")
     plan = made_up_plan(tmp_path / "tied", formats=GGUF_FORMATS, target="llamacpp", fraction=0.8)
     assert "lm_head.weight" not in plan.formats

@@ -15,15 +15,10 @@ from runtime.testing import made_up_plan
 def test_load_ties_the_output_head(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from runtime.byte_tokenizer import save_byte_tokenizer
-    from runtime.tiny_models import tiny_config
+    from runtime.tiny_models import make_tiny_model
 
     torch.set_num_threads(1)
-    config = tiny_config("qwen2_moe")
-    config.tie_word_embeddings = True
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path / "tied")
-    save_byte_tokenizer(tmp_path / "tied")
+    make_tiny_model("qwen2_moe", tmp_path / "tied", tie_word_embeddings=True)
     plan = made_up_plan(tmp_path / "tied", fraction=0.6)
     save_plan(plan, tmp_path / "plan.json")
     apply_plan(tmp_path / "plan.json", tmp_path / "tied", tmp_path / "out")
