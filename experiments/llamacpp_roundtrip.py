@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.results_io import write_rows
+from experiments.entry import run_main
 
 #: GGUF type -> bits of the runtime int format whose sensitivity it borrows in ``gguf-profile``
 PROXY_BITS = {"Q2_K": 2, "Q3_K": 3, "Q4_0": 4, "Q4_K": 4, "Q5_0": 5, "Q5_K": 5, "Q6_K": 6, "Q8_0": 8}
@@ -241,11 +242,11 @@ def _eval_text(cfg: Config, path: Path) -> list[int]:
 def run(cfg: Config) -> list[dict]:
     """All steps; returns the rows (also written to ``cfg.out``)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from optimizer.architectures import load_architecture
     from optimizer.plan import LayerPlan, load_plan
     from runtime.apply import apply_plan
+    from runtime.checkpoint import load_pretrained
     from runtime.export import export, untie_needed
     from runtime.load import load
     from runtime.prune_checkpoint import is_tied, write_pruned_checkpoint
@@ -266,7 +267,7 @@ def run(cfg: Config) -> list[dict]:
             "qwen2moe computes sigmoid as silu(x)/x: 0/0 = NaN)")
     cfg = replace(cfg, model=model)
     t0 = time.perf_counter()
-    export(cfg.plan, "llamacpp", recipe, cfg.model)
+    export(cfg.plan, "llamacpp", recipe, cfg.model, overwrite=True)
     add(step="export", seconds=round(time.perf_counter() - t0, 1),
         note=f"{len(plan.layers[0].kept_experts)} experts, k={plan.layers[0].top_k}")
     ggufs = {"original": work / "original-bf16.gguf", "pruned": work / "pruned-bf16.gguf", "plan": work / "plan.gguf"}
@@ -274,7 +275,8 @@ def run(cfg: Config) -> list[dict]:
     if untie_needed(plan, arch.family) and is_tied(cfg.model):  # llama.cpp's qwen2moe/olmoe need output.weight
         full = replace(plan, layers=tuple(LayerPlan(m.index, tuple(range(m.num_experts)), m.top_k)
                                           for m in arch.moe_layers))  # every expert, original k
-        original = write_pruned_checkpoint(full, arch, cfg.model, work / "hf-original", untie_embeddings=True).out
+        original = write_pruned_checkpoint(full, arch, cfg.model, work / "hf-original", untie_embeddings=True,
+                                           overwrite=True).out
     for variant, src in (("original", original), ("pruned", recipe / "hf-pruned")):
         add(step="convert", variant=variant, seconds=round(_convert(cfg, src, ggufs[variant]), 1),
             gguf_file_bytes=ggufs[variant].stat().st_size)
@@ -291,8 +293,8 @@ def run(cfg: Config) -> list[dict]:
     t0 = time.perf_counter()
     apply_plan(cfg.plan, cfg.model, work / "applied", overwrite=True)
     add(step="runtime_apply", variant="plan", seconds=round(time.perf_counter() - t0, 1))
-    loaders = {"original": lambda: AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32),
-               "pruned": lambda: AutoModelForCausalLM.from_pretrained(recipe / "hf-pruned", dtype=torch.float32),
+    loaders = {"original": lambda: load_pretrained(cfg.model),
+               "pruned": lambda: load_pretrained(recipe / "hf-pruned"),
                "plan": lambda: load(work / "applied")}
     for variant, make in loaders.items():
         t0 = time.perf_counter()
@@ -339,4 +341,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -27,6 +27,7 @@ from optimizer.formulation.instance import FormulationOptions
 from optimizer.plan import save_plan
 from optimizer.profile import load_profile
 from optimizer.solve import SolveOptions, optimize
+from experiments.entry import run_main
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,4 +88,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -15,7 +15,6 @@ Reproduce (numbers in docs/profiling.md, R3):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from contextlib import ExitStack, contextmanager
@@ -26,6 +25,9 @@ import numpy as np
 import torch
 
 from experiments.results_io import write_rows
+from experiments.entry import run_main
+from optimizer.errors import InputError
+from optimizer.jsonio import read_json
 
 
 @dataclass(frozen=True)
@@ -56,12 +58,16 @@ def run(cfg: Config) -> list[dict]:
     from runtime.moe import mask_experts
 
     profile = load_profile(cfg.profile)
-    details = json.loads(details_path(Path(cfg.profile)).read_text())
+    details_file = details_path(Path(cfg.profile))
+    if not details_file.is_file():
+        raise InputError(f"--profile: {details_file} is missing; this study needs the details file that "
+                         "`python -m profiling run` writes beside the profile (calibration text and windows)")
+    details, _ = read_json(details_file)
     terms = build_objective(profile, "predicted_loss")
     moe = {m.index: i for i, m in enumerate(profile.architecture.moe_layers)}
     unknown = [l for l in cfg.layers if l not in moe]
     if unknown:
-        raise SystemExit(f"error: layer {unknown[0]} is not an MoE layer of this model")
+        raise InputError(f"--layers: layer {unknown[0]} is not an MoE layer of this model")
     text, _ = load_text(details["data"])
     inputs, targets = token_windows(tokenize(Path(cfg.model), text), cfg.max_tokens or details["tokens"],
                                     details["window"])
@@ -114,4 +120,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

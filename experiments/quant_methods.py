@@ -34,6 +34,7 @@ import torch
 
 from experiments.results_io import write_rows
 from optimizer.architecture import BlockKind
+from experiments.entry import run_main
 
 QUANTIZED_KINDS = {BlockKind.ATTENTION, BlockKind.DENSE_MLP, BlockKind.SHARED_EXPERT, BlockKind.ROUTED_EXPERT}
 
@@ -206,4 +207,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

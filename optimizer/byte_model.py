@@ -96,3 +96,35 @@ def uniform_bytes(arch: Architecture, format_name: str) -> int:
     keys, index = _shape_groups(arch.blocks)
     per_key = np.array([resolved_block_bytes(_representative(k), format_name) for k in keys], dtype=np.int64)
     return int(np.bincount(index, minlength=len(keys)) @ per_key)
+
+
+def is_router_row_block(block: Block, experts_per_layer: dict[int, int]) -> bool:
+    """Whether ``block`` has one row per routed expert of its layer (a router's weight, DeepSeek's
+    score-correction bias): a plan that prunes experts keeps only the kept experts' rows.
+    ``experts_per_layer``: MoE layer index -> its number of routed experts."""
+    if block.kind != BlockKind.ROUTER or block.layer is None or "shared_expert_gate" in block.name:
+        return False
+    return block.layer in experts_per_layer and len(block.shape) >= 1 and block.shape[0] == experts_per_layer[block.layer]
+
+
+def plan_bytes_by_kind(arch: Architecture, kept: dict[int, Sequence[int]], formats: dict[str, str]) -> dict[str, int]:
+    """Exact weight bytes per block kind of a plan: ``kept`` experts per MoE layer (a layer not in ``kept``
+    keeps all), ``formats`` per block name. Pruned experts cost nothing; router rows shrink to the kept experts.
+
+    The solver's plans, ``runtime apply``'s check of a plan and the test helpers all count bytes with this.
+    Raises :class:`InputError` if a kept block has no format or its format cannot store it.
+    """
+    kept_sets = {layer: set(int(e) for e in experts) for layer, experts in kept.items()}
+    per_layer = {m.index: m.num_experts for m in arch.moe_layers}
+    by_kind: dict[str, int] = {}
+    for block in arch.blocks:
+        if block.is_routed_expert and block.layer in kept_sets and block.expert not in kept_sets[block.layer]:
+            continue
+        fmt = formats.get(block.name, block.fixed_format if not block.quantizable else None)
+        if fmt is None:
+            raise InputError(f"plan.formats: no format for {block.name}")
+        nbytes = block_bytes(block, fmt)
+        if block.layer in kept_sets and is_router_row_block(block, per_layer):
+            nbytes = nbytes // block.shape[0] * len(kept_sets[block.layer])
+        by_kind[block.kind.value] = by_kind.get(block.kind.value, 0) + nbytes
+    return by_kind

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from optimizer.errors import InputError
+from runtime.checkpoint import checkpoint_files, load_pretrained
 
 
 class ProfilingError(InputError):
@@ -237,6 +238,7 @@ class Runner:
             raise ProfilingError(f"{self.dir}: cannot read the transformers config ({exc})") from None
         torch_dtype = torch.float32
         if streamed:
+            checkpoint_files(self.dir)  # refuses a pickle-only checkpoint in one line
             self.ckpt = Checkpoint(self.dir)
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(self.config, dtype=torch_dtype)
@@ -244,11 +246,7 @@ class Runner:
             self._materialize_outer()
             self.ckpt.close()
         else:
-            try:
-                model = AutoModelForCausalLM.from_pretrained(self.dir, dtype=torch_dtype)
-            except (OSError, ValueError, KeyError) as exc:
-                raise ProfilingError(f"cannot load model from {self.dir}: {exc}") from None
-            self.model = model.eval()
+            self.model = load_pretrained(self.dir, torch_dtype)
         self.model.requires_grad_(False)
         try:
             self.layers = self.model.model.layers

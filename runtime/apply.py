@@ -1,55 +1,67 @@
 """Apply a plan to a transformers checkpoint, streaming: ``python -m runtime apply PLAN --model DIR -o OUT``.
 
-Order of work (see ``docs/runtime.md``):
+Order of work (see ``docs/runtime.md``), each step its own function:
 
-1. Checks that read no weight: the plan's ``architecture_hash`` against the checkpoint's ``config.json``,
-   the plan's layers (kept experts, top-k, balanced expert groups) and formats, the checkpoint headers
-   (every block present with its shape; no pickle, no FP8).
-2. The output layout (tensor names, dtypes, shapes, shards) is computed from the plan alone.
-3. Input shards are read one at a time and tensor by tensor (``safetensors.safe_open``); a pruned expert's
-   tensors are skipped, router rows and DeepSeek's ``e_score_correction_bias`` are sliced to the kept
-   experts, every block is quantized to its planned format and written at once (peak memory ~ one tensor).
-4. Everything is written into ``.OUT.moecc-partial`` next to ``OUT`` and renamed to ``OUT`` at the end: a
-   killed run never leaves an ``OUT``; a rerun deletes the partial directory and writes identical files.
+1. :func:`check_inputs`, reading no weight: the output path (:mod:`runtime.outdir`: never the model or the
+   plan, an existing ``OUT`` only with ``--overwrite`` and only if moecc wrote it); the plan's
+   ``architecture_hash`` against the checkpoint's ``config.json``; the plan itself (:mod:`runtime.plan_check`:
+   status, every MoE layer's kept experts and top-k, fixed formats, bytes recomputed exactly); the checkpoint
+   headers (every block present with its shape; no pickle, no FP8). The output layout (tensor names, dtypes,
+   shapes, shards) follows from the plan alone.
+2. ``method="gptq"`` only: :func:`runtime.calibration.calibrate_plan` loads the original model (float32) and
+   collects the input Hessians of the int-format linear blocks on calibration text, routed as the plan says,
+   layer by layer on the progressively GPTQ-quantized model; int blocks without a Hessian (embeddings) fall
+   back to ``rtn``, and the manifest records each tensor's method and the calibration.
+3. :func:`write_shards`: input shards are read one at a time and tensor by tensor (``safetensors.safe_open``);
+   a pruned expert's tensors are skipped, router rows and DeepSeek's ``e_score_correction_bias`` are sliced
+   to the kept experts, every block is quantized to its planned format and written at once (peak memory ~
+   one tensor).
+4. :func:`write_metadata`: ``config.json`` with a ``moecc`` section, the manifest, the index, a model card
+   (``README.md``, :mod:`runtime.card`) and the source's tokenizer and generation files (never its card,
+   metrics or logs).
+5. The bytes written are checked against the plan: for runtime-native formats a difference above
+   :data:`BYTES_TOLERANCE` raises :class:`ByteCountError` (exit 1) and ``OUT`` is not written.
 
-``method="gptq"`` first loads the whole original model (float32) and collects the input Hessians of the
-int-format linear blocks on calibration text, routed as the plan says, layer by layer on the progressively
-GPTQ-quantized model (:mod:`runtime.calibration`), then streams as above with those Hessians; int blocks
-without a Hessian (embeddings) fall back to ``rtn``, and the manifest records each tensor's method and the
-calibration.
+Everything is written into ``.OUT.moecc-partial`` next to ``OUT`` and renamed to ``OUT`` at the end: a killed
+run never leaves an ``OUT``; a rerun deletes the partial directory and writes identical weights; a failure
+removes it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import signal
+import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from optimizer.architecture import Architecture, Block, BlockKind
+from optimizer.architecture import Architecture, Block
 from optimizer.architectures import load_architecture
-from optimizer.errors import InputError
+from optimizer.byte_model import is_router_row_block
+from optimizer.errors import InputError, MoeccError
 from optimizer.formats import INT_FAMILY, get_format
 from optimizer.plan import Plan, load_plan
 
 from .calibration import DEFAULT_CALIB_TOKENS, DEFAULT_DATA, calibrate_plan, parse_data
-from .checkpoint import PlannedTensor, ShardWriter, TensorInfo, read_headers
-from .moe import check_keep
+from .card import CardInputs, render_card
+from .checkpoint import (INDEX, MANIFEST, PlannedTensor, ShardWriter, TensorInfo, checkpoint_fingerprint,
+                         copy_side_files, read_headers)
+from .outdir import check_output_dir, output_dir
+from .plan_check import Layers, check_plan
 from .quant import CALIBRATED_METHODS, FLOAT_DTYPES, GGUF_NATIVE, METHODS, quantize, storage_format
 from .quant.gptq import DEFAULT_BLOCK, DEFAULT_PERCDAMP
 
-MANIFEST = "moecc_manifest.json"
-INDEX = "moecc.safetensors.index.json"
-PARTIAL_SUFFIX = ".moecc-partial"
-KILL_ENV = "MOECC_APPLY_KILL_AFTER"  # test hook: SIGKILL the process after this many blocks are written
 DEFAULT_SHARD_BYTES = 2 * 1024 ** 3
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
-SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+#: largest relative difference between the bytes written and the plan's for runtime-native formats
+BYTES_TOLERANCE = 0.005
+CARD = "README.md"
+
+
+class ByteCountError(MoeccError):
+    """The bytes written differ from the plan's beyond :data:`BYTES_TOLERANCE`: a bug, not bad input."""
 
 
 @dataclass
@@ -84,10 +96,9 @@ class ApplyReport:
         return (self.weight_bytes - self.plan_bytes) / max(1, self.plan_bytes)
 
     def lines(self) -> list[str]:
-        ok = abs(self.relative_diff) <= 0.005
-        verdict = ("within 0.5% as required for runtime-native formats" if ok else "OUTSIDE 0.5%: a bug, please report") \
-            if self.native else ("formats mapped to larger runtime formats (" +
-                                 ", ".join(f"{k}->{v}" for k, v in sorted(self.mapped.items())) + "); not comparable")
+        verdict = (f"within {BYTES_TOLERANCE:.1%} as required for runtime-native formats" if self.native else
+                   "formats mapped to larger runtime formats (" +
+                   ", ".join(f"{k}->{v}" for k, v in sorted(self.mapped.items())) + "); not comparable")
         out = [f"wrote {self.out} ({self.blocks} blocks in {self.shards} shard(s), {self.file_bytes:,} bytes on disk)",
                f"weights: {self.weight_bytes:,} bytes written vs {self.plan_bytes:,} predicted by the plan "
                f"({self.relative_diff:+.4%}): {verdict}"]
@@ -112,32 +123,11 @@ def part_layout(name: str, stored: str, shape: tuple[int, ...]) -> list[PlannedT
     return [PlannedTensor(f"{name}.gguf", "U8", (*lead, row_bytes))]
 
 
-def validate_layers(plan: Plan, arch: Architecture) -> dict[int, tuple[list[int], int]]:
-    """Per MoE layer: (kept original expert indices, top-k); a layer absent from the plan keeps everything."""
-    moe = {m.index: m for m in arch.moe_layers}
-    out = {m.index: (list(range(m.num_experts)), m.top_k) for m in arch.moe_layers}
-    for lp in plan.layers:
-        if lp.layer not in moe:
-            raise InputError(f"plan.layers: layer {lp.layer} is not an MoE layer of the checkpoint")
-        keep = check_keep(moe[lp.layer].num_experts, lp.kept_experts, arch.expert_groups, arch.topk_groups,
-                          lp.top_k, where=f"plan layer {lp.layer}")
-        out[lp.layer] = (keep, lp.top_k)
-    return out
-
-
-def _is_router_row_tensor(block: Block, arch: Architecture) -> bool:
-    if block.kind != BlockKind.ROUTER or block.layer is None or "shared_expert_gate" in block.name:
-        return False
-    try:
-        return block.shape[0] == arch.moe_layer(block.layer).num_experts
-    except KeyError:
-        return False
-
-
 def plan_jobs(plan: Plan, arch: Architecture, headers: list[TensorInfo], layers: dict[int, tuple[list[int], int]]
               ) -> tuple[list[Job], list[str]]:
     """Match plan, architecture and checkpoint headers; returns the jobs in file order and the skipped names."""
     blocks = {b.name: b for b in arch.blocks}
+    per_layer = {m.index: m.num_experts for m in arch.moe_layers}
     present = {t.name: t for t in headers}
     missing = [n for n in blocks if n not in present]
     if missing:
@@ -164,7 +154,7 @@ def plan_jobs(plan: Plan, arch: Architecture, headers: list[TensorInfo], layers:
         if requested is None:
             raise InputError(f"plan.formats: no format for {block.name}")
         rows, shape = None, block.shape
-        if _is_router_row_tensor(block, arch):
+        if is_router_row_block(block, per_layer):
             rows = layers[block.layer][0]
             shape = (len(rows), *block.shape[1:])
         try:
@@ -185,69 +175,54 @@ def _assign_shards(jobs: list[Job], max_bytes: int) -> int:
     return shard + 1 if jobs else 0
 
 
-def _json_bytes(doc: dict) -> bytes:
-    return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+
+@dataclass
+class Inputs:
+    """Everything :func:`check_inputs` established before any weight is read."""
+
+    plan_path: Path
+    plan_raw: bytes
+    plan: Plan
+    model_dir: Path
+    arch: Architecture
+    layers: Layers
+    jobs: list[Job]
+    skipped: list[str]
+    files: list[str]  # output shard names, by shard index
 
 
-def _copy_side_files(model_dir: Path, tmp: Path) -> None:
-    """Tokenizer and generation files (never weights, never the index)."""
-    for p in sorted(model_dir.iterdir()):
-        if p.is_file() and p.name not in SKIP_FILES and not p.name.endswith(WEIGHT_SUFFIXES):
-            shutil.copyfile(p, tmp / p.name)
-
-
-def apply_plan(plan_path: str | Path, model_dir: str | Path, out: str | Path, method: str = "rtn",
-               shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
-               progress: Callable[[int, int, str], None] | None = None, data: str = DEFAULT_DATA,
-               calib_tokens: int = DEFAULT_CALIB_TOKENS, calib_progress: bool = False,
-               sequential: bool = True) -> ApplyReport:
-    """Write the compressed checkpoint ``out``; see the module docstring. Raises InputError on bad input.
-
-    ``data`` (``CORPUS[:SPLIT]`` or a text file), ``calib_tokens`` and ``sequential`` (layer-by-layer, else one
-    pass) are the calibration of ``method="gptq"``; ``calib_progress`` shows its progress bar.
-    """
-    if method not in METHODS:
-        raise InputError(f"--method: {method!r} is not one of {', '.join(METHODS)}")
-    if method in CALIBRATED_METHODS:
-        parse_data(data)
-        if calib_tokens < 1:
-            raise InputError(f"--calib-tokens must be positive, got {calib_tokens}")
-    model_dir, out = Path(model_dir), Path(out)
-    plan_raw = Path(plan_path).read_bytes() if Path(plan_path).is_file() else None
-    if plan_raw is None:
+def check_inputs(plan_path: str | Path, model_dir: str | Path, out: str | Path, overwrite: bool,
+                 shard_bytes: int, extra_inputs: tuple[str | Path, ...] = ()) -> Inputs:
+    """Step 1 of the module docstring; raises :class:`InputError` and reads no weight."""
+    plan_path, model_dir = Path(plan_path), Path(model_dir)
+    if not plan_path.is_file():
         raise InputError(f"{plan_path}: no such plan file")
+    check_output_dir(out, overwrite, (model_dir, plan_path, *extra_inputs))
+    plan_raw = plan_path.read_bytes()
     plan = load_plan(plan_path)
     arch = load_architecture(model_dir)
     if plan.architecture_hash != arch.shape_hash():
         raise InputError(f"plan {plan_path} was made for a different model ({plan.model_name}, {plan.family}): "
                          f"its architecture_hash {plan.architecture_hash[:19]}... != {arch.shape_hash()[:19]}... "
                          f"of {model_dir}")
-    if out.exists() and not overwrite:
-        raise InputError(f"-o: {out} exists; remove it or pass --overwrite")
-    if out.resolve() == model_dir.resolve():
-        raise InputError("-o: the output must differ from --model")
-    layers = validate_layers(plan, arch)
+    layers = check_plan(plan, arch)
     jobs, skipped = plan_jobs(plan, arch, read_headers(model_dir), layers)
     n_shards = _assign_shards(jobs, shard_bytes)
     files = [f"moecc-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)]
-    hessians, calib = None, None
-    if method in CALIBRATED_METHODS:
-        hessians, calib = calibrate_plan(model_dir, layers, {j.block.name: j.requested for j in jobs}, data,
-                                         calib_tokens, calib_progress, sequential)
-    methods: dict[str, str] = {}  # int-stored block -> the method that quantized it
+    return Inputs(plan_path, plan_raw, plan, model_dir, arch, layers, jobs, skipped, files)
 
-    tmp = out.parent / f".{out.name}{PARTIAL_SUFFIX}"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # a killed earlier run: restart cleanly
-    tmp.mkdir(parents=True)
-    kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
-    written = 0
+
+def write_shards(tmp: Path, inputs: Inputs, method: str, hessians, progress: Callable[[int, int, str], None] | None
+                 ) -> dict[str, str]:
+    """Step 3: quantize and write every job; returns int-stored block -> the method that quantized it."""
     from safetensors import safe_open
 
+    methods: dict[str, str] = {}
+    jobs, written = inputs.jobs, 0
     handles: dict[Path, object] = {}
-    for shard in range(n_shards):
+    for shard, name in enumerate(inputs.files):
         shard_jobs = [j for j in jobs if j.shard == shard]
-        with ShardWriter(tmp / files[shard], [p for j in shard_jobs for p in j.parts]) as writer:
+        with ShardWriter(tmp / name, [p for j in shard_jobs for p in j.parts]) as writer:
             for job in shard_jobs:
                 if job.source.file not in handles:
                     handles.clear()  # input shards are visited in order: keep one open
@@ -264,72 +239,133 @@ def apply_plan(plan_path: str | Path, model_dir: str | Path, out: str | Path, me
                     methods[job.block.name] = job_method
                 del tensor, hessian
                 for part in job.parts:
-                    suffix = part.name[len(job.block.name):].lstrip(".")
-                    writer.write(part.name, qt.parts[suffix])
+                    writer.write(part.name, qt.parts[part.name[len(job.block.name):].lstrip(".")])
                 del qt
                 written += 1
                 if progress:
                     progress(written, len(jobs), job.block.name)
-                if kill_after and written >= kill_after:
-                    os.kill(os.getpid(), signal.SIGKILL)
     handles.clear()
+    return methods
 
-    weight_bytes = sum(p.nbytes for j in jobs for p in j.parts)
-    mapped = {j.requested: j.stored for j in jobs if j.requested != j.stored}
-    native = all(get_format(j.requested).family == INT_FAMILY or j.requested in FLOAT_DTYPES
-                 or j.requested in GGUF_NATIVE for j in jobs)
-    notes = []
-    if calib is not None:
-        fallback = sorted(n for n, m in methods.items() if m != method)
-        gguf = sum(1 for j in jobs if j.stored in GGUF_NATIVE)
-        notes.append(f"{method}: {'sequential' if calib.sequential else 'one-pass'} Hessians from {calib.tokens:,} "
-                     f"tokens of {calib.source} "
-                     f"({calib.windows} window(s) of {calib.window}); {len(methods) - len(fallback)} int blocks by "
-                     f"{method}" + (f", {len(fallback)} without calibration input by rtn (e.g. {fallback[0]})"
-                                    if fallback else "")
-                     + (f"; {gguf} GGUF blocks by gguf-py" if gguf else ""))
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+
+def _json_bytes(doc: dict) -> bytes:
+    return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+
+
+def _moecc_config(inputs: Inputs, method: str, calib) -> dict:
+    """The source's ``config.json`` with the ``moecc`` section that :mod:`runtime.load` reads."""
+    config = json.loads((inputs.model_dir / "config.json").read_text(encoding="utf-8"))
     config["moecc"] = {
         "version": 1,
         "method": method,
-        "source_architecture_hash": plan.architecture_hash,
-        "plan_sha256": hashlib.sha256(plan_raw).hexdigest(),
-        "target": plan.target.value,
+        "source_architecture_hash": inputs.plan.architecture_hash,
+        "plan_sha256": hashlib.sha256(inputs.plan_raw).hexdigest(),
+        "target": inputs.plan.target.value,
         "manifest": MANIFEST,
         "layers": [{"layer": l, "kept_experts": keep, "top_k": k, "num_experts": len(keep)}
-                   for l, (keep, k) in sorted(layers.items())],
-        "formats": {j.block.name: j.stored for j in jobs},
+                   for l, (keep, k) in sorted(inputs.layers.items())],
+        "formats": {j.block.name: j.stored for j in inputs.jobs},
     }
     if calib is not None:
         config["moecc"]["calibration"] = calib.to_json()
+    return config
+
+
+def _manifest(inputs: Inputs, method: str, methods: dict[str, str], weight_bytes: int, calib) -> dict:
     manifest = {
         "schema": "moecc.runtime_manifest", "version": 1, "method": method,
         "tensors": {j.block.name: {"requested": j.requested, "stored": j.stored, "shape": list(j.shape),
                                    "source_shape": list(j.block.shape), "kind": j.block.kind.value,
-                                   "file": files[j.shard], "parts": [p.name for p in j.parts],
+                                   "file": inputs.files[j.shard], "parts": [p.name for p in j.parts],
                                    "bytes": sum(p.nbytes for p in j.parts),
                                    **({"method": methods[j.block.name]} if j.block.name in methods else {})}
-                    for j in jobs},
-        "bytes": {"weights": weight_bytes, "plan_total": plan.bytes.total},
-        "skipped": skipped,
+                    for j in inputs.jobs},
+        "bytes": {"weights": weight_bytes, "plan_total": inputs.plan.bytes.total},
+        "skipped": inputs.skipped,
     }
     if calib is not None:
         manifest["calibration"] = {**calib.to_json(), "percdamp": DEFAULT_PERCDAMP, "block": DEFAULT_BLOCK}
+    return manifest
+
+
+def write_metadata(tmp: Path, inputs: Inputs, method: str, methods: dict[str, str], calib, command: str) -> int:
+    """Step 4: config, manifest, index, card and side files; returns the weight bytes written."""
+    jobs = inputs.jobs
+    weight_bytes = sum(p.nbytes for j in jobs for p in j.parts)
     index = {"metadata": {"total_size": weight_bytes},
-             "weight_map": {p.name: files[j.shard] for j in jobs for p in j.parts}}
-    (tmp / "config.json").write_bytes(_json_bytes(config))
-    (tmp / MANIFEST).write_bytes(_json_bytes(manifest))
+             "weight_map": {p.name: inputs.files[j.shard] for j in jobs for p in j.parts}}
+    (tmp / "config.json").write_bytes(_json_bytes(_moecc_config(inputs, method, calib)))
+    (tmp / MANIFEST).write_bytes(_json_bytes(_manifest(inputs, method, methods, weight_bytes, calib)))
     (tmp / INDEX).write_bytes(_json_bytes(index))
-    _copy_side_files(model_dir, tmp)
-    file_bytes = sum(p.stat().st_size for p in tmp.iterdir())
-    if out.exists():
-        trash = out.parent / f".{out.name}.moecc-old"
-        if trash.exists():
-            shutil.rmtree(trash)
-        out.rename(trash)
-        tmp.rename(out)
-        shutil.rmtree(trash)
-    else:
-        tmp.rename(out)
-    return ApplyReport(out, weight_bytes, plan.bytes.total, file_bytes, native, mapped, len(jobs), skipped, n_shards,
-                       notes)
+    copy_side_files(inputs.model_dir, tmp)
+    card = CardInputs(source=str(inputs.model_dir), source_fingerprint=checkpoint_fingerprint(inputs.model_dir),
+                      plan_path=str(inputs.plan_path), plan_sha256=hashlib.sha256(inputs.plan_raw).hexdigest(),
+                      method=method, stored_formats={j.block.name: j.stored for j in jobs},
+                      weight_bytes=weight_bytes, command=command)
+    original = {m.index: (m.num_experts, m.top_k) for m in inputs.arch.moe_layers}
+    (tmp / CARD).write_text(render_card(inputs.plan, card, original), encoding="utf-8")
+    return weight_bytes
+
+
+def _calibration_note(method: str, calib, methods: dict[str, str], jobs: list[Job]) -> str:
+    fallback = sorted(n for n, m in methods.items() if m != method)
+    gguf = sum(1 for j in jobs if j.stored in GGUF_NATIVE)
+    return (f"{method}: {'sequential' if calib.sequential else 'one-pass'} Hessians from {calib.tokens:,} "
+            f"tokens of {calib.source} ({calib.windows} window(s) of {calib.window}); "
+            f"{len(methods) - len(fallback)} int blocks by {method}"
+            + (f", {len(fallback)} without calibration input by rtn (e.g. {fallback[0]})" if fallback else "")
+            + (f"; {gguf} GGUF blocks by gguf-py" if gguf else ""))
+
+
+def _command_line(plan_path: Path, model_dir: Path, out: Path, method: str) -> str:
+    """The command that made the output: this process's own when it is ``runtime apply``, else its equivalent."""
+    argv = sys.argv[1:] if sys.argv and len(sys.argv) > 1 and sys.argv[1] == "apply" else None
+    if argv is None:
+        argv = ["apply", str(plan_path), "--model", str(model_dir), "-o", str(out)] + (
+            ["--method", method] if method != "rtn" else [])
+    return "python -m runtime " + shlex.join(argv)
+
+
+def apply_plan(plan_path: str | Path, model_dir: str | Path, out: str | Path, method: str = "rtn",
+               shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
+               progress: Callable[[int, int, str], None] | None = None, data: str = DEFAULT_DATA,
+               calib_tokens: int = DEFAULT_CALIB_TOKENS, calib_progress: bool = False,
+               sequential: bool = True) -> ApplyReport:
+    """Write the compressed checkpoint ``out``; see the module docstring. Raises :class:`InputError` on bad
+    input (nothing written) and :class:`ByteCountError` if the bytes written disagree with the plan.
+
+    ``data`` (``CORPUS[:SPLIT]`` or a text file), ``calib_tokens`` and ``sequential`` (layer-by-layer, else one
+    pass) are the calibration of ``method="gptq"``; ``calib_progress`` shows its progress bar.
+    """
+    if method not in METHODS:
+        raise InputError(f"--method: {method!r} is not one of {', '.join(METHODS)}")
+    data_file: tuple[str | Path, ...] = ()
+    if method in CALIBRATED_METHODS:
+        parse_data(data)
+        if calib_tokens < 1:
+            raise InputError(f"--calib-tokens must be positive, got {calib_tokens}")
+        data_file = (data,) if Path(data).is_file() else ()
+    out = Path(out)
+    inputs = check_inputs(plan_path, model_dir, out, overwrite, shard_bytes, data_file)
+    hessians, calib = None, None
+    if method in CALIBRATED_METHODS:
+        hessians, calib = calibrate_plan(inputs.model_dir, inputs.layers,
+                                         {j.block.name: j.requested for j in inputs.jobs}, data, calib_tokens,
+                                         calib_progress, sequential)
+    jobs = inputs.jobs
+    native = all(get_format(j.requested).family == INT_FAMILY or j.requested in FLOAT_DTYPES
+                 or j.requested in GGUF_NATIVE for j in jobs)
+    command = _command_line(inputs.plan_path, inputs.model_dir, out, method)
+    with output_dir(out, overwrite, (inputs.model_dir, inputs.plan_path, *data_file), command) as tmp:
+        methods = write_shards(tmp, inputs, method, hessians, progress)
+        weight_bytes = write_metadata(tmp, inputs, method, methods, calib, command)
+        diff = (weight_bytes - inputs.plan.bytes.total) / max(1, inputs.plan.bytes.total)
+        if native and abs(diff) > BYTES_TOLERANCE:
+            raise ByteCountError(f"wrote {weight_bytes:,} weight bytes but the plan predicts "
+                                 f"{inputs.plan.bytes.total:,} ({diff:+.4%}, more than {BYTES_TOLERANCE:.1%}); "
+                                 f"{out} was not written. This is a bug: please report it with the plan")
+        file_bytes = sum(p.stat().st_size for p in tmp.iterdir())
+    mapped = {j.requested: j.stored for j in jobs if j.requested != j.stored}
+    notes = [_calibration_note(method, calib, methods, jobs)] if calib is not None else []
+    return ApplyReport(out, weight_bytes, inputs.plan.bytes.total, file_bytes, native, mapped, len(jobs),
+                       inputs.skipped, len(inputs.files), notes)

@@ -347,16 +347,13 @@ def calibrate_plan(model_dir: str | Path, layers: Mapping[int, tuple[Sequence[in
     and the top-k is set before the pass. ``sequential``: :func:`gptq_sequential`, else one pass of
     :func:`collect_hessians` over the int-format blocks. The model is loaded in float32 and released afterwards.
     """
-    from .evaluate import EvalError, load_model
+    from .evaluate import load_model
     from .moe import get_layer, mask_experts, set_top_k
 
     parse_data(spec)  # fail on a bad --data before loading the model
     if tokens < 1:
         raise InputError(f"--calib-tokens must be positive, got {tokens}")
-    try:
-        model = load_model(model_dir)
-    except EvalError as exc:
-        raise InputError(str(exc)) from None
+    model = load_model(model_dir)
     inputs, calib = calibration_inputs(model, model_dir, spec, tokens)
     masked = {}
     for layer, (keep, k) in layers.items():

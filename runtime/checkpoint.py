@@ -7,7 +7,9 @@ planned layout first, so no tensor has to stay in memory after it is written.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,16 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 TORCH_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8",
                torch.int8: "I8", torch.int32: "I32", torch.int64: "I64", torch.float64: "F64"}
 MAX_HEADER = 100_000_000
+
+#: files of a ``runtime apply`` output besides its shards: the manifest (what each tensor became) and the index
+MANIFEST = "moecc_manifest.json"
+INDEX = "moecc.safetensors.index.json"
+#: what a model directory's tokenizer and generation files are called (name prefixes and suffixes): these are
+#: copied into every checkpoint moecc writes; nothing else is (weights, and the cards, metrics and logs that
+#: describe the original model)
+SIDE_FILE_PREFIXES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "generation_config",
+                      "chat_template", "preprocessor_config", "byte_tokenizer", "spiece")
+SIDE_FILE_SUFFIXES = (".tiktoken",)
 
 
 @dataclass(frozen=True)
@@ -76,8 +88,9 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     if single.is_file():
         return [single]
     if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt*")):
-        raise InputError(f"{model_dir}: only pickle checkpoints (.bin/.pt); convert to safetensors first "
-                         "(moecc never unpickles weights)")
+        raise InputError(f"{model_dir}: only pickle checkpoints (.bin/.pt), which moecc never loads (unpickling "
+                         "can run code); convert them to safetensors first, e.g. in a trusted environment: "
+                         "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR)")
     raise InputError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
 
 
@@ -166,3 +179,49 @@ class ShardWriter:
         finally:
             self._f.close()
             self._f = None
+
+
+def is_side_file(name: str) -> bool:
+    """Whether a file of a model directory is a tokenizer or generation file (see :data:`SIDE_FILE_PREFIXES`)."""
+    return name.startswith(SIDE_FILE_PREFIXES) or name.endswith(SIDE_FILE_SUFFIXES)
+
+
+def copy_side_files(model_dir: Path, out: Path) -> list[str]:
+    """Copy the tokenizer and generation files of ``model_dir`` into ``out`` (regular files only); returns
+    their names, sorted."""
+    copied = []
+    for src in sorted(Path(model_dir).iterdir()):
+        if is_side_file(src.name) and src.is_file() and not src.is_symlink():
+            shutil.copyfile(src, Path(out) / src.name)
+            copied.append(src.name)
+    return copied
+
+
+def checkpoint_fingerprint(model_dir: Path) -> str:
+    """sha256 over the checkpoint's tensor headers (name, dtype, shape, data offsets per file) and file sizes:
+    identifies the source checkpoint without reading its weights."""
+    digest = hashlib.sha256()
+    for path in checkpoint_files(model_dir):
+        digest.update(f"{path.name}:{path.stat().st_size}:".encode())
+        digest.update(json.dumps(read_header(path), sort_keys=True, separators=(",", ":")).encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def load_pretrained(model_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """``AutoModelForCausalLM.from_pretrained`` that can only read safetensors: the directory's weight files are
+    checked first (:func:`checkpoint_files` refuses a pickle-only checkpoint in one line), then transformers is
+    told ``use_safetensors=True`` and no remote code. Raises :class:`InputError` for anything it cannot load."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    path = Path(model_dir)
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        raise InputError(f"{path} is not a model directory (no config.json)")
+    checkpoint_files(path)
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise InputError(f"cannot load model from {path}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+    return model.eval()

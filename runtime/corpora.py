@@ -32,6 +32,8 @@ import re
 import sysconfig
 from pathlib import Path
 
+from optimizer.errors import InputError
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 ENGLISH_PATH = DATA_DIR / "english.jsonl.xz"
 CORPORA = ("english", "code")
@@ -41,7 +43,7 @@ _TEST_PERMILLE = 50
 _CALIB_PERMILLE = 50
 
 
-class CorpusError(ValueError):
+class CorpusError(InputError):
     """Unknown corpus or split, or corpus data missing."""
 
 

@@ -24,14 +24,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from optimizer.errors import InputError
+
 from .byte_tokenizer import is_byte_model
-from .corpora import CORPORA, SPLITS, CorpusError, load_corpus
+from .checkpoint import load_pretrained
+from .corpora import CORPORA, SPLITS, load_corpus
+from .load import is_compressed, load
 
 
 DEFAULT_WINDOW = 512
 
 
-class EvalError(ValueError):
+class EvalError(InputError):
     """Bad evaluation input (not a model directory, too little text, bad window)."""
 
 
@@ -60,29 +64,14 @@ class EvalResult:
 
 
 def load_model(model_dir: str | Path):
-    """float32 CPU model from a ``save_pretrained`` directory or a ``runtime apply`` output (pruned and
-    quantized experts are rebuilt by :func:`runtime.load.load`); raises :class:`EvalError`."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    from optimizer.errors import InputError
-
-    from .load import is_compressed, load
-
-    hf_logging.disable_progress_bar()
+    """float32 CPU model from a ``save_pretrained`` directory (safetensors only, see
+    :func:`runtime.checkpoint.load_pretrained`) or a ``runtime apply`` output (pruned and quantized experts
+    are rebuilt by :func:`runtime.load.load`); raises :class:`InputError` (:class:`EvalError` if ``model_dir``
+    is not a model directory)."""
     path = Path(model_dir)
     if not (path.is_dir() and (path / "config.json").is_file()):
         raise EvalError(f"{path} is not a model directory (no config.json)")
-    if is_compressed(path):
-        try:
-            return load(path)
-        except InputError as exc:
-            raise EvalError(str(exc)) from exc
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as exc:
-        raise EvalError(f"cannot load model from {path}: {exc}") from exc
-    return model.eval()
+    return load(path) if is_compressed(path) else load_pretrained(path)
 
 
 def _tokenize(model_dir: Path | None, text: str) -> tuple[list[int], bool, Any]:
@@ -194,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         res = evaluate(args.model_dir, args.corpus, args.split, args.max_tokens, args.window,
                        args.batch_size, progress=not args.no_progress)
-    except (EvalError, CorpusError) as exc:
+    except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:

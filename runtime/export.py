@@ -22,10 +22,15 @@ from collections import defaultdict
 from pathlib import Path
 
 from optimizer.architecture import Architecture, BlockKind
+from optimizer.architectures import load_architecture
 from optimizer.errors import InputError
 from optimizer.formats import GGUF_FAMILY, INT_FAMILY, get_format
 from optimizer.plan import Plan, load_plan
 
+from .checkpoint import checkpoint_files
+from .outdir import check_output_dir, output_dir
+from .plan_check import check_plan
+from .prune_checkpoint import is_tied, plan_digest, plan_prunes, uniform_layers, write_pruned_checkpoint
 from .quant import FLOAT_DTYPES, storage_format
 
 TARGETS = ("llamacpp", "gptqmodel", "torchao")
@@ -40,8 +45,8 @@ _SOLVE_HINT = "solve with `python -m optimizer solve ... --target llamacpp`"
 def _architecture(plan: Plan, model: Path | None) -> Architecture:
     if model is None:
         raise InputError("--model: the checkpoint (or its config.json) is needed to name the tensors")
-    from optimizer.architectures import load_architecture
-
+    if model.is_dir():
+        checkpoint_files(model)  # a directory must hold safetensors: a pickle-only one is refused here
     arch = load_architecture(model)
     if arch.shape_hash() != plan.architecture_hash:
         raise InputError(f"plan was made for a different model than {model} (architecture hashes differ)")
@@ -257,8 +262,11 @@ CHECKPOINT_DIR = "hf-pruned"
 
 
 def export(plan_path: str | Path, to: str, out: str | Path, model: str | Path | None,
-           pruned_checkpoint: bool | None = None) -> list[Path]:
-    """Write the recipe files of ``to`` into ``out``; returns their paths.
+           pruned_checkpoint: bool | None = None, overwrite: bool = False) -> list[Path]:
+    """Write the recipe files of ``to`` into the new directory ``out``; returns their paths.
+
+    ``out`` is written whole through :func:`runtime.outdir.output_dir`: an existing ``out`` is replaced only
+    with ``overwrite`` and only if moecc wrote it, and never when it is, holds or lies inside an input.
 
     ``pruned_checkpoint`` (llamacpp only): True writes ``out/hf-pruned`` (needs ``model`` to be a checkpoint
     directory), False never does, None (the default) writes it when ``model`` is a checkpoint directory and
@@ -270,14 +278,12 @@ def export(plan_path: str | Path, to: str, out: str | Path, model: str | Path | 
         raise InputError("--pruned-checkpoint: only for --to llamacpp")
     plan = load_plan(plan_path)
     model = Path(model) if model else None
-    out = Path(out)
+    out = check_output_dir(out, overwrite, (plan_path, model))
     checkpoint = None
     if to == "llamacpp":
         arch = _architecture(plan, model) if model else None
         if pruned_checkpoint and (model is None or not model.is_dir()):
             raise InputError("--pruned-checkpoint: --model must be the checkpoint directory")
-        from .prune_checkpoint import is_tied, plan_digest, plan_prunes, uniform_layers, write_pruned_checkpoint
-
         untie = arch is not None and untie_needed(plan, arch.family)
         write = pruned_checkpoint if pruned_checkpoint is not None else (
             arch is not None and model.is_dir() and (plan_prunes(plan, arch) or (untie and is_tied(model))))
@@ -289,23 +295,24 @@ def export(plan_path: str | Path, to: str, out: str | Path, model: str | Path | 
         arch = _architecture(plan, model)
         config = gptqmodel_config(plan, arch) if to == "gptqmodel" else torchao_config(plan, arch)
         files = {f"{to}.json": json.dumps(config, indent=1, sort_keys=True) + "\n"}
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, text in files.items():
-        (out / name).write_text(text, encoding="utf-8")
-        paths.append(out / name)
-    if checkpoint:
-        report = write_pruned_checkpoint(plan, arch, model, out / checkpoint, plan_digest(plan_path),
-                                         untie_embeddings=untie)
-        paths.append(report.out)
-    return paths
+    if arch is not None:
+        check_plan(plan, arch)
+    with output_dir(out, overwrite, (plan_path, model), f"runtime export --to {to}") as tmp:
+        for name, text in files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        if checkpoint:
+            write_pruned_checkpoint(plan, arch, model, tmp / checkpoint, plan_digest(plan_path),
+                                    untie_embeddings=untie)
+    return [out / name for name in files] + ([out / checkpoint] if checkpoint else [])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``python -m runtime export``."""
     parser.add_argument("plan", type=Path)
     parser.add_argument("--to", required=True, choices=TARGETS)
-    parser.add_argument("-o", "--out", type=Path, required=True, help="directory for the recipe files")
+    parser.add_argument("-o", "--out", type=Path, required=True,
+                        help="new directory for the recipe files (an existing one only with --overwrite, if moecc wrote it)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT that moecc wrote")
     parser.add_argument("--model", type=Path, help="checkpoint directory or config.json the plan was made for "
                         "(required for gptqmodel/torchao; optional for llamacpp)")
     parser.add_argument("--pruned-checkpoint", action=argparse.BooleanOptionalAction, default=None,
@@ -316,7 +323,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Write the recipe; bad input or an inexpressible plan -> one line on stderr, exit code 2."""
     try:
-        paths = export(args.plan, args.to, args.out, args.model, args.pruned_checkpoint)
+        paths = export(args.plan, args.to, args.out, args.model, args.pruned_checkpoint, args.overwrite)
     except (InputError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ from torch import nn
 from optimizer.architectures import architecture_from_config
 from optimizer.errors import InputError
 
-from .apply import MANIFEST
+from .checkpoint import MANIFEST
 from .moe import drop_experts, get_layer, set_top_k
 from .quant import dequantize_parts
 

@@ -17,15 +17,16 @@ quantization (``llama-quantize`` does that):
 A plain config holds one expert count and one top-k, so the plan must keep the same number N of experts
 and the same k in every MoE layer (``--target llamacpp`` plans do); group-limited routers (DeepSeek's
 ``n_group``) need N divisible by the group count, the same count kept in every group (at least 2) and
-k <= topk_group * N / n_group. Anything else is an :class:`InputError`. The directory is written as
-``.NAME.moecc-partial`` and renamed at the end, so a killed run never leaves a half-written checkpoint.
+k <= topk_group * N / n_group. Anything else is an :class:`InputError`. The directory is written through
+:func:`runtime.outdir.output_dir` (as ``.NAME.moecc-partial``, renamed at the end; an existing ``NAME`` is
+replaced only with ``overwrite`` and only if moecc wrote it), so a killed run never leaves a half-written
+checkpoint and a user's directory is never replaced.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +36,9 @@ from optimizer.architecture import Architecture, Block, BlockKind
 from optimizer.errors import InputError
 from optimizer.plan import Plan
 
-from .apply import PARTIAL_SUFFIX, SKIP_FILES, WEIGHT_SUFFIXES, validate_layers
-from .checkpoint import PlannedTensor, ShardWriter, TensorInfo, read_headers
+from .checkpoint import PlannedTensor, ShardWriter, TensorInfo, copy_side_files, read_headers
+from .outdir import check_output_dir, output_dir
+from .plan_check import validate_layers
 
 __all__ = ["EXPERT_COUNT_KEYS", "TOP_K_KEY", "PrunedCheckpoint", "uniform_layers", "plan_prunes",
            "write_pruned_checkpoint", "is_tied", "plan_digest"]
@@ -67,7 +69,7 @@ def uniform_layers(plan: Plan, arch: Architecture) -> tuple[dict[int, list[int]]
     """(kept original experts per MoE layer, N, k) of a plan with one expert count and one top-k.
 
     Raises InputError (one line) for per-layer counts or k, and for group-limited routing the kept experts
-    cannot satisfy (see the module docstring). A layer the plan omits keeps all experts and its top-k.
+    cannot satisfy (see the module docstring); the plan must list every MoE layer.
     """
     layers = validate_layers(plan, arch)  # distinct indices, balanced groups, k reachable
     counts = sorted({len(keep) for keep, _ in layers.values()})
@@ -158,17 +160,14 @@ def _pruned_config(model_dir: Path, n: int, k: int, provenance: dict, untie: boo
 
 def write_pruned_checkpoint(plan: Plan, arch: Architecture, model_dir: str | Path, out: str | Path,
                             plan_sha256: str = "", shard_bytes: int = DEFAULT_SHARD_BYTES,
-                            untie_embeddings: bool = False) -> PrunedCheckpoint:
+                            untie_embeddings: bool = False, overwrite: bool = False) -> PrunedCheckpoint:
     """Write ``out``: ``model_dir`` with the plan's pruned experts removed (see the module docstring).
 
     ``arch`` must be ``model_dir``'s architecture (the caller checks the plan's hash against it). An
-    existing ``out`` is replaced once the new checkpoint is complete.
+    existing ``out`` that moecc wrote is replaced, once the new checkpoint is complete, only with ``overwrite``.
     """
-    from safetensors import safe_open
-
     model_dir, out = Path(model_dir), Path(out)
-    if out.resolve() == model_dir.resolve():
-        raise InputError("the pruned checkpoint must not overwrite --model")
+    check_output_dir(out, overwrite, (model_dir,))
     kept, n, k = uniform_layers(plan, arch)
     headers = read_headers(model_dir)
     untie = untie_embeddings and is_tied(model_dir, headers)
@@ -190,12 +189,20 @@ def write_pruned_checkpoint(plan: Plan, arch: Architecture, model_dir: str | Pat
     files = (["model.safetensors"] if n_shards == 1 else
              [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)])
 
-    tmp = out.parent / f".{out.name}{PARTIAL_SUFFIX}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    with output_dir(out, overwrite, (model_dir,), "runtime export --to llamacpp (pruned checkpoint)") as tmp:
+        _write_tensors(tmp, jobs, planned, shard_of, files)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        copy_side_files(model_dir, tmp)
+    return PrunedCheckpoint(out, n, k, len(planned), dropped, sum(p.nbytes for p in planned), n_shards)
+
+
+def _write_tensors(tmp: Path, jobs: list, planned: list[PlannedTensor], shard_of: list[int], files: list[str]
+                   ) -> None:
+    """Stream every kept tensor into its shard (and the index when there are several shards)."""
+    from safetensors import safe_open
+
     handle, handle_file = None, None
-    for s in range(n_shards):
+    for s in range(len(files)):
         idx = [i for i, sh in enumerate(shard_of) if sh == s]
         with ShardWriter(tmp / files[s], [planned[i] for i in idx]) as writer:
             for i in idx:
@@ -208,18 +215,10 @@ def write_pruned_checkpoint(plan: Plan, arch: Architecture, model_dir: str | Pat
                 writer.write(name, tensor)
                 del tensor
     handle = None
-    if n_shards > 1:
+    if len(files) > 1:
         index = {"metadata": {"total_size": sum(p.nbytes for p in planned)},
                  "weight_map": {p.name: files[shard_of[i]] for i, p in enumerate(planned)}}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    for p in sorted(model_dir.iterdir()):  # tokenizer, generation config, chat template...
-        if p.is_file() and p.name not in SKIP_FILES and not p.name.endswith(WEIGHT_SUFFIXES):
-            shutil.copyfile(p, tmp / p.name)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return PrunedCheckpoint(out, n, k, len(planned), dropped, sum(p.nbytes for p in planned), n_shards)
 
 
 def is_tied(model_dir: str | Path, headers: list[TensorInfo] | None = None) -> bool:
