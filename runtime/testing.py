@@ -7,6 +7,7 @@ the plans are only good for exercising the runtime (tests, demos), never for jud
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,10 @@ import numpy as np
 from optimizer.architecture import Architecture
 from optimizer.architectures import load_architecture
 from optimizer.budget import Budget
-from optimizer.byte_model import uniform_bytes
+from optimizer.byte_model import plan_bytes_by_kind, uniform_bytes
 from optimizer.formats import get_format
 from optimizer.formulation.instance import FormulationOptions
-from optimizer.plan import Plan, Target
+from optimizer.plan import LayerPlan, Plan, PlanBytes, Target
 from optimizer.profile import Device, ExpertStats, Measurement, ModelInfo, Profile, Sensitivity, TopkCost
 from optimizer.solve import SolveOptions, optimize
 
@@ -76,25 +77,15 @@ def restrict_plan(plan: Plan, arch: Architecture, layers: dict[int, tuple[list[i
 
     No validation: tests use it to make both good and deliberately bad plans.
     """
-    from dataclasses import replace
-
-    from optimizer.byte_model import block_bytes
-    from optimizer.plan import LayerPlan, PlanBytes
-
     new_layers = tuple(LayerPlan(lp.layer, tuple(layers[lp.layer][0]), layers[lp.layer][1]) if lp.layer in layers
                        else lp for lp in plan.layers)
     kept = {lp.layer: set(lp.kept_experts) for lp in new_layers}
     fmts = {**plan.formats, **(formats or {})}
-    out_formats, by_kind = {}, {}
+    out_formats = {}
     for block in arch.blocks:
         if block.is_routed_expert and block.expert not in kept[block.layer]:
             continue
-        fmt = fmts.get(block.name, "int4_g32")  # an expert the plan had pruned gets int4_g32
-        n = block_bytes(block, fmt)
-        if (block.kind.value == "router" and block.layer in kept and "shared_expert_gate" not in block.name
-                and block.shape[0] == arch.moe_layer(block.layer).num_experts):
-            n = n // block.shape[0] * len(kept[block.layer])
-        out_formats[block.name] = fmt
-        by_kind[block.kind.value] = by_kind.get(block.kind.value, 0) + n
+        out_formats[block.name] = fmts.get(block.name, "int4_g32")  # an expert the plan had pruned gets int4_g32
+    by_kind = plan_bytes_by_kind(arch, kept, out_formats)
     pbytes = PlanBytes(sum(by_kind.values()), by_kind, plan.bytes.budget, dict(plan.bytes.reserves))
     return replace(plan, layers=new_layers, formats=out_formats, bytes=pbytes)
