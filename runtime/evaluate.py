@@ -1,11 +1,18 @@
-"""Perplexity / bits-per-byte evaluation over fixed non-overlapping windows.
+"""Perplexity / bits-per-byte evaluation over fixed non-overlapping windows, and KL divergence to a reference.
+
+    python -m runtime eval MODEL_DIR [--reference ORIGINAL] [--split test] [--corpus english] [--max-tokens N]
+                                     [--window 512]
 
 The corpus split is tokenised once; window ``i`` feeds tokens
 ``[i*W, (i+1)*W)`` and scores the next token at each position, so every token
 after the first is predicted exactly once, with a context that restarts at each
 window boundary.  Deterministic: no sampling, no shuffling, float32 on CPU.
 
-    python -m runtime eval MODEL_DIR [--split test] [--corpus english] [--max-tokens N] [--window 512]
+With ``--reference`` (the uncompressed original) both models run on the same windows and each scored position
+adds ``KL(P_ref || P) = sum_v P_ref(v) (log P_ref(v) - log P(v))`` over the vocabulary, in nats; the result
+reports its mean, median, p99, p99.9 and max, and the top-1 agreement (same argmax), as llama.cpp's
+``llama-perplexity --kl-divergence`` does. This is the protocol of every quality table in the repository
+(test split, the model's trained context as the window, the first N tokens).
 
 The default window is ``min(512, config.max_position_embeddings)``: the models
 trained here store their training context there (RoPE does not extrapolate).
@@ -41,7 +48,14 @@ class EvalError(InputError):
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Outcome of one evaluation; ``bits_per_byte`` counts UTF-8 bytes of the scored text."""
+    """Outcome of one evaluation; ``bits_per_byte`` counts UTF-8 bytes of the scored text.
+
+    With a ``reference`` model (:func:`evaluate` ``reference=``), the ``kl_*`` fields are the per-token
+    KL divergence KL(P_reference || P_model) of the next-token distributions in nats (mean, median, 99th and
+    99.9th percentile, max), ``top1_agreement`` the fraction of tokens whose most likely next token is the
+    same in both, and ``reference_perplexity`` the reference's perplexity on the same tokens (llama.cpp's
+    ``llama-perplexity --kl-divergence`` reports the same quantities). Without one they are None.
+    """
 
     model: str
     corpus: str
@@ -57,10 +71,28 @@ class EvalResult:
     byte_tokenizer: bool
     forward_seconds: float
     tokens_per_second: float
+    reference: str | None = None
+    reference_perplexity: float | None = None
+    kl_mean: float | None = None
+    kl_median: float | None = None
+    kl_p99: float | None = None
+    kl_p999: float | None = None
+    kl_max: float | None = None
+    top1_agreement: float | None = None
 
     def to_json(self) -> str:
         """One-line JSON of the result."""
         return json.dumps(asdict(self))
+
+
+@dataclass(frozen=True)
+class _Windows:
+    """The scored tokens: ``inputs[i]`` predicts ``targets[i]``; ``bytes`` of text they cover."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    bytes: int
+    byte_tokenizer: bool
 
 
 def load_model(model_dir: str | Path):
@@ -94,30 +126,20 @@ def _read_text(corpus: str, split: str) -> str:
     return load_corpus(corpus, split)
 
 
-@torch.no_grad()
-def evaluate(model_or_dir: Any, corpus: str = "english", split: str = "test",
-             max_tokens: int | None = None, window: int | None = None, batch_size: int = 8,
-             progress: bool = False) -> EvalResult:
-    """Score ``corpus``/``split`` with a model object or a model directory.
-
-    A model object is assumed to read bytes unless it carries a ``config._name_or_path``
-    directory with a tokenizer.  ``max_tokens`` caps the number of scored tokens
-    (rounded down to whole windows; one shorter window if it is below ``window``).
-    ``window`` defaults to ``min(512, config.max_position_embeddings)`` (the trained context).
-    """
-    if window is not None and window < 1:
-        raise EvalError(f"window must be positive, got {window}")
-    text = _read_text(corpus, split)  # validate the corpus before the (slower) model load
+def _model_and_dir(model_or_dir: Any) -> tuple[Any, Path | None]:
+    """A model object and the directory its tokenizer is in (None: bytes)."""
     if isinstance(model_or_dir, (str, Path)):
-        model_dir: Path | None = Path(model_or_dir)
-        model = load_model(model_dir)
-    else:
-        model = model_or_dir
-        name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-        model_dir = Path(name) if name and Path(name).is_dir() else None
+        return load_model(Path(model_or_dir)), Path(model_or_dir)
+    name = getattr(getattr(model_or_dir, "config", None), "_name_or_path", "") or ""
+    return model_or_dir, (Path(name) if name and Path(name).is_dir() else None)
+
+
+def _windows(model: Any, model_dir: Path | None, text: str, what: str, max_tokens: int | None,
+             window: int | None) -> _Windows:
+    """Tokenize ``text`` and cut it into the protocol's windows (see the module docstring)."""
     ids, byte_tok, tok = _tokenize(model_dir, text)
     if len(ids) < 2:
-        raise EvalError(f"corpus {corpus!r} split {split!r} has fewer than 2 tokens")
+        raise EvalError(f"{what} has fewer than 2 tokens")
     limit = getattr(model.config, "max_position_embeddings", None)
     if window is None:
         window = min(DEFAULT_WINDOW, limit or DEFAULT_WINDOW)
@@ -134,37 +156,85 @@ def evaluate(model_or_dir: Any, corpus: str = "english", split: str = "test",
     if n_windows == 0:  # text shorter than one window: a single short window
         window, n_windows = len(ids) - 1, 1
     data = torch.tensor(ids[: n_windows * window + 1], dtype=torch.long)
-    inputs = data[:-1].view(n_windows, window)
-    targets = data[1:].view(n_windows, window)
-    nll, fwd = 0.0, 0.0
+    n_tok = n_windows * window
+    n_bytes = n_tok if byte_tok else len(tok.decode(ids[1:n_tok + 1]).encode("utf-8"))
+    return _Windows(data[:-1].view(n_windows, window), data[1:].view(n_windows, window), n_bytes, byte_tok)
+
+
+def _kl_and_agreement(ref_logits: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token KL(P_ref || P) in nats and whether the top-1 tokens agree."""
+    ref_logp = torch.log_softmax(ref_logits.float(), dim=-1)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp_min(0.0)
+    return kl.reshape(-1), (ref_logits.argmax(-1) == logits.argmax(-1)).reshape(-1)
+
+
+def _quantile(values: torch.Tensor, q: float) -> float:
+    return float(torch.quantile(values.double(), q)) if values.numel() <= 16_000_000 else float("nan")
+
+
+@torch.no_grad()
+def evaluate(model_or_dir: Any, corpus: str = "english", split: str = "test",
+             max_tokens: int | None = None, window: int | None = None, batch_size: int = 8,
+             progress: bool = False, reference: Any = None) -> EvalResult:
+    """Score ``corpus``/``split`` with a model object or a model directory.
+
+    A model object is assumed to read bytes unless it carries a ``config._name_or_path``
+    directory with a tokenizer.  ``max_tokens`` caps the number of scored tokens
+    (rounded down to whole windows; one shorter window if it is below ``window``).
+    ``window`` defaults to ``min(512, config.max_position_embeddings)`` (the trained context).
+    ``reference`` (a model object or directory, e.g. the uncompressed original) adds the KL divergence to it
+    and the top-1 agreement on the same tokens (see :class:`EvalResult`).
+    """
+    if window is not None and window < 1:
+        raise EvalError(f"window must be positive, got {window}")
+    text = _read_text(corpus, split)  # validate the corpus before the (slower) model load
+    model, model_dir = _model_and_dir(model_or_dir)
+    ref, ref_dir = _model_and_dir(reference) if reference is not None else (None, None)
+    if ref is not None and ref.config.vocab_size != model.config.vocab_size:
+        raise EvalError(f"--reference: vocabulary of {ref.config.vocab_size} tokens != the model's "
+                        f"{model.config.vocab_size}; KL needs the same tokenizer")
+    w = _windows(model, model_dir, text, f"corpus {corpus!r} split {split!r}", max_tokens, window)
+    nll, ref_nll, fwd, kls, agree = 0.0, 0.0, 0.0, [], []
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=n_windows * window, unit="tok", disable=not progress, desc="eval")
-    for start in range(0, n_windows, batch_size):
-        x = inputs[start:start + batch_size]
+    bar = tqdm(total=w.inputs.numel(), unit="tok", disable=not progress, desc="eval")
+    for start in range(0, w.inputs.shape[0], batch_size):
+        x, y = w.inputs[start:start + batch_size], w.targets[start:start + batch_size].reshape(-1)
         t0 = time.perf_counter()
         logits = model(input_ids=x).logits
         fwd += time.perf_counter() - t0
-        nll += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                               targets[start:start + batch_size].reshape(-1), reduction="sum").item()
+        nll += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y, reduction="sum").item()
+        if ref is not None:
+            ref_logits = ref(input_ids=x).logits
+            ref_nll += F.cross_entropy(ref_logits.float().reshape(-1, ref_logits.shape[-1]), y, reduction="sum").item()
+            kl, same = _kl_and_agreement(ref_logits, logits)
+            kls.append(kl)
+            agree.append(same)
         bar.update(x.numel())
     bar.close()
-    n_tok = n_windows * window
-    if byte_tok:
-        n_bytes = n_tok
-    else:
-        n_bytes = len(tok.decode(ids[1:n_windows * window + 1]).encode("utf-8"))
+    n_tok = w.inputs.numel()
+    extra: dict[str, Any] = {}
+    if ref is not None:
+        kl = torch.cat(kls)
+        extra = dict(reference=str(ref_dir) if ref_dir else type(ref).__name__,
+                     reference_perplexity=math.exp(ref_nll / n_tok), kl_mean=float(kl.double().mean()),
+                     kl_median=_quantile(kl, 0.5), kl_p99=_quantile(kl, 0.99), kl_p999=_quantile(kl, 0.999),
+                     kl_max=float(kl.max()), top1_agreement=float(torch.cat(agree).double().mean()))
     return EvalResult(
         model=str(model_dir) if model_dir else type(model).__name__, corpus=corpus, split=split,
-        window=window, windows=n_windows, tokens=n_tok, bytes=n_bytes, nll=nll / n_tok,
+        window=w.inputs.shape[1], windows=w.inputs.shape[0], tokens=n_tok, bytes=w.bytes, nll=nll / n_tok,
         perplexity=math.exp(nll / n_tok), bits_per_token=nll / n_tok / math.log(2),
-        bits_per_byte=nll / max(1, n_bytes) / math.log(2), byte_tokenizer=byte_tok,
-        forward_seconds=fwd, tokens_per_second=n_tok / fwd if fwd > 0 else float("nan"))
+        bits_per_byte=nll / max(1, w.bytes) / math.log(2), byte_tokenizer=w.byte_tokenizer,
+        forward_seconds=fwd, tokens_per_second=n_tok / fwd if fwd > 0 else float("nan"), **extra)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``python -m runtime eval``."""
-    parser.add_argument("model_dir", type=Path, help="directory written by save_pretrained")
+    parser.add_argument("model_dir", type=Path, help="directory written by save_pretrained or runtime apply")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="the original model: adds KL divergence to it (mean, median, p99, p99.9, max) and "
+                             "top-1 agreement, on the same tokens")
     parser.add_argument("--corpus", default="english", help=f"{' / '.join(CORPORA)} or a text file")
     parser.add_argument("--split", default="test", choices=SPLITS)
     parser.add_argument("--max-tokens", type=int, default=None)
@@ -182,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         res = evaluate(args.model_dir, args.corpus, args.split, args.max_tokens, args.window,
-                       args.batch_size, progress=not args.no_progress)
+                       args.batch_size, progress=not args.no_progress, reference=args.reference)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -194,4 +264,9 @@ def run(args: argparse.Namespace) -> int:
           f"perplexity   {res.perplexity:.4f}\nbits/token   {res.bits_per_token:.4f}\n"
           f"bits/byte    {res.bits_per_byte:.4f}{'' if res.byte_tokenizer else ' (decoded bytes)'}\n"
           f"forward      {res.tokens_per_second:,.0f} tokens/s ({res.forward_seconds:.1f} s)")
+    if res.reference is not None:
+        print(f"reference    {res.reference} (perplexity {res.reference_perplexity:.4f})\n"
+              f"KL (nats)    mean {res.kl_mean:.6f}  median {res.kl_median:.6f}  p99 {res.kl_p99:.6f}  "
+              f"p99.9 {res.kl_p999:.6f}  max {res.kl_max:.6f}\n"
+              f"top-1 agree  {100 * res.top1_agreement:.3f}%")
     return 0

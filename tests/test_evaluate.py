@@ -54,6 +54,52 @@ def test_bad_inputs(tiny: Path, tmp_path: Path) -> None:
         evaluate(tiny, str(empty))
 
 
+@torch.no_grad()
+def test_kl_to_the_reference_by_hand(tiny: Path) -> None:
+    """KL(P_ref || P) per token, recomputed with torch's kl_div over the same windows (2 x 64 tokens)."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    noisy = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    gen = torch.Generator().manual_seed(0)
+    for p in noisy.parameters():
+        p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    res = evaluate(noisy, max_tokens=128, window=64, reference=ref)
+    same = evaluate(ref, max_tokens=128, window=64, reference=ref)
+    assert same.kl_mean == 0.0 and same.kl_max == 0.0 and same.top1_agreement == 1.0
+    assert same.reference_perplexity == pytest.approx(same.perplexity, rel=1e-12)
+
+    from runtime.corpora import load_corpus
+
+    ids = torch.tensor(list(load_corpus("english", "test").encode())[:129])
+    x = ids[:-1].view(2, 64)
+    lp, lq = torch.log_softmax(ref(input_ids=x).logits, -1), torch.log_softmax(noisy(input_ids=x).logits, -1)
+    kl = torch.nn.functional.kl_div(lq, lp, log_target=True, reduction="none").sum(-1).reshape(-1)
+    agree = (lp.argmax(-1) == lq.argmax(-1)).double().mean()
+    assert res.kl_mean == pytest.approx(float(kl.mean()), rel=1e-5)
+    assert res.kl_median == pytest.approx(float(kl.median()), rel=1e-2)  # torch.median takes the lower middle
+    assert res.kl_max == pytest.approx(float(kl.max()), rel=1e-5)
+    assert res.kl_median <= res.kl_p99 <= res.kl_p999 <= res.kl_max
+    assert res.top1_agreement == pytest.approx(float(agree))
+    assert res.reference_perplexity == pytest.approx(same.perplexity, rel=1e-9)
+    assert res.perplexity != pytest.approx(res.reference_perplexity)
+
+
+def test_cli_reference(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", str(tiny), "--reference", str(tiny), "--max-tokens", "128", "--window", "64",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "KL (nats)    mean 0.000000" in out and "top-1 agree  100.000%" in out
+    from transformers import AutoModelForCausalLM
+
+    from runtime.tiny_models import tiny_config
+
+    config = tiny_config("deepseek_v3")
+    config.vocab_size = 300
+    with pytest.raises(EvalError, match="vocabulary of 258 tokens != the model's 300"):
+        evaluate(AutoModelForCausalLM.from_config(config), max_tokens=64, window=32, reference=tiny)
+
+
 def test_cli(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["eval", str(tiny), "--max-tokens", "256", "--window", "128", "--json",
                  "--no-progress"]) == 0
