@@ -1,0 +1,1 @@
+"""The sweeps: each module defines ``SWEEP`` (see :mod:`experiments.sweep`); ``python -m experiments list``."""
