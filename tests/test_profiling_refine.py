@@ -1,0 +1,69 @@
+"""profiling.refine: the multipliers' fit, the split of a plan's prediction, and the loop on a tiny model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from optimizer.architectures import load_architecture
+from optimizer.budget import Budget
+from optimizer.byte_model import uniform_bytes
+from optimizer.formulation.instance import FormulationOptions
+from optimizer.solve import SolveOptions, optimize
+from profiling.refine import Measured, baseline_plans, Multipliers, fit_multipliers, plan_hash, plan_parts, refine, scaled_profile
+from runtime.testing import made_up_plan, made_up_profile
+from runtime.tiny_models import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model("qwen3_moe", tmp_path_factory.mktemp("qwen3_moe"))
+
+
+@pytest.fixture(scope="module")
+def profile(tiny: Path):
+    return made_up_profile(load_architecture(tiny))
+
+
+def test_fit_recovers_exact_multipliers(tiny: Path) -> None:
+    """KL = 0.1 + 2 F + 0.5 P + 3 K exactly: NNLS returns those coefficients (four plans, four unknowns)."""
+    plan = made_up_plan(tiny)
+    parts = [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (1.0, 1.0, 1.0), (2.0, 0.5, 0.25)]
+    rows = [Measured("x", plan, p, 0.1 + 2 * p[0] + 0.5 * p[1] + 3 * p[2], 0.0) for p in parts]
+    m = fit_multipliers(rows)
+    assert (m.floor, m.formats, m.prune, m.topk) == pytest.approx((0.1, 2.0, 0.5, 3.0), abs=1e-9)
+
+
+def test_fit_keeps_a_lever_that_never_varies_nonzero(tiny: Path) -> None:
+    plan = made_up_plan(tiny)
+    rows = [Measured("x", plan, (f, 0.0, 0.0), 3 * f, 0.0) for f in (1.0, 2.0, 4.0)]
+    m = fit_multipliers(rows)
+    assert m.formats == pytest.approx(3.0) and m.prune == 1.0 and m.topk == 1.0
+
+
+def test_parts_sum_to_the_solvers_objective(profile) -> None:
+    """The ILP minimises exactly F + P + K of the predicted_loss objective, so the parts add up to it."""
+    arch = profile.architecture
+    budget = Budget(int(uniform_bytes(arch, "BF16") * 0.3), {})
+    plan = optimize(profile, budget, FormulationOptions(objective="predicted_loss"),
+                    SolveOptions(reproducible=True))
+    assert sum(plan_parts(profile, plan)) == pytest.approx(plan.solve.objective, rel=1e-9)
+    doubled = scaled_profile(profile, Multipliers(formats=2.0, prune=2.0, topk=2.0))
+    assert sum(plan_parts(doubled, plan)) == pytest.approx(2 * plan.solve.objective, rel=1e-9)
+    assert doubled.hash != profile.hash or not profile.hash
+
+
+def test_refine_hands_over_the_best_measured_plan(tiny: Path, profile) -> None:
+    arch = profile.architecture
+    budget = Budget(int(uniform_bytes(arch, "BF16") * 0.45), {})
+    res = refine(profile, tiny, budget, rounds=2, tokens=256, window=64)
+    hashes = {plan_hash(m.plan) for m in res.measured}
+    assert len(hashes) == len(res.measured)  # each distinct plan measured once
+    baselines = baseline_plans(profile, budget)
+    assert set(baselines) == {"uniform", "greedy", "sequential", "quantize_only"}
+    assert {plan_hash(p) for p in baselines.values()} <= hashes  # every baseline was measured
+    assert res.best.kl == min(m.kl for m in res.measured)
+    assert all(m.plan.bytes.total <= budget.available for m in res.measured)
+    assert f"'{res.best.name}'" in res.best.plan.solve.message
+    assert np.isfinite(res.multipliers.formats) and res.tokens == 256
