@@ -4,6 +4,11 @@ A *block* is one stored tensor of the checkpoint in its per-expert layout (the n
 writes, e.g. ``model.layers.3.mlp.experts.17.down_proj.weight``). Routed-expert blocks carry their layer,
 expert index and projection; they exist in a plan only if their expert is kept. Builders from model configs
 live in :mod:`optimizer.architectures`.
+
+The ``MAX_*`` constants bound what a profile, a plan or a model config may describe (``docs/profile.md``,
+"Limits"). They lie far above any real model (DeepSeek-V3: 61 layers, 256 experts, 45,395 blocks, the
+largest of 926,679,040 elements, 6.7e11 in all) and keep every byte count an exact int64 and every loop
+over layers, experts or blocks bounded, so an absurd size is refused before memory is spent on it.
 """
 
 from __future__ import annotations
@@ -12,9 +17,25 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Iterable
+from typing import Iterable, Sequence
 
+from .errors import InputError
 from .formats import num_elements
+
+#: Largest dimension of a block's shape (and of a config's widths: hidden size, vocabulary, ...).
+MAX_DIM = 2**31
+#: Most elements in one block.
+MAX_BLOCK_ELEMENTS = 2**48
+#: Most elements in all blocks together: 4 bytes each (F32) is 2**52 bytes, an exact int64 with room to spare.
+MAX_MODEL_ELEMENTS = 2**50
+#: Most decoder layers (and MoE layers) of a model.
+MAX_LAYERS = 2**12
+#: Most routed experts in one MoE layer (also the bound of top-k, shared experts and expert groups).
+MAX_EXPERTS = 2**16
+#: Most weight blocks of a model.
+MAX_BLOCKS = 2**21
+#: Largest KV-cache element size in bytes (float64).
+MAX_KV_DTYPE_BYTES = 8
 
 
 class BlockKind(str, Enum):
@@ -33,6 +54,25 @@ class BlockKind(str, Enum):
 #: Kinds whose tensors stay in full precision (``fixed_format``): llama.cpp keeps norms and routers in F32.
 UNQUANTIZED_KINDS = frozenset({BlockKind.NORM, BlockKind.ROUTER})
 DEFAULT_FIXED_FORMAT = "F32"
+
+
+def check_shape(shape: Sequence[int], where: str) -> None:
+    """Refuse a shape with a dimension above :data:`MAX_DIM` or more than :data:`MAX_BLOCK_ELEMENTS` elements."""
+    for j, d in enumerate(shape):
+        if d > MAX_DIM:
+            raise InputError(f"{where}[{j}]: {d} is larger than the limit of {MAX_DIM} (2**31) per dimension")
+    if num_elements(shape) > MAX_BLOCK_ELEMENTS:
+        raise InputError(f"{where}: {num_elements(shape)} elements, more than the limit of {MAX_BLOCK_ELEMENTS} "
+                         f"(2**48) per block")
+
+
+def check_model_size(blocks: Sequence[Block], where: str) -> None:
+    """Refuse more than :data:`MAX_BLOCKS` blocks or :data:`MAX_MODEL_ELEMENTS` elements in all."""
+    if len(blocks) > MAX_BLOCKS:
+        raise InputError(f"{where}: {len(blocks)} blocks, more than the limit of {MAX_BLOCKS} (2**21)")
+    total = sum(b.numel for b in blocks)
+    if total > MAX_MODEL_ELEMENTS:
+        raise InputError(f"{where}: {total} elements in all, more than the limit of {MAX_MODEL_ELEMENTS} (2**50)")
 
 
 @dataclass(frozen=True)

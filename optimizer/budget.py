@@ -4,10 +4,12 @@
 
 KV cache bytes come from the architecture (:class:`~optimizer.architecture.KVCacheSpec`: MLA's compressed
 latent for DeepSeek, ``2 * kv_heads * head_dim`` for grouped-query attention) at ``dtype_bytes`` per element.
+Sizes are bounded by :data:`MAX_BYTES` and the context by :data:`MAX_CONTEXT` (``docs/optimizer.md``).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -23,22 +25,37 @@ _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\
 
 DEFAULT_CONTEXT = 8192
 DEFAULT_OVERHEAD = "2GiB"
+#: Largest budget, overhead or plan byte count: 1 EiB (2**60 bytes). Byte counts stay exact int64 values,
+#: far below the 1e20 that HiGHS reads as infinite.
+MAX_BYTES = 2**60
+#: Most tokens of KV cache ``--context`` may reserve (2**31 - 1).
+MAX_CONTEXT = 2**31 - 1
 
 
-def parse_bytes(text: str | int | float, what: str = "size") -> int:
-    """``"128GB"`` -> 128e9, ``"120GiB"`` -> 120 * 2**30, ``"5e9"`` -> 5e9. Decimal GB and binary GiB both work."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value, unit = float(text), ""
+def parse_bytes(text: str | float, what: str = "size", minimum: int = 1) -> int:
+    """``"128GB"`` -> 128e9, ``"120GiB"`` -> 120 * 2**30, ``"5e9"`` -> 5e9. Decimal GB and binary GiB both work.
+
+    The result lies in ``[minimum, MAX_BYTES]``; anything else (``1e400GB``, ``nan``) is an :class:`InputError`.
+    """
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        raise InputError(f"{what}: expected a size such as 128GB, got {text!r}")
+    if isinstance(text, (int, float)):
+        value, unit = text, ""
     else:
-        m = _SIZE_RE.match(str(text))
+        m = _SIZE_RE.match(text)
         if not m:
-            raise InputError(f"{what}: cannot read {text!r} as a size (examples: 128GB, 120GiB, 512MB)")
-        value, unit = float(m.group(1)), m.group(2).lower()
+            raise InputError(f"{what}: cannot read {text[:40]!r} as a size (examples: 128GB, 120GiB, 512MB)")
+        digits, unit = m.group(1), m.group(2).lower()
+        value = int(digits) if digits.isdigit() and len(digits) <= 30 else float(digits)  # "5000000001B" exact
     if unit not in _UNITS:
         raise InputError(f"{what}: unknown unit {unit!r} (use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB)")
-    out = int(round(value * _UNITS[unit]))
-    if out <= 0:
-        raise InputError(f"{what}: must be positive, got {text!r}")
+    if isinstance(value, float) and math.isnan(value):
+        raise InputError(f"{what}: expected a size, got {text!r}")
+    if value * _UNITS[unit] > MAX_BYTES:  # also catches 1e400 (inf); ints are compared exactly
+        raise InputError(f"{what}: {str(text)[:40]} is more than the limit of {MAX_BYTES} bytes (2**60, 1 EiB)")
+    out = round(value * _UNITS[unit])  # an int, exact for integer input
+    if out < minimum:
+        raise InputError(f"{what}: must be {'positive' if minimum == 1 else f'>= {minimum} bytes'}, got {text!r}")
     return out
 
 
@@ -66,9 +83,9 @@ def make_budget(arch: Architecture, budget: str | int, context: int = DEFAULT_CO
                 overhead: str | int = DEFAULT_OVERHEAD) -> Budget:
     """Budget minus the KV cache of ``context`` tokens and a fixed runtime overhead."""
     total = parse_bytes(budget, "--budget")
-    if isinstance(context, bool) or not isinstance(context, int) or context < 0:
-        raise InputError(f"--context: expected a non-negative number of tokens, got {context!r}")
-    over = 0 if overhead in (0, "0") else parse_bytes(overhead, "--overhead")
+    if isinstance(context, bool) or not isinstance(context, int) or not 0 <= context <= MAX_CONTEXT:
+        raise InputError(f"--context: expected a number of tokens in [0, {MAX_CONTEXT}], got {context!r}")
+    over = parse_bytes(overhead, "--overhead", minimum=0)
     reserves = {"kv_cache": arch.kv_cache.bytes_for(context), "overhead": over}
     out = Budget(total, reserves)
     if out.available <= 0:

@@ -3,20 +3,59 @@
 Exit codes: 0 = a proven optimum or an accepted feasible plan, 1 = solver failure (or no plan within the
 time limit), 2 = bad input (one line on stderr naming the field, no traceback, no output file); an
 infeasible budget also exits 2 and states the smallest achievable size.
+
+Every flag is checked before the profile is read: numbers finite and within the ``MAX_*`` bounds below (and
+those of :mod:`optimizer.budget`, :mod:`optimizer.architecture`, :mod:`optimizer.profile`), listed in
+``docs/optimizer.md`` ("Input limits"); files are read through the bounded reader of :mod:`optimizer.jsonio`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-from pathlib import Path
+import time
 
-from .errors import InfeasibleError, InputError, SolverError
+from .architecture import MAX_EXPERTS
+from .budget import MAX_CONTEXT, parse_bytes
+from .errors import InfeasibleError, InputError, SolverError, error_line
+from .formats import get_format
+from .jsonio import check_output_path
+from .profile import MAX_COST_NATS
+
+#: Longest ``--time-limit``, in seconds (about 11.6 days).
+MAX_TIME_LIMIT_S = 1e6
+#: Largest ``--gap``: a relative gap above 1 proves nothing a feasible plan does not.
+MAX_GAP = 1.0
+#: Most ``--threads`` (also profiling's): HiGHS aborts the whole process when it cannot start the threads asked for.
+MAX_THREADS = 256
+#: Largest ``--seed`` (also profiling's): the solvers' and numpy's seed range.
+MAX_SEED = 2**31 - 1
+#: Largest ``--min-tokens-per-s``.
+MAX_TOKENS_PER_S = 1e9
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, ``error: argument --context: invalid int value: 'x'``, exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {' '.join(message.split())}\n")
+
+
+def check_range(value: float, flag: str, low: float, high: float, open_low: bool = False) -> None:
+    """Refuse a value that is not finite or lies outside ``[low, high]`` (``(low, high]`` when ``open_low``)."""
+    inside = math.isfinite(value) and (low < value if open_low else low <= value) and value <= high
+    if not inside:
+        raise InputError(f"{flag}: must lie in {'(' if open_low else '['}{_num(low)}, {_num(high)}], got {_num(value)}")
+
+
+def _num(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m optimizer", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m optimizer", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("solve", help="choose kept experts, per-layer top-k and per-block formats under a budget")
@@ -60,11 +99,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # -h, or a usage error already printed as one line
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return _run(args)
     except (InputError, InfeasibleError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2
     except SolverError as exc:
         print(f"solver error: {exc}", file=sys.stderr)
@@ -95,6 +137,7 @@ def _run(args: argparse.Namespace) -> int:
         from .examples.deepseek_v3 import build_deepseek_v3_profile
         from .profile import save_profile
 
+        check_output_path(args.output, "-o")
         digest = save_profile(build_deepseek_v3_profile(), args.output)
         print(f"wrote {args.output} ({digest})")
         return 0
@@ -114,20 +157,11 @@ def _solve(args: argparse.Namespace) -> int:
     if args.solver not in solver_names():
         raise InputError(f"--solver: unknown {args.solver!r}; choose from {', '.join(solver_names())}")
     get_objective(args.formulation)
-    for name in ("time_limit", "gap"):
-        value = getattr(args, name)
-        if not value > 0:
-            raise InputError(f"--{name.replace('_', '-')}: must be positive, got {value}")
-    if args.threads < 1:
-        raise InputError(f"--threads: must be >= 1, got {args.threads}")
-    if not 0 < args.retain_ratio <= 1:
-        raise InputError(f"--retain-ratio: must lie in (0, 1], got {args.retain_ratio}")
-    out = Path(args.output)
-    if out.is_dir():
-        raise InputError(f"-o: {out} is a directory")
+    total, overhead, formats = _check_solve_flags(args)  # all before the profile is read
+    out = check_output_path(args.output, "-o")
+    started = time.perf_counter()  # --time-limit covers reading the profile too
     profile = load_profile(args.profile)
-    budget = make_budget(profile.architecture, args.budget, args.context, args.overhead)
-    formats = tuple(f.strip() for f in args.formats.split(",") if f.strip()) if args.formats else None
+    budget = make_budget(profile.architecture, total, args.context, overhead)
     formulation = FormulationOptions(
         objective=args.formulation,
         objective_options=ObjectiveOptions(importance_alpha=args.importance_alpha, expert_weight=args.expert_weight),
@@ -135,8 +169,8 @@ def _solve(args: argparse.Namespace) -> int:
         min_tokens_per_s=args.min_tokens_per_s, presolve=not args.no_presolve,
     )
     options = SolveOptions(
-        solver=args.solver, time_limit=args.time_limit, rel_gap=args.gap, threads=args.threads, seed=args.seed,
-        accelerate=not args.no_accelerate, reproducible=args.reproducible,
+        started=started, solver=args.solver, time_limit=args.time_limit, rel_gap=args.gap, threads=args.threads,
+        seed=args.seed, accelerate=not args.no_accelerate, reproducible=args.reproducible,
         baseline=BaselineOptions(retain_ratio=args.retain_ratio, importance_alpha=args.importance_alpha),
     )
     plan = optimize(profile, budget, formulation, options)
@@ -147,6 +181,36 @@ def _solve(args: argparse.Namespace) -> int:
         print(report.render_plan(plan))
         print(f"wrote {out}")
     return 0
+
+
+def _check_solve_flags(args: argparse.Namespace) -> tuple[int, int, tuple[str, ...] | None]:
+    """Every numeric flag finite and in range; returns the budget and overhead in bytes and the ``--formats``."""
+    check_range(args.time_limit, "--time-limit", 0, MAX_TIME_LIMIT_S, open_low=True)
+    check_range(args.gap, "--gap", 0, MAX_GAP, open_low=True)
+    check_range(args.threads, "--threads", 1, MAX_THREADS)
+    check_range(args.seed, "--seed", 0, MAX_SEED)
+    check_range(args.context, "--context", 0, MAX_CONTEXT)
+    check_range(args.min_experts, "--min-experts", 0, MAX_EXPERTS)
+    check_range(args.min_top_k, "--min-top-k", 1, MAX_EXPERTS)
+    if args.min_tokens_per_s is not None:
+        check_range(args.min_tokens_per_s, "--min-tokens-per-s", 0, MAX_TOKENS_PER_S, open_low=True)
+    if args.expert_weight is not None:
+        check_range(args.expert_weight, "--expert-weight", 0, MAX_COST_NATS)
+    check_range(args.importance_alpha, "--importance-alpha", 0, 1)
+    check_range(args.retain_ratio, "--retain-ratio", 0, 1, open_low=True)
+    total = parse_bytes(args.budget, "--budget")
+    overhead = parse_bytes(args.overhead, "--overhead", minimum=0)
+    formats = None
+    if args.formats is not None:
+        formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
+        if not formats:
+            raise InputError(f"--formats: no candidate formats in {args.formats[:40]!r}")
+        for name in formats:
+            try:
+                get_format(name)
+            except ValueError as exc:  # InputError, or int() of a 5000-digit group size
+                raise InputError(f"--formats: {exc}") from None
+    return total, overhead, formats
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,3 +24,8 @@ class InfeasibleError(MoeccError):
 
 class SolverError(MoeccError):
     """A solver backend failed or is not installed."""
+
+
+def error_line(exc: BaseException) -> str:
+    """The exception's message on one line (a path or value with a newline must not split it)."""
+    return " ".join(str(exc).split()) or type(exc).__name__

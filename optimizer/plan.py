@@ -2,7 +2,8 @@
 
 Field-by-field documentation: ``docs/plan.md``; JSON Schema: ``optimizer/schemas/plan.schema.json``.
 A plan names every block that survives (``formats``: block name -> format); blocks of pruned experts are
-absent. Expert indices are the original ones of the profiled checkpoint.
+absent. Expert indices are the original ones of the profiled checkpoint. Counts are bounded by the
+``MAX_*`` limits of :mod:`optimizer.architecture`, byte counts by :data:`optimizer.budget.MAX_BYTES`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from .architecture import MAX_BLOCKS, MAX_EXPERTS, MAX_LAYERS
+from .budget import MAX_BYTES
 from .errors import InputError
 from .formats import get_format
 from .jsonio import Reader, as_int, check_envelope, read_json, write_json
@@ -143,11 +146,17 @@ def plan_from_json(doc: Any) -> Plan:
     m.done()
     target = Target(r.str("target", choices=tuple(t.value for t in Target)))
     layers = []
-    for i, item in enumerate(r.list("layers")):
+    layers_raw = r.list("layers")
+    if len(layers_raw) > MAX_LAYERS:
+        raise InputError(f"plan.layers: {len(layers_raw)} entries, more than the limit of {MAX_LAYERS} layers")
+    for i, item in enumerate(layers_raw):
         lr = Reader(item, f"plan.layers[{i}]")
-        layer, top_k = lr.int("layer"), lr.int("top_k", minimum=1)
+        layer, top_k = lr.int("layer", maximum=MAX_LAYERS), lr.int("top_k", minimum=1, maximum=MAX_EXPERTS)
         kept_raw = lr.list("kept_experts")
-        kept = tuple(as_int(e, f"plan.layers[{i}].kept_experts[{j}]") for j, e in enumerate(kept_raw))
+        if len(kept_raw) > MAX_EXPERTS:
+            raise InputError(f"plan.layers[{i}].kept_experts: {len(kept_raw)} experts, more than the limit of "
+                             f"{MAX_EXPERTS}")
+        kept = tuple(as_int(e, f"plan.layers[{i}].kept_experts[{j}]", 0, MAX_EXPERTS) for j, e in enumerate(kept_raw))
         lr.done()
         if len(set(kept)) != len(kept) or list(kept) != sorted(kept):
             raise InputError(f"plan.layers[{i}].kept_experts: must be sorted and without duplicates")
@@ -157,21 +166,23 @@ def plan_from_json(doc: Any) -> Plan:
             raise InputError(f"plan.layers[{i}].layer: duplicate layer {layer}")
         layers.append(LayerPlan(layer, kept, top_k))
     fr = r.child("formats")
+    if len(fr.obj) > MAX_BLOCKS:
+        raise InputError(f"plan.formats: {len(fr.obj)} blocks, more than the limit of {MAX_BLOCKS} (2**21)")
     formats = {}
     for key in list(fr.obj):
         fmt = fr.str(key)
         try:
             formats[key] = get_format(fmt).name
-        except InputError as exc:
+        except ValueError as exc:  # InputError, or int() of a 5000-digit group size
             raise InputError(f"plan.formats.{key}: {exc}") from None
     fr.done()
     br = r.child("bytes")
     by_kind_r, reserves_r = br.child("by_kind"), br.child("reserves")
-    by_kind = {k: by_kind_r.int(k) for k in list(by_kind_r.obj)}
-    reserves = {k: reserves_r.int(k) for k in list(reserves_r.obj)}
+    by_kind = {k: by_kind_r.int(k, maximum=MAX_BYTES) for k in list(by_kind_r.obj)}
+    reserves = {k: reserves_r.int(k, maximum=MAX_BYTES) for k in list(reserves_r.obj)}
     by_kind_r.done(), reserves_r.done()
-    pbytes = PlanBytes(br.int("total"), by_kind, br.int("budget"), reserves)
-    br.int("available", minimum=None)
+    pbytes = PlanBytes(br.int("total", maximum=MAX_BYTES), by_kind, br.int("budget", maximum=MAX_BYTES), reserves)
+    br.int("available", minimum=-MAX_BYTES, maximum=MAX_BYTES)
     br.done()
     pr = r.child("predicted", required=False)
     predicted = {}

@@ -4,7 +4,8 @@ Field-by-field documentation: ``docs/profile.md``; JSON Schema: ``optimizer/sche
 Per-layer arrays are aligned with ``architecture.moe_layers``; ``sensitivity.values`` has one row per block
 of ``architecture.blocks`` and one column per entry of ``sensitivity.formats`` (``null`` where the format
 cannot store the block or the block is not quantizable). Every measured section carries a
-:class:`Measurement` saying how it was obtained.
+:class:`Measurement` saying how it was obtained. Sizes and counts are bounded by the ``MAX_*`` limits of
+:mod:`optimizer.architecture`, costs by :data:`MAX_COST_NATS` (``docs/profile.md``, "Limits").
 """
 
 from __future__ import annotations
@@ -16,14 +17,30 @@ from typing import Any
 import numpy as np
 
 from .architecture import (
-    Architecture, Block, BlockKind, DEFAULT_FIXED_FORMAT, KVCacheSpec, MoELayer, UNQUANTIZED_KINDS,
+    Architecture, Block, BlockKind, DEFAULT_FIXED_FORMAT, KVCacheSpec, MAX_BLOCKS, MAX_DIM, MAX_EXPERTS,
+    MAX_KV_DTYPE_BYTES, MAX_LAYERS, MoELayer, UNQUANTIZED_KINDS, check_model_size, check_shape,
 )
 from .errors import InputError
 from .formats import get_format
-from .jsonio import Reader, as_int, check_envelope, json_floats, number_array, number_matrix, read_json, write_json
+from .jsonio import (
+    Reader,
+    as_int,
+    check_envelope,
+    json_floats,
+    number_array,
+    number_matrix,
+    read_json,
+    write_json,
+)
 
 PROFILE_SCHEMA = "moecc.profile"
 PROFILE_VERSION = 1
+
+#: Largest loss cost in nats/token: every ``sensitivity``, ``prune_cost`` and ``topk_cost`` value, and
+#: ``--expert-weight``. A uniform guess over a 150k-token vocabulary loses 12 nats; the committed profiles
+#: stay below 410. Far larger costs leave the solver's tolerances meaningless next to the real ones, and at
+#: 1e308 two layers' costs already sum to infinity, which no plan can record.
+MAX_COST_NATS = 1e4
 
 
 @dataclass(frozen=True)
@@ -157,7 +174,7 @@ def _formats(names: list, path: str) -> tuple[str, ...]:
             raise InputError(f"{path}[{i}]: expected a format name, got {n!r}")
         try:
             out.append(get_format(n).name)
-        except InputError as exc:
+        except ValueError as exc:  # InputError, or int() of a 5000-digit group size
             raise InputError(f"{path}[{i}]: {exc}") from None
     if len(set(out)) != len(out):
         raise InputError(f"{path}: duplicate format names")
@@ -167,12 +184,12 @@ def _formats(names: list, path: str) -> tuple[str, ...]:
 def _architecture_from_json(r: Reader) -> Architecture:
     p = r.path
     family = r.str("family")
-    num_layers = r.int("num_layers", minimum=1)
-    hidden = r.int("hidden_size", minimum=1)
-    vocab = r.int("vocab_size", minimum=1)
-    shared = r.int("shared_experts")
-    groups = r.int("expert_groups", required=False, minimum=1) or 1
-    topk_groups = r.int("topk_groups", required=False, minimum=1) or 1
+    num_layers = r.int("num_layers", minimum=1, maximum=MAX_LAYERS)
+    hidden = r.int("hidden_size", minimum=1, maximum=MAX_DIM)
+    vocab = r.int("vocab_size", minimum=1, maximum=MAX_DIM)
+    shared = r.int("shared_experts", maximum=MAX_EXPERTS)
+    groups = r.int("expert_groups", required=False, minimum=1, maximum=MAX_EXPERTS) or 1
+    topk_groups = r.int("topk_groups", required=False, minimum=1, maximum=MAX_EXPERTS) or 1
     proj_raw = r.list("expert_projections", required=False)
     projections: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     if proj_raw is not None:
@@ -185,9 +202,13 @@ def _architecture_from_json(r: Reader) -> Architecture:
             raise InputError(f"{p}.expert_projections: duplicate projection names")
         projections = tuple(proj_raw)
     moe_layers = []
-    for i, item in enumerate(r.list("moe_layers")):
+    moe_raw = r.list("moe_layers")
+    if len(moe_raw) > num_layers:
+        raise InputError(f"{p}.moe_layers: {len(moe_raw)} entries for {num_layers} layers")
+    for i, item in enumerate(moe_raw):
         mr = Reader(item, f"{p}.moe_layers[{i}]")
-        layer = MoELayer(mr.int("layer"), mr.int("num_experts", minimum=1), mr.int("top_k", minimum=1))
+        layer = MoELayer(mr.int("layer", maximum=MAX_LAYERS), mr.int("num_experts", minimum=1, maximum=MAX_EXPERTS),
+                         mr.int("top_k", minimum=1, maximum=MAX_EXPERTS))
         mr.done()
         if layer.index >= num_layers:
             raise InputError(f"{p}.moe_layers[{i}].layer: {layer.index} >= num_layers {num_layers}")
@@ -209,8 +230,9 @@ def _architecture_from_json(r: Reader) -> Architecture:
     kv = r.child("kv_cache")
     kv_spec = KVCacheSpec(
         kind=kv.str("kind", choices=("mla", "gqa", "mha")),
-        elements_per_token_per_layer=kv.int("elements_per_token_per_layer", minimum=1),
-        num_layers=kv.int("num_layers", minimum=1), dtype_bytes=kv.int("dtype_bytes", required=False, minimum=1) or 2,
+        elements_per_token_per_layer=kv.int("elements_per_token_per_layer", minimum=1, maximum=MAX_DIM),
+        num_layers=kv.int("num_layers", minimum=1, maximum=MAX_LAYERS),
+        dtype_bytes=kv.int("dtype_bytes", required=False, minimum=1, maximum=MAX_KV_DTYPE_BYTES) or 2,
     )
     kv.done()
     blocks = _blocks_from_json(r.list("blocks"), f"{p}.blocks", {m.index: m for m in moe_layers}, projections)
@@ -226,6 +248,8 @@ def _blocks_from_json(items: list, path: str, moe: dict[int, MoELayer], projecti
     kinds = {k.value: k for k in BlockKind}
     blocks, names = [], set()
     seen_expert_blocks: set[tuple[int, int, str]] = set()
+    if len(items) > MAX_BLOCKS:
+        raise InputError(f"{path}: {len(items)} blocks, more than the limit of {MAX_BLOCKS} (2**21)")
     for i, item in enumerate(items):
         br = Reader(item, f"{path}[{i}]")
         name = br.str("name")
@@ -233,9 +257,10 @@ def _blocks_from_json(items: list, path: str, moe: dict[int, MoELayer], projecti
         shape_raw = br.list("shape")
         if not shape_raw or len(shape_raw) > 3:
             raise InputError(f"{path}[{i}].shape: expected 1 to 3 dimensions, got {shape_raw!r}")
-        shape = tuple(as_int(d, f"{path}[{i}].shape[{j}]", 1) for j, d in enumerate(shape_raw))
-        layer = br.int("layer", required=False)
-        expert = br.int("expert", required=False)
+        shape = tuple(as_int(d, f"{path}[{i}].shape[{j}]", 1, MAX_DIM) for j, d in enumerate(shape_raw))
+        check_shape(shape, f"{path}[{i}].shape")
+        layer = br.int("layer", required=False, maximum=MAX_LAYERS)
+        expert = br.int("expert", required=False, maximum=MAX_EXPERTS)
         projection = br.str("projection", required=False)
         quantizable = br.bool("quantizable", required=False)
         quantizable = (kind not in UNQUANTIZED_KINDS and len(shape) > 1) if quantizable is None else quantizable
@@ -248,7 +273,7 @@ def _blocks_from_json(items: list, path: str, moe: dict[int, MoELayer], projecti
             fixed = fixed or DEFAULT_FIXED_FORMAT
             try:
                 get_format(fixed)
-            except InputError as exc:
+            except ValueError as exc:  # InputError, or int() of a 5000-digit group size
                 raise InputError(f"{path}[{i}].fixed_format: {exc}") from None
         elif fixed is not None:
             raise InputError(f"{path}[{i}].fixed_format: only non-quantizable blocks have a fixed format")
@@ -268,6 +293,7 @@ def _blocks_from_json(items: list, path: str, moe: dict[int, MoELayer], projecti
     expected = sum(m.num_experts for m in moe.values()) * len(projections)
     if len(seen_expert_blocks) != expected:
         raise InputError(f"{path}: expected {expected} routed_expert blocks (every expert x projection), got {len(seen_expert_blocks)}")
+    check_model_size(blocks, path)
     return tuple(blocks)
 
 
@@ -280,7 +306,8 @@ def _experts_from_json(r: Reader, arch: Architecture) -> ExpertStats:
     sal_raw = r.list("saliency", required=False)
     sal = number_matrix(sal_raw, f"{p}.saliency", n, sizes) if sal_raw is not None else None
     pc_raw = r.list("prune_cost", required=False)
-    pc = number_matrix(pc_raw, f"{p}.prune_cost", n, sizes, allow_null=True) if pc_raw is not None else None
+    pc = (number_matrix(pc_raw, f"{p}.prune_cost", n, sizes, allow_null=True, maximum=MAX_COST_NATS)
+          if pc_raw is not None else None)
     meas = _measurement(r.child("measurement"), f"{p}.measurement")
     pc_meas_r = r.child("prune_cost_measurement", required=False)
     pc_meas = _measurement(pc_meas_r, f"{p}.prune_cost_measurement") if pc_meas_r is not None else None
@@ -303,7 +330,7 @@ def _sensitivity_from_json(r: Reader, arch: Architecture, formats: tuple[str, ..
     values = np.full((len(rows), len(sformats)), np.nan)
     fmts = [get_format(f) for f in sformats]
     for i, (row, block) in enumerate(zip(rows, arch.blocks)):
-        arr = number_array(row, f"{p}.values[{i}]", len(sformats), allow_null=True)
+        arr = number_array(row, f"{p}.values[{i}]", len(sformats), allow_null=True, maximum=MAX_COST_NATS)
         if block.quantizable:
             for j, fmt in enumerate(fmts):
                 if fmt.admits(block.shape) and np.isnan(arr[j]) and fmt.name in formats:
@@ -317,7 +344,8 @@ def _sensitivity_from_json(r: Reader, arch: Architecture, formats: tuple[str, ..
 
 def _topk_from_json(r: Reader, arch: Architecture) -> TopkCost:
     p = r.path
-    values = number_matrix(r.list("values"), f"{p}.values", len(arch.moe_layers), [m.top_k for m in arch.moe_layers])
+    values = number_matrix(r.list("values"), f"{p}.values", len(arch.moe_layers), [m.top_k for m in arch.moe_layers],
+                           maximum=MAX_COST_NATS)
     meas = _measurement(r.child("measurement"), f"{p}.measurement")
     r.done()
     return TopkCost(tuple(values), meas)
@@ -333,7 +361,7 @@ def _device_from_json(r: Reader) -> Device:
         for key in list(tp_raw.obj):
             try:
                 name = get_format(key).name
-            except InputError as exc:
+            except ValueError as exc:  # InputError, or int() of a 5000-digit group size
                 raise InputError(f"{tp_raw.path}.{key}: {exc}") from None
             if name in throughput:
                 raise InputError(f"{tp_raw.path}.{key}: duplicate format {name}")

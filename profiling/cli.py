@@ -1,7 +1,11 @@
 """Command line: ``python -m profiling run | validate | compare-domains | memory | inspect | refit`` (docs/profiling.md).
 
 Bad input (not a supported MoE directory, an empty corpus, a format the model's shapes cannot take, a
-malformed profile) prints one line ``error: ...`` on stderr and exits with code 2.
+malformed profile, a flag out of range) prints one line ``error: ...`` on stderr and exits with code 2.
+Numeric flags are checked against :data:`INT_FLAGS` (and ``--keep``) and output paths for writability
+before torch is imported or any model is read. Profiles go through the bounded reader of
+:mod:`optimizer.jsonio`; a ``.details.json`` read without it that is too deep or too large still ends in one
+line (RecursionError, MemoryError and OverflowError are caught as well).
 """
 from __future__ import annotations
 
@@ -10,7 +14,27 @@ import logging
 import sys
 from pathlib import Path
 
-from optimizer.errors import InputError
+from optimizer.architecture import MAX_BLOCKS, MAX_EXPERTS
+from optimizer.cli import MAX_SEED, MAX_THREADS, OneLineParser, check_range
+from optimizer.errors import InputError, error_line
+from optimizer.jsonio import check_output_path
+
+#: (smallest, largest) value of every integer flag, by argparse destination; a flag left at None keeps its
+#: automatic default. ``docs/profiling.md`` describes the flags.
+INT_FLAGS: dict[str, tuple[int, int]] = {
+    "max_tokens": (1, 2**31 - 1),
+    "window": (1, 2**20),
+    "batch_size": (1, 2**16),
+    "seed": (0, MAX_SEED),
+    "prune_per_layer": (1, MAX_EXPERTS),
+    "measure_blocks": (1, MAX_BLOCKS),
+    "state_budget_mib": (1, 2**20),
+    "device_repeats": (1, 1000),
+    "threads": (1, MAX_THREADS),
+    "plans": (3, 10**4),
+}
+#: argparse destinations of the paths a command writes, with their flags.
+OUTPUT_FLAGS = {"output": "-o", "json": "--json"}
 
 
 def _add_run(sub) -> None:
@@ -97,7 +121,7 @@ def _add_memory(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m profiling", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m profiling", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_validate(sub)
@@ -172,8 +196,29 @@ def _cmd_memory(args) -> int:
     return 0
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """Every numeric flag in range and every output path writable; cheap, before torch or a model is loaded."""
+    for dest, (low, high) in INT_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            check_range(value, "--" + dest.replace("_", "-"), low, high)
+    if getattr(args, "keep", None) is not None:
+        check_range(args.keep, "--keep", 0, 1, open_low=True)
+    for dest, flag in OUTPUT_FLAGS.items():
+        if getattr(args, dest, None) is not None:
+            check_output_path(getattr(args, dest), flag)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # -h, or a usage error already printed as one line
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        check_flags(args)
+    except InputError as exc:
+        print(f"error: {error_line(exc)}", file=sys.stderr)
+        return 2
     if getattr(args, "threads", None):
         import torch
 
@@ -186,5 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                 "memory": _cmd_memory, "inspect": _cmd_inspect,
                 "refit": _cmd_refit}[args.command](args)
     except (InputError, CorpusError) as exc:
-        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        print(f"error: {error_line(exc)}", file=sys.stderr)
+        return 2
+    except (RecursionError, MemoryError, OverflowError) as exc:  # details files are still read with json.loads
+        print(f"error: input too large or too deeply nested ({type(exc).__name__}: {error_line(exc)})", file=sys.stderr)
         return 2

@@ -7,12 +7,12 @@ Supported: transformers configs of ``deepseek_v3``, ``deepseek_v2``, ``qwen3_moe
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
 from ..architecture import Architecture
 from ..errors import InputError
+from ..jsonio import parse_json, read_bytes
 from .deepseek import deepseek_from_hf, deepseek_from_reference, is_reference_config
 from .gqa_moe import gqa_moe_from_hf
 
@@ -55,8 +55,5 @@ def load_architecture(path: str | Path) -> Architecture:
         p = p / "config.json"
     if not p.is_file():
         raise InputError(f"{path}: no such config file (expected config.json or a directory holding one)")
-    try:
-        config = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{p}: cannot read JSON config: {exc}") from exc
+    config = parse_json(read_bytes(p), f"{p}: cannot read JSON config")  # bounded like the contracts
     return architecture_from_config(config, str(p))

@@ -1,10 +1,16 @@
-"""Shared helpers of the architecture builders: a checked config reader and a block-list builder."""
+"""Shared helpers of the architecture builders: a checked config reader and a block-list builder.
+
+Every size a config gives is bounded (:data:`~optimizer.architecture.MAX_DIM` unless told, layer and expert
+counts by their own limits), and :func:`check_layout` refuses a layer x expert count that would build more
+than :data:`~optimizer.architecture.MAX_BLOCKS` blocks before a single block is made.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Sequence
 
-from ..architecture import DEFAULT_FIXED_FORMAT, Block, BlockKind
+from ..architecture import DEFAULT_FIXED_FORMAT, MAX_BLOCKS, MAX_DIM, MAX_MODEL_ELEMENTS, Block, BlockKind, check_shape
 from ..errors import InputError
 
 _MISSING = object()
@@ -27,25 +33,29 @@ class ConfigReader:
         value = self.config.get(key)
         return default if value is None else value
 
-    def int(self, key: str, default: Any = _MISSING, *, minimum: int = 1) -> int:
-        """An integer ``>= minimum`` (1 unless told); ``default`` when the key is absent or null."""
+    def int(self, key: str, default: Any = _MISSING, *, minimum: int = 1, maximum: int = MAX_DIM) -> int:
+        """An integer in ``[minimum, maximum]`` (1 and :data:`MAX_DIM` unless told); ``default`` if absent or null."""
         value = self.config.get(key)
         if value is None:
             if default is _MISSING:
                 raise InputError(f"{self.where}: missing key {key!r}")
             return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not finite or int(value) != value:
             raise InputError(f"{self.where}: {key!r} must be an integer, got {value!r}")
         if value < minimum:
             what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
             raise InputError(f"{self.where}: {key!r} must be {what}, got {value!r}")
+        if value > maximum:
+            raise InputError(f"{self.where}: {key!r} must be <= {maximum}, got {value!r}")
         return int(value)
 
-    def first_int(self, keys: Sequence[str], default: Any = _MISSING, *, minimum: int = 1) -> int:
+    def first_int(self, keys: Sequence[str], default: Any = _MISSING, *, minimum: int = 1,
+                  maximum: int = MAX_DIM) -> int:
         """The first of several alias keys that is present (e.g. ``num_experts`` / ``num_local_experts``)."""
         for key in keys:
             if self.has(key):
-                return self.int(key, minimum=minimum)
+                return self.int(key, minimum=minimum, maximum=maximum)
         if default is _MISSING:
             raise InputError(f"{self.where}: missing key {keys[0]!r} (or {', '.join(map(repr, keys[1:]))})")
         return default
@@ -71,22 +81,40 @@ class ConfigReader:
         return {k: self.config[k] for k in keys if k in self.config}
 
 
-class BlockList:
-    """Accumulates blocks in checkpoint order."""
+def check_layout(where: str, num_layers: int, num_experts: int) -> None:
+    """Refuse, before building, a model whose routed-expert blocks alone would exceed :data:`MAX_BLOCKS`."""
+    if num_layers * num_experts * len(MLP_PROJECTIONS) > MAX_BLOCKS:
+        raise InputError(f"{where}: {num_layers} layers x {num_experts} experts x {len(MLP_PROJECTIONS)} projections "
+                         f"exceed the limit of {MAX_BLOCKS} (2**21) weight blocks")
 
-    def __init__(self) -> None:
+
+class BlockList:
+    """Accumulates blocks in checkpoint order; every shape within the limits, the total too."""
+
+    def __init__(self, where: str = "config") -> None:
         self.blocks: list[Block] = []
+        self.where = where
+        self.elements = 0
+
+    def _add(self, block: Block) -> None:
+        check_shape(block.shape, f"{self.where}: {block.name} shape")
+        self.elements += block.numel
+        if self.elements > MAX_MODEL_ELEMENTS:
+            raise InputError(f"{self.where}: more than the limit of {MAX_MODEL_ELEMENTS} (2**50) elements in all")
+        if len(self.blocks) >= MAX_BLOCKS:
+            raise InputError(f"{self.where}: more than the limit of {MAX_BLOCKS} (2**21) weight blocks")
+        self.blocks.append(block)
 
     def weight(self, name: str, kind: BlockKind, shape: tuple[int, ...], layer: int | None = None,
                expert: int | None = None, projection: str | None = None) -> None:
         """A quantizable tensor."""
-        self.blocks.append(Block(name, kind, tuple(shape), layer, expert, projection))
+        self._add(Block(name, kind, tuple(shape), layer, expert, projection))
 
     def fixed(self, name: str, kind: BlockKind, shape: tuple[int, ...], layer: int | None = None,
               projection: str | None = None) -> None:
         """A tensor kept in full precision (norms, routers, biases)."""
-        self.blocks.append(Block(name, kind, tuple(shape), layer, projection=projection, quantizable=False,
-                                 fixed_format=DEFAULT_FIXED_FORMAT))
+        self._add(Block(name, kind, tuple(shape), layer, projection=projection, quantizable=False,
+                        fixed_format=DEFAULT_FIXED_FORMAT))
 
     def norm(self, name: str, width: int, layer: int | None = None) -> None:
         self.fixed(name, BlockKind.NORM, (width,), layer)

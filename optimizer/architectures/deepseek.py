@@ -7,9 +7,9 @@ checkpoint) is not part of the model transformers builds and is left out.
 
 from __future__ import annotations
 
-from ..architecture import Architecture, BlockKind, KVCacheSpec, MoELayer
+from ..architecture import MAX_EXPERTS, MAX_LAYERS, Architecture, BlockKind, KVCacheSpec, MoELayer
 from ..errors import InputError
-from ._common import BlockList, ConfigReader
+from ._common import BlockList, ConfigReader, check_layout
 
 DEEPSEEK_FAMILIES = ("deepseek_v2", "deepseek_v3")
 
@@ -48,21 +48,23 @@ def deepseek_from_hf(config: dict, where: str = "config") -> Architecture:
         raise InputError(f"{where}: model_type must be one of {DEEPSEEK_FAMILIES}, got {family!r}")
     r = ConfigReader(config, f"{where} ({family})")
     hidden, vocab = r.int("hidden_size"), r.int("vocab_size")
-    num_layers = r.int("num_hidden_layers")
+    num_layers = r.int("num_hidden_layers", maximum=MAX_LAYERS)
     inter, moe_inter = r.int("intermediate_size"), r.int("moe_intermediate_size")
-    num_experts = r.first_int(("n_routed_experts", "num_local_experts"))
-    top_k = r.int("num_experts_per_tok")
-    shared = r.int("n_shared_experts", 0, minimum=0)
-    first_dense = r.int("first_k_dense_replace", 0, minimum=0)
-    freq = r.int("moe_layer_freq", 1)
-    groups, topk_groups = r.int("n_group", 1), r.int("topk_group", 1)
+    num_experts = r.first_int(("n_routed_experts", "num_local_experts"), maximum=MAX_EXPERTS)
+    top_k = r.int("num_experts_per_tok", maximum=MAX_EXPERTS)
+    shared = r.int("n_shared_experts", 0, minimum=0, maximum=MAX_EXPERTS)
+    first_dense = r.int("first_k_dense_replace", 0, minimum=0, maximum=MAX_LAYERS)
+    freq = r.int("moe_layer_freq", 1, maximum=MAX_LAYERS)
+    groups = r.int("n_group", 1, maximum=MAX_EXPERTS)
+    topk_groups = r.int("topk_group", 1, maximum=MAX_EXPERTS)
     mlp_bias = r.bool("mlp_bias", False)
     tied = r.bool("tie_word_embeddings", False)
     r.int("num_attention_heads"), r.int("kv_lora_rank"), r.int("qk_rope_head_dim")  # fail early on bad sizes
     _check_routing(r.where, num_experts, top_k, groups, topk_groups)
+    check_layout(r.where, num_layers, num_experts)
     score_bias = family == "deepseek_v3"
 
-    out = BlockList()
+    out = BlockList(r.where)
     out.embeddings(vocab, hidden)
     moe_layers = []
     for layer in range(num_layers):
@@ -130,14 +132,14 @@ def reference_to_hf(config: dict, where: str = "config") -> dict:
         "hidden_size": r.int("dim"),
         "intermediate_size": r.int("inter_dim"),
         "moe_intermediate_size": r.int("moe_inter_dim"),
-        "num_hidden_layers": r.int("n_layers"),
-        "first_k_dense_replace": r.int("n_dense_layers", minimum=0),
+        "num_hidden_layers": r.int("n_layers", maximum=MAX_LAYERS),
+        "first_k_dense_replace": r.int("n_dense_layers", minimum=0, maximum=MAX_LAYERS),
         "num_attention_heads": r.int("n_heads"),
-        "n_routed_experts": r.int("n_routed_experts"),
-        "n_shared_experts": r.int("n_shared_experts", minimum=0),
-        "num_experts_per_tok": r.int("n_activated_experts"),
-        "n_group": r.int("n_expert_groups", 1),
-        "topk_group": r.int("n_limited_groups", 1),
+        "n_routed_experts": r.int("n_routed_experts", maximum=MAX_EXPERTS),
+        "n_shared_experts": r.int("n_shared_experts", minimum=0, maximum=MAX_EXPERTS),
+        "num_experts_per_tok": r.int("n_activated_experts", maximum=MAX_EXPERTS),
+        "n_group": r.int("n_expert_groups", 1, maximum=MAX_EXPERTS),
+        "topk_group": r.int("n_limited_groups", 1, maximum=MAX_EXPERTS),
         "q_lora_rank": q_lora or None,
         "kv_lora_rank": r.int("kv_lora_rank"),
         "qk_nope_head_dim": r.int("qk_nope_head_dim"),

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..architecture import Architecture, BlockKind, KVCacheSpec, MoELayer
+from ..architecture import MAX_EXPERTS, MAX_LAYERS, Architecture, BlockKind, KVCacheSpec, MoELayer
 from ..errors import InputError
-from ._common import BlockList, ConfigReader
+from ._common import BlockList, ConfigReader, check_layout
 
 GQA_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
 MIXTRAL_TENSORS = ("w1", "w3", "w2")  # gate, up, down
@@ -63,25 +63,27 @@ def gqa_moe_from_hf(config: dict, where: str = "config") -> Architecture:
         raise InputError(f"{where}: model_type must be one of {GQA_FAMILIES}, got {family!r}")
     lay = LAYOUTS[family]
     r = ConfigReader(config, f"{where} ({family})")
-    hidden, vocab, num_layers = r.int("hidden_size"), r.int("vocab_size"), r.int("num_hidden_layers")
+    hidden, vocab = r.int("hidden_size"), r.int("vocab_size")
+    num_layers = r.int("num_hidden_layers", maximum=MAX_LAYERS)
     heads = r.int("num_attention_heads")
     kv_heads = r.int("num_key_value_heads", heads)
     if not r.has("head_dim") and hidden % heads:
         raise InputError(f"{r.where}: hidden_size={hidden} is not divisible by num_attention_heads={heads}")
     head_dim = r.int("head_dim", hidden // heads)
-    num_experts = r.first_int(("num_local_experts", "num_experts"))
-    top_k = r.int("num_experts_per_tok")
+    num_experts = r.first_int(("num_local_experts", "num_experts"), maximum=MAX_EXPERTS)
+    top_k = r.int("num_experts_per_tok", maximum=MAX_EXPERTS)
     if top_k > num_experts:
         raise InputError(f"{r.where}: num_experts_per_tok={top_k} exceeds the {num_experts} experts")
     expert_inter = r.int(lay.expert_inter_key)
     dense_inter = r.int("intermediate_size") if lay.sparse_step else expert_inter
-    step = r.int("decoder_sparse_step", 1) if lay.sparse_step else 1
+    step = r.int("decoder_sparse_step", 1, maximum=MAX_LAYERS) if lay.sparse_step else 1
     mlp_only = r.int_list("mlp_only_layers") if lay.sparse_step else []
     shared_inter = r.int("shared_expert_intermediate_size", 0, minimum=0) if lay.shared_expert else 0
     qkv_bias = r.bool(lay.qkv_bias_key, lay.qkv_bias_default) if lay.qkv_bias_key else False
     tied = r.bool("tie_word_embeddings", False)
+    check_layout(r.where, num_layers, num_experts)
 
-    out = BlockList()
+    out = BlockList(r.where)
     out.embeddings(vocab, hidden)
     moe_layers = []
     a = BlockKind.ATTENTION
