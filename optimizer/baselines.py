@@ -12,12 +12,18 @@
 
 Under ``--target llamacpp`` format choices are made per (layer, projection) for all experts at once and
 pruning removes the same number of experts from every layer, so the plans stay expressible.
+
+Every baseline takes a ``deadline`` (a ``time.perf_counter()`` instant). Past it, a baseline that already
+holds a plan stops upgrading and returns that plan (``complete=False``); one that does not yet hold a plan
+returns none (``decisions=None, complete=False``), which is not the same as "cannot fit" (``complete=True``).
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +42,20 @@ class BaselineOptions:
     importance_alpha: float = 0.5
 
 
+@dataclass(frozen=True, eq=False)
+class BaselineRun:
+    """A baseline's plan (``None``: no plan) and whether it ran to its end rather than to the deadline."""
+
+    decisions: Decisions | None
+    complete: bool = True
+    # no plan fits: the baseline's own smallest plan, (its format, weight bytes with fixed tensors), if known
+    smallest: tuple[str, int] | None = None
+
+
+def _late(deadline: float | None) -> bool:
+    return deadline is not None and time.perf_counter() >= deadline
+
+
 def _units(inst: Instance, present: np.ndarray) -> list[np.ndarray]:
     """Groups of present blocks that take one format together (llamacpp: all experts of a layer/projection)."""
     blocks = np.flatnonzero(present)
@@ -50,15 +70,37 @@ def _units(inst: Instance, present: np.ndarray) -> list[np.ndarray]:
     return [np.array(v) for v in groups.values()]
 
 
-def _format_options(inst: Instance, unit: np.ndarray) -> dict[int, tuple[np.ndarray, int, float]]:
-    """format index -> (pair per block of the unit, bytes, cost), for formats every block of the unit admits."""
+def _format_options(inst: Instance, unit: np.ndarray, lists: tuple[list, list, list],
+                    ) -> dict[int, tuple[np.ndarray, int, float]]:
+    """format index -> (pair per block of the unit, bytes, cost), for formats every block of the unit admits.
+
+    ``lists``: ``pair_format``, ``pair_bytes``, ``pair_cost`` as Python lists (a one-block unit then costs
+    no numpy call; the values are the same: a sum of one element is that element).
+    """
     out: dict[int, tuple[np.ndarray, int, float]] = {}
-    per_block = [dict(zip(inst.pair_format[inst.pairs_of(b)].tolist(), range(inst.pairs_of(b).start, inst.pairs_of(b).stop)))
-                 for b in unit]
+    pf, pb, pc = lists
+    per_block = [dict(zip(pf[inst.pairs_of(b).start:inst.pairs_of(b).stop], range(inst.pairs_of(b).start, inst.pairs_of(b).stop)))
+                 for b in unit.tolist()]
     common = set.intersection(*(set(d) for d in per_block))
     for f in common:
+        if len(per_block) == 1:
+            p = per_block[0][f]
+            out[f] = (np.array([p]), pb[p], pc[p])
+            continue
         pairs = np.array([d[f] for d in per_block])
         out[f] = (pairs, int(inst.pair_bytes[pairs].sum()), float(inst.pair_cost[pairs].sum()))
+    return out
+
+
+def _all_format_options(inst: Instance, units: list[np.ndarray], deadline: float | None,
+                        ) -> list[dict[int, tuple[np.ndarray, int, float]]] | None:
+    """:func:`_format_options` of every unit; ``None`` if ``deadline`` passes first."""
+    lists = (inst.pair_format.tolist(), inst.pair_bytes.tolist(), inst.pair_cost.tolist())
+    out = []
+    for n, unit in enumerate(units):
+        if n % 1024 == 0 and _late(deadline):
+            return None
+        out.append(_format_options(inst, unit, lists))
     return out
 
 
@@ -77,33 +119,55 @@ def _bytes(inst: Instance, keep: np.ndarray, chosen: np.ndarray) -> int:
     return int(inst.pair_bytes[chosen].sum() + inst.router_bytes[keep].sum())
 
 
-def _largest_fitting(inst: Instance, keep: np.ndarray, top_k: np.ndarray) -> Decisions | None:
-    """Every unit in one format (or the next larger it admits), trying formats from the largest down."""
+def _uniform_choices(inst: Instance, keep: np.ndarray, deadline: float | None = None,
+                     ) -> Iterator[tuple[int, np.ndarray] | None]:
+    """Per format from the largest down: every unit in it (or the next larger it admits), as (format, chosen
+    pairs); stops early (``None``) when ``deadline`` passes."""
     units = _units(inst, _present(inst, keep))
-    opts = [_format_options(inst, u) for u in units]
-    cap = inst.available - inst.fixed_bytes
+    opts = _all_format_options(inst, units, deadline)
+    if opts is None:
+        yield None
+        return
     order = sorted(range(len(inst.formats)), key=lambda f: -get_format(inst.formats[f]).bits_per_weight)
     bpw = [get_format(f).bits_per_weight for f in inst.formats]
     for f in order:
+        if _late(deadline):
+            yield None
+            return
         choice = {}
         for u, o in enumerate(opts):
             bigger = [g for g in o if bpw[g] >= bpw[f]]
             choice[u] = min(bigger, key=lambda g: (bpw[g], g)) if bigger else max(o, key=lambda g: (bpw[g], -g))
-        chosen = _assign(inst, keep, choice, units, opts)
-        if _bytes(inst, keep, chosen) <= cap:
-            return Decisions(keep.copy(), top_k.copy(), chosen)
-    return None
+        yield f, _assign(inst, keep, choice, units, opts)
 
 
-def _upgrade(inst: Instance, d: Decisions, by: str) -> Decisions:
+def _largest_fitting(inst: Instance, keep: np.ndarray, top_k: np.ndarray, deadline: float | None = None) -> BaselineRun:
+    """Every unit in one format (or the next larger it admits), trying formats from the largest down."""
+    cap = inst.available - inst.fixed_bytes
+    sizes: list[tuple[int, str]] = []
+    for option in _uniform_choices(inst, keep, deadline):
+        if option is None:
+            return BaselineRun(None, complete=False)
+        nbytes = _bytes(inst, keep, option[1])
+        if nbytes <= cap:
+            return BaselineRun(Decisions(keep.copy(), top_k.copy(), option[1]))
+        sizes.append((nbytes, inst.formats[option[0]]))
+    nbytes, name = min(sizes)
+    return BaselineRun(None, smallest=(name, nbytes + inst.fixed_bytes))
+
+
+def _upgrade(inst: Instance, d: Decisions, by: str, deadline: float | None = None) -> BaselineRun:
     """Spend spare bytes on format upgrades with a heap over units.
 
     ``ratio``: along each unit's lower convex hull of (bytes, cost), best cost decrease per extra byte first
     (the classic multiple-choice-knapsack greedy). ``sensitivity``: the unit whose current format costs most
-    moves one format step up, then is reconsidered. A step that does not fit is skipped.
+    moves one format step up, then is reconsidered. A step that does not fit is skipped. Past ``deadline``
+    the upgrades made so far are kept (``complete=False``).
     """
     units = _units(inst, _present(inst, d.keep))
-    opts = [_format_options(inst, u) for u in units]
+    opts = _all_format_options(inst, units, deadline)
+    if opts is None:
+        return BaselineRun(d, complete=False)
     left = inst.available - inst.fixed_bytes - _bytes(inst, d.keep, d.chosen)
     chosen_pairs = set(np.flatnonzero(d.chosen).tolist())
     choice = {u: next(f for f, (pairs, _, _) in o.items() if int(pairs[0]) in chosen_pairs) for u, o in enumerate(opts)}
@@ -122,7 +186,11 @@ def _upgrade(inst: Instance, d: Decisions, by: str) -> Decisions:
 
     for u in range(len(units)):
         push(u)
+    complete = True
     while heap:
+        if _late(deadline):
+            complete = False
+            break
         _, u, f = heapq.heappop(heap)
         delta = opts[u][f][1] - opts[u][choice[u]][1]
         if delta > left:
@@ -130,12 +198,12 @@ def _upgrade(inst: Instance, d: Decisions, by: str) -> Decisions:
         choice[u] = f
         left -= delta
         push(u)
-    return Decisions(d.keep, d.top_k, _assign(inst, d.keep, choice, units, opts))
+    return BaselineRun(Decisions(d.keep, d.top_k, _assign(inst, d.keep, choice, units, opts)), complete)
 
 
-def uniform(inst: Instance, options: BaselineOptions | None = None) -> Decisions | None:
+def uniform(inst: Instance, options: BaselineOptions | None = None, deadline: float | None = None) -> BaselineRun:
     keep = np.ones(inst.num_experts, dtype=bool)
-    return _largest_fitting(inst, keep, inst.layer_top_k.copy())
+    return _largest_fitting(inst, keep, inst.layer_top_k.copy(), deadline)
 
 
 def _importance(inst: Instance, alpha: float) -> np.ndarray:
@@ -159,7 +227,7 @@ def _keep_top(inst: Instance, score: np.ndarray, per_group_keep: np.ndarray) -> 
     return keep
 
 
-def sequential(inst: Instance, options: BaselineOptions | None = None) -> Decisions | None:
+def sequential(inst: Instance, options: BaselineOptions | None = None, deadline: float | None = None) -> BaselineRun:
     o = options or BaselineOptions()
     G = inst.groups
     per_group = inst.layer_experts // G
@@ -171,11 +239,11 @@ def sequential(inst: Instance, options: BaselineOptions | None = None) -> Decisi
     top_k = np.array([min(math.ceil(o.retain_ratio * K), inst.topk_groups * mi, G * mi) for K, mi in zip(inst.layer_top_k, m)])
     top_k = np.maximum(top_k, inst.min_top_k)
     keep = _keep_top(inst, _importance(inst, o.importance_alpha), m)
-    d = _largest_fitting(inst, keep, top_k)
-    return None if d is None else _upgrade(inst, d, by="sensitivity")
+    run = _largest_fitting(inst, keep, top_k, deadline)
+    return run if run.decisions is None else _upgrade(inst, run.decisions, "sensitivity", deadline)
 
 
-def greedy(inst: Instance, options: BaselineOptions | None = None) -> Decisions | None:
+def greedy(inst: Instance, options: BaselineOptions | None = None, deadline: float | None = None) -> BaselineRun:
     """Value per byte over two kinds of items, from the smallest plan up.
 
     Start with the fewest experts each layer needs at its original top-k (highest drop cost per byte
@@ -184,105 +252,150 @@ def greedy(inst: Instance, options: BaselineOptions | None = None) -> Decisions 
     (value = cost decrease). Take the item with the largest value per byte that fits, until none does.
     Under ``--target llamacpp`` experts are added to every layer at once.
     """
-    G, llama = inst.groups, inst.options.target == Target.LLAMACPP
-    top_k = inst.layer_top_k.copy()
-    keep_all = np.ones(inst.num_experts, dtype=bool)
-    all_units = _units(inst, _present(inst, keep_all))
-    all_opts = [_format_options(inst, u) for u in all_units]
-    smallest = {u: min(o, key=lambda f: (o[f][1], o[f][2])) for u, o in enumerate(all_opts)}
-    base = _assign(inst, keep_all, smallest, all_units, all_opts)
-    own = inst.block_owner[inst.pair_block]
-    size = np.bincount(own[base & (own >= 0)], weights=inst.pair_bytes[base & (own >= 0)], minlength=inst.num_experts)
-    block_cost = np.bincount(own[base & (own >= 0)], weights=inst.pair_cost[base & (own >= 0)], minlength=inst.num_experts)
-    size = size + inst.router_bytes
-    value = inst.drop_cost - block_cost  # what keeping an expert (at its smallest formats) is worth
-    order_key = value / np.maximum(size, 1)
-    n_layers = len(inst.layer_top_k)
-    ids = [(inst.layer_first_expert[i] + np.arange(inst.layer_experts[i])).reshape(G, -1) for i in range(n_layers)]
-    ranked = [[ids[i][g][np.lexsort((ids[i][g], -order_key[ids[i][g]]))] for g in range(G)] for i in range(n_layers)]
-    per_group = inst.layer_experts // G
-    need = np.array([max(math.ceil(max(inst.layer_min_experts[i], top_k[i]) / G),
-                         math.ceil(top_k[i] / inst.topk_groups), min(2, per_group[i]) if G > 1 else 0) for i in range(n_layers)])
-    if llama:
-        need[:] = need.max()
-    count = need.copy()
-    keep = np.zeros(inst.num_experts, dtype=bool)
-    for i in range(n_layers):
-        for g in range(G):
-            keep[ranked[i][g][: count[i]]] = True
-    if _bytes(inst, keep, base & ((own < 0) | keep[np.maximum(own, 0)])) > inst.available - inst.fixed_bytes:
-        return None
+    all_units = _units(inst, _present(inst, np.ones(inst.num_experts, dtype=bool)))
+    all_opts = _all_format_options(inst, all_units, deadline)
+    if all_opts is None:
+        return BaselineRun(None, complete=False)
+    g = _Greedy(inst, all_units, all_opts)
+    if g.bytes_now() > g.cap:
+        return BaselineRun(None)
+    if inst.options.target == Target.LLAMACPP:
+        # formats per (layer, projection) change with the expert count: add experts first, then upgrade
+        complete = g.add_expert_slices(deadline)
+        run = _upgrade(inst, Decisions(g.keep, g.top_k, g.base_chosen()), "ratio", deadline)
+        return BaselineRun(run.decisions, complete and run.complete)
+    complete = g.run_heap(deadline)
+    return BaselineRun(g.decisions(), complete)
 
-    def slice_of(i: int) -> list[int]:
-        return [int(ranked[i][g][count[i]]) for g in range(G)] if count[i] < per_group[i] else []
 
-    def expert_item(i: int) -> tuple[float, int, list[int]] | None:
-        layers = range(n_layers) if llama else [i]
-        members = [e for j in layers for e in slice_of(j)]
-        if not members or len(members) < G * len(layers):
+class _Greedy:
+    """The state of :func:`greedy`: kept experts (ranked per group by value per byte) and a format per unit."""
+
+    def __init__(self, inst: Instance, all_units: list[np.ndarray], all_opts: list[dict]):
+        G = inst.groups
+        self.inst, self.all_units, self.all_opts = inst, all_units, all_opts
+        self.llama = inst.options.target == Target.LLAMACPP
+        self.cap = inst.available - inst.fixed_bytes
+        self.top_k = top_k = inst.layer_top_k.copy()
+        keep_all = np.ones(inst.num_experts, dtype=bool)
+        self.smallest = {u: min(o, key=lambda f: (o[f][1], o[f][2])) for u, o in enumerate(all_opts)}
+        self.base = base = _assign(inst, keep_all, self.smallest, all_units, all_opts)
+        self.own = own = inst.block_owner[inst.pair_block]
+        size = np.bincount(own[base & (own >= 0)], weights=inst.pair_bytes[base & (own >= 0)], minlength=inst.num_experts)
+        block_cost = np.bincount(own[base & (own >= 0)], weights=inst.pair_cost[base & (own >= 0)], minlength=inst.num_experts)
+        self.size = size = size + inst.router_bytes
+        self.value = value = inst.drop_cost - block_cost  # what keeping an expert (at its smallest formats) is worth
+        order_key = value / np.maximum(size, 1)
+        self.n_layers = n_layers = len(inst.layer_top_k)
+        ids = [(inst.layer_first_expert[i] + np.arange(inst.layer_experts[i])).reshape(G, -1) for i in range(n_layers)]
+        self.ranked = [[ids[i][g][np.lexsort((ids[i][g], -order_key[ids[i][g]]))] for g in range(G)] for i in range(n_layers)]
+        self.per_group = per_group = inst.layer_experts // G
+        need = np.array([max(math.ceil(max(inst.layer_min_experts[i], top_k[i]) / G),
+                             math.ceil(top_k[i] / inst.topk_groups), min(2, per_group[i]) if G > 1 else 0) for i in range(n_layers)])
+        if self.llama:
+            need[:] = need.max()
+        self.count = need.copy()
+        self.keep = np.zeros(inst.num_experts, dtype=bool)
+        for i in range(n_layers):
+            for g in range(G):
+                self.keep[self.ranked[i][g][: self.count[i]]] = True
+
+    def base_chosen(self) -> np.ndarray:
+        return self.base & ((self.own < 0) | self.keep[np.maximum(self.own, 0)])
+
+    def bytes_now(self) -> int:
+        return _bytes(self.inst, self.keep, self.base_chosen())
+
+    def slice_of(self, i: int) -> list[int]:
+        G = self.inst.groups
+        return [int(self.ranked[i][g][self.count[i]]) for g in range(G)] if self.count[i] < self.per_group[i] else []
+
+    def expert_item(self, i: int) -> tuple[float, int, list[int]] | None:
+        layers = range(self.n_layers) if self.llama else [i]
+        members = [e for j in layers for e in self.slice_of(j)]
+        if not members or len(members) < self.inst.groups * len(layers):
             return None
-        return float(value[members].sum()), int(size[members].sum()), members
+        return float(self.value[members].sum()), int(self.size[members].sum()), members
 
-    if llama:  # formats per (layer, projection) change with the expert count: add experts first, then upgrade
+    def add_expert_slices(self, deadline: float | None) -> bool:
+        """llamacpp: add a slice to every layer while it is worth its bytes; ``False`` if stopped by ``deadline``."""
         while True:
-            item = expert_item(0)
-            chosen = base & ((own < 0) | keep[np.maximum(own, 0)])
-            if item is None or item[0] <= 0 or _bytes(inst, keep, chosen) + item[1] > inst.available - inst.fixed_bytes:
-                break
-            keep[item[2]] = True
-            count += 1
-        return _upgrade(inst, Decisions(keep, top_k, base & ((own < 0) | keep[np.maximum(own, 0)])), by="ratio")
-    left = inst.available - inst.fixed_bytes - _bytes(inst, keep, base & ((own < 0) | keep[np.maximum(own, 0)]))
-    choice = dict(smallest)
-    unit_of_block = {int(u[0]): k for k, u in enumerate(all_units)}
-    heap: list[tuple[float, int, int, int]] = []  # (-value per byte, kind 0 = upgrade / 1 = expert, unit or layer, format)
+            if _late(deadline):
+                return False
+            item = self.expert_item(0)
+            if item is None or item[0] <= 0 or self.bytes_now() + item[1] > self.cap:
+                return True
+            self.keep[item[2]] = True
+            self.count += 1
 
-    def push_upgrade(u: int) -> None:
-        _, b0, c0 = all_opts[u][choice[u]]
-        steps = [(b, c, f) for f, (_, b, c) in all_opts[u].items() if b > b0 and c < c0]
-        if steps:
-            b, c, f = max(steps, key=lambda s: ((c0 - s[1]) / (s[0] - b0), -s[0]))
-            heapq.heappush(heap, (-(c0 - c) / (b - b0), 0, u, f))
+    def run_heap(self, deadline: float | None) -> bool:
+        """hf: take expert slices and format upgrades, best value per byte first; ``False`` if stopped by ``deadline``."""
+        inst, all_opts = self.inst, self.all_opts
+        left = self.cap - self.bytes_now()
+        self.choice = choice = dict(self.smallest)
+        unit_of_block = {int(u[0]): k for k, u in enumerate(self.all_units)}
+        heap: list[tuple[float, int, int, int]] = []  # (-value per byte, kind 0 = upgrade / 1 = expert, unit or layer, format)
 
-    def push_expert(i: int) -> None:
-        item = expert_item(i)
-        if item is not None and item[0] > 0:
-            heapq.heappush(heap, (-item[0] / max(item[1], 1), 1, i, -1))
+        def push_upgrade(u: int) -> None:
+            _, b0, c0 = all_opts[u][choice[u]]
+            steps = [(b, c, f) for f, (_, b, c) in all_opts[u].items() if b > b0 and c < c0]
+            if steps:
+                b, c, f = max(steps, key=lambda s: ((c0 - s[1]) / (s[0] - b0), -s[0]))
+                heapq.heappush(heap, (-(c0 - c) / (b - b0), 0, u, f))
 
-    expert_blocks = np.flatnonzero(inst.block_owner >= 0)
-    expert_blocks = expert_blocks[np.argsort(inst.block_owner[expert_blocks], kind="stable")]
-    block_start = np.searchsorted(inst.block_owner[expert_blocks], np.arange(inst.num_experts + 1))
-    present = _present(inst, keep)
-    for b in np.flatnonzero(present):
-        push_upgrade(unit_of_block[int(b)])
-    for i in range(n_layers):
-        push_expert(i)
-    while heap:
-        _, kind, u, f = heapq.heappop(heap)
-        if kind == 0:
-            delta = all_opts[u][f][1] - all_opts[u][choice[u]][1]
-            if delta <= left:
-                choice[u], left = f, left - delta
-                push_upgrade(u)
-            continue
-        item = expert_item(u)
-        if item is None or item[1] > left:
-            continue
-        keep[item[2]] = True
-        count[u] += 1
-        left -= item[1]
-        for e in item[2]:
-            for b in expert_blocks[block_start[e]:block_start[e + 1]]:
-                push_upgrade(unit_of_block[int(b)])
-        push_expert(u)
-    present = _present(inst, keep)
-    sub_units = [k for k, unit in enumerate(all_units) if present[unit[0]]]
-    chosen = np.zeros(len(inst.pair_block), dtype=bool)
-    for k in sub_units:
-        chosen[all_opts[k][choice[k]][0]] = True
-    return Decisions(keep, top_k, chosen)
+        def push_expert(i: int) -> None:
+            item = self.expert_item(i)
+            if item is not None and item[0] > 0:
+                heapq.heappush(heap, (-item[0] / max(item[1], 1), 1, i, -1))
+
+        expert_blocks = np.flatnonzero(inst.block_owner >= 0)
+        expert_blocks = expert_blocks[np.argsort(inst.block_owner[expert_blocks], kind="stable")]
+        block_start = np.searchsorted(inst.block_owner[expert_blocks], np.arange(inst.num_experts + 1))
+        for b in np.flatnonzero(_present(inst, self.keep)):
+            push_upgrade(unit_of_block[int(b)])
+        for i in range(self.n_layers):
+            push_expert(i)
+        while heap:
+            if _late(deadline):
+                return False
+            _, kind, u, f = heapq.heappop(heap)
+            if kind == 0:
+                delta = all_opts[u][f][1] - all_opts[u][choice[u]][1]
+                if delta <= left:
+                    choice[u], left = f, left - delta
+                    push_upgrade(u)
+                continue
+            item = self.expert_item(u)
+            if item is None or item[1] > left:
+                continue
+            self.keep[item[2]] = True
+            self.count[u] += 1
+            left -= item[1]
+            for e in item[2]:
+                for b in expert_blocks[block_start[e]:block_start[e + 1]]:
+                    push_upgrade(unit_of_block[int(b)])
+            push_expert(u)
+        return True
+
+    def decisions(self) -> Decisions:
+        """The plan of the current state (every present unit in its chosen format)."""
+        present = _present(self.inst, self.keep)
+        chosen = np.zeros(len(self.inst.pair_block), dtype=bool)
+        for k, unit in enumerate(self.all_units):
+            if present[unit[0]]:
+                chosen[self.all_opts[k][self.choice[k]][0]] = True
+        return Decisions(self.keep, self.top_k, chosen)
+
+
+_BASELINE_FUNCTIONS = {"uniform": uniform, "greedy": greedy, "sequential": sequential}
+
+
+def run_baseline_until(name: str, inst: Instance, options: BaselineOptions | None = None,
+                       deadline: float | None = None) -> BaselineRun:
+    """Run a baseline by name until it ends or ``deadline`` (a ``time.perf_counter()`` instant) passes."""
+    return _BASELINE_FUNCTIONS[name](inst, options, deadline)
 
 
 def run_baseline(name: str, inst: Instance, options: BaselineOptions | None = None) -> Decisions | None:
-    """Run a baseline by name; ``None`` when it cannot fit the budget."""
-    return {"uniform": uniform, "greedy": greedy, "sequential": sequential}[name](inst, options)
+    """Run a baseline by name, without a deadline; ``None`` when it cannot fit the budget."""
+    return run_baseline_until(name, inst, options).decisions

@@ -10,6 +10,12 @@
    warm-started from that plan and the better bound of the two is reported.
 3. The decisions are checked against every row of the model and written out as a plan whose bytes are
    recomputed from the exact byte model.
+
+``time_limit`` covers all of it, from ``started`` (the caller's clock, e.g. before loading the profile) or the
+call: every step gets the one deadline (the Lagrangian bisection, the tied heuristic and the baselines look at
+the clock; backends get what is left and are stopped at it, in a child process where they would overrun).
+When it binds, the best plan so far is returned as ``feasible`` with a message saying the limit was reached;
+with no plan by then, :class:`SolverError` ("no plan within the time limit").
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from .baselines import BASELINES, BaselineOptions, run_baseline
+from .baselines import BASELINES, BaselineOptions, run_baseline_until
 from .budget import Budget, format_bytes
 from .byte_model import block_bytes
 from .errors import InfeasibleError, SolverError
@@ -34,17 +40,22 @@ from .profile import Profile
 from .solvers.base import SolverOptions, relative_gap
 from .solvers.registry import get_backend
 
+_FINISH_SECONDS = 0.5  # most of the time limit kept for checking and writing the plan after the search
+
 
 @dataclass(frozen=True)
 class SolveOptions:
     solver: str = "highs"
-    time_limit: float | None = 60.0
+    time_limit: float | None = 60.0  # seconds for the whole solve: model build, heuristics and backend
     rel_gap: float = 1e-4
     threads: int = 1
     seed: int = 0
     accelerate: bool = True  # Lagrangian warm start and certificate before the MILP
     reproducible: bool = False  # leave wall-clock seconds out of the plan, so reruns are byte-identical
     baseline: BaselineOptions = BaselineOptions()
+    # time.perf_counter() at which the time limit starts (a caller that loads the profile first passes the time
+    # before loading it); None: when optimize() is called
+    started: float | None = None
 
 
 def solver_names() -> list[str]:
@@ -55,10 +66,16 @@ def solver_names() -> list[str]:
 
 def optimize(profile: Profile, budget: Budget, formulation: FormulationOptions | None = None,
              options: SolveOptions | None = None) -> Plan:
-    """Solve and return a plan; raises InfeasibleError (with the smallest achievable bytes) or SolverError."""
+    """Solve and return a plan; raises InfeasibleError (with the smallest achievable bytes) or SolverError.
+
+    ``options.time_limit`` covers the whole call. When it binds, the best plan found by then is returned with
+    status ``feasible`` and a message saying so; with no plan by then, SolverError ("no plan within the time
+    limit").
+    """
     formulation = formulation or FormulationOptions()
     options = options or SolveOptions()
     t0 = time.perf_counter()
+    deadline = _deadline(options, t0)
     is_baseline = options.solver in BASELINES
     if not is_baseline:
         get_backend(options.solver)  # unknown or missing solver: fail before the heavy work
@@ -70,13 +87,9 @@ def optimize(profile: Profile, budget: Budget, formulation: FormulationOptions |
     info: dict = {"build_seconds": build_seconds, "variables": model.num_vars, "rows": model.num_rows,
                   "dominated_pairs_removed": inst.removed_pairs}
     if is_baseline:
-        d = run_baseline(options.solver, inst, options.baseline)
-        if d is None:
-            _raise_infeasible(inst, f"baseline {options.solver} cannot fit the budget with its fixed rules "
-                                    f"(a joint solver can prune further)")
-        status, objective, bound, message = SolveStatus.FEASIBLE, d.objective(inst), None, f"baseline {options.solver}"
+        d, status, objective, bound, message = _solve_baseline(inst, options, deadline)
     else:
-        d, status, objective, bound, message = _solve_exact(inst, model, variables, options, info)
+        d, status, objective, bound, message = _solve_exact(inst, model, variables, options, info, deadline)
     violated = check_decisions(inst, model, variables, d)
     if violated:
         raise SolverError(f"solver {options.solver} returned a plan that violates: {', '.join(violated)}")
@@ -85,44 +98,61 @@ def optimize(profile: Profile, budget: Budget, formulation: FormulationOptions |
     return _to_plan(inst, d, options, status, objective, bound, seconds, message, info)
 
 
-def _solve_exact(inst: Instance, model, variables, options: SolveOptions, info: dict):
-    backend = get_backend(options.solver)
+def _deadline(options: SolveOptions, t0: float) -> float | None:
+    """The ``time.perf_counter()`` instant by which the search must stop: the time limit, less a moment
+    (5%, at most 0.5 s) to check the plan and write it out."""
+    if options.time_limit is None:
+        return None
+    limit = float(options.time_limit)
+    return (t0 if options.started is None else options.started) + limit - min(_FINISH_SECONDS, 0.05 * limit)
+
+
+def _no_plan_in_time(options: SolveOptions, detail: str) -> SolverError:
+    return SolverError(f"no plan within the time limit of {options.time_limit:g} s ({detail})")
+
+
+def _solve_baseline(inst: Instance, options: SolveOptions, deadline: float | None):
+    run = run_baseline_until(options.solver, inst, options.baseline, deadline)
+    if run.decisions is None and not run.complete:
+        raise _no_plan_in_time(options, f"baseline {options.solver} was stopped before it held a plan")
+    if run.decisions is None and run.smallest is not None and options.solver == "uniform":
+        _raise_uniform_infeasible(inst, *run.smallest)
+    if run.decisions is None:
+        _raise_infeasible(inst, f"baseline {options.solver} cannot fit the budget with its fixed rules "
+                                f"(a joint solver can prune further)")
+    message = f"baseline {options.solver}"
+    if not run.complete:
+        message += f"; stopped at the time limit ({options.time_limit:g} s) before its upgrades were done"
+    return run.decisions, SolveStatus.FEASIBLE, run.decisions.objective(inst), None, message
+
+
+@dataclass(frozen=True, eq=False)
+class _Start:
+    """What runs before the backend: a warm start, a Lagrangian bound, or a plan already certified optimal."""
+
     warm: Decisions | None = None
-    lag_bound = None
-    if options.accelerate and applicable(inst):
-        lr = lagrangian(inst, options.rel_gap)
-        if lr is None:
-            _raise_infeasible(inst, "no plan fits the budget")
-        info.update(lagrangian_seconds=lr.seconds, lagrangian_evaluations=lr.evaluations,
-                    lagrangian_gap=lr.gap, lagrangian_multiplier=lr.multiplier)
-        if lr.gap <= options.rel_gap:
-            msg = (f"certified by the Lagrangian bound (gap {lr.gap:.2e} <= {options.rel_gap:.0e}); "
-                   f"{backend.name} not needed")
-            return lr.decisions, SolveStatus.OPTIMAL, lr.objective, lr.bound, msg
-        warm, lag_bound = lr.decisions, lr.bound
-    elif options.accelerate and inst.options.target == Target.LLAMACPP and inst.options.min_tokens_per_s is None:
-        # the hf problem relaxes the tied one: its Lagrangian bound is valid here too
-        hf = build_instance(inst.profile, inst.budget, replace(inst.options, target=Target.HF))
-        relaxed = lagrangian(hf, options.rel_gap)
-        if relaxed is None:
-            _raise_infeasible(inst, "no plan fits the budget")
-        lag_bound = relaxed.bound
-        warm = llamacpp_plan(inst)
-        if warm is not None and check_decisions(inst, model, variables, warm):
-            warm = None
-        if warm is not None:
-            gap = relative_gap(warm.objective(inst), lag_bound)
-            info.update(tied_heuristic_gap=gap)
-            if gap is not None and gap <= options.rel_gap:
-                return warm, SolveStatus.OPTIMAL, warm.objective(inst), lag_bound, "certified by the hf Lagrangian bound"
-    elif options.accelerate:
-        greedy = run_baseline("greedy", inst)
-        if greedy is not None and not check_decisions(inst, model, variables, greedy):
-            warm = greedy
+    bound: float | None = None
+    source: str = ""  # where the warm start came from, for messages
+    certified: tuple | None = None  # (decisions, status, objective, bound, message)
+
+
+def _solve_exact(inst: Instance, model, variables, options: SolveOptions, info: dict, deadline: float | None):
+    backend = get_backend(options.solver)
+    start = _warm_start(inst, model, variables, options, info, deadline)
+    if start.certified is not None:
+        return start.certified
+    warm, lag_bound = start.warm, start.bound
     if warm is not None and not backend.supports_warm_start:
         info["warm_start"] = "not supported by backend"
-    sopts = SolverOptions(time_limit=options.time_limit, rel_gap=options.rel_gap, threads=options.threads,
-                          seed=options.seed)
+    remaining = None if deadline is None else deadline - time.perf_counter()
+    if remaining is not None and remaining <= 0:
+        if warm is None:
+            raise _no_plan_in_time(options, f"{backend.name} had no time left to run")
+        objective = warm.objective(inst)
+        bound = None if lag_bound is None else min(lag_bound, objective)
+        msg = f"time limit ({options.time_limit:g} s) reached before {backend.name} could run; the {start.source} plan"
+        return warm, SolveStatus.FEASIBLE, objective, bound, msg
+    sopts = SolverOptions(time_limit=remaining, rel_gap=options.rel_gap, threads=options.threads, seed=options.seed)
     x0 = to_vector(inst, model, variables, warm) if warm is not None else None
     scale = _objective_scale(model, None if x0 is None else model.objective_value(x0))
     scaled = replace(model, c=model.c * scale, offset=model.offset * scale)
@@ -132,20 +162,66 @@ def _solve_exact(inst: Instance, model, variables, options: SolveOptions, info: 
     info["backend_seconds"] = result.seconds
     if result.status == SolveStatus.INFEASIBLE:
         _raise_infeasible(inst, f"{backend.name} proved the constraints infeasible")
+    stopped = result.status in (SolveStatus.FEASIBLE, SolveStatus.NO_SOLUTION)  # the only limit set is time
     candidates: list[tuple[float, Decisions]] = []
     if result.status.has_plan and result.x is not None:
         candidates.append((model.objective_value(result.x), from_vector(inst, variables, result.x)))
     if warm is not None:
         candidates.append((warm.objective(inst), warm))
     if not candidates:
-        raise SolverError(f"{backend.name}: {result.status.value} after {result.seconds:.1f} s ({result.message})")
+        detail = f"{backend.name}: {result.status.value} after {result.seconds:.1f} s ({result.message})"
+        raise _no_plan_in_time(options, detail) if stopped and deadline is not None else SolverError(detail)
     objective, d = min(candidates, key=lambda c: c[0])
     bounds = [b for b in (result.bound, lag_bound) if b is not None]
     bound = min(max(bounds), objective) if bounds else None
     gap = relative_gap(objective, bound)
     status = SolveStatus.OPTIMAL if gap is not None and gap <= options.rel_gap + 1e-12 else SolveStatus.FEASIBLE
-    msg = f"{backend.name}: {result.status.value}" + (" (warm start and bound from the Lagrangian decomposition)" if lag_bound is not None else "")
+    msg = f"{backend.name}: {result.status.value}"
+    if stopped and deadline is not None:
+        msg += f" at the time limit ({options.time_limit:g} s)"
+        if d is warm:
+            msg += f"; kept the {start.source} plan"
+    if lag_bound is not None:
+        msg += " (warm start and bound from the Lagrangian decomposition)"
     return d, status, objective, bound, msg
+
+
+def _warm_start(inst: Instance, model, variables, options: SolveOptions, info: dict, deadline: float | None) -> _Start:
+    """The Lagrangian certificate or warm start (``hf``), the tied heuristic (``llamacpp``) or greedy."""
+    if options.accelerate and applicable(inst):
+        lr = lagrangian(inst, options.rel_gap, deadline=deadline)
+        if lr is None:
+            _raise_infeasible(inst, "no plan fits the budget")
+        info.update(lagrangian_seconds=lr.seconds, lagrangian_evaluations=lr.evaluations,
+                    lagrangian_gap=lr.gap, lagrangian_multiplier=lr.multiplier)
+        if lr.stopped:
+            info["lagrangian_stopped_by_time_limit"] = True
+        if lr.gap <= options.rel_gap:
+            msg = (f"certified by the Lagrangian bound (gap {lr.gap:.2e} <= {options.rel_gap:.0e}); "
+                   f"{get_backend(options.solver).name} not needed")
+            return _Start(certified=(lr.decisions, SolveStatus.OPTIMAL, lr.objective, lr.bound, msg))
+        return _Start(lr.decisions, lr.bound, "Lagrangian")
+    if options.accelerate and inst.options.target == Target.LLAMACPP and inst.options.min_tokens_per_s is None:
+        # the hf problem relaxes the tied one: its Lagrangian bound is valid here too
+        hf = build_instance(inst.profile, inst.budget, replace(inst.options, target=Target.HF))
+        relaxed = lagrangian(hf, options.rel_gap, deadline=deadline)
+        if relaxed is None:
+            _raise_infeasible(inst, "no plan fits the budget")
+        warm = llamacpp_plan(inst, deadline=deadline)
+        if warm is not None and check_decisions(inst, model, variables, warm):
+            warm = None
+        if warm is not None:
+            gap = relative_gap(warm.objective(inst), relaxed.bound)
+            info.update(tied_heuristic_gap=gap)
+            if gap is not None and gap <= options.rel_gap:
+                return _Start(certified=(warm, SolveStatus.OPTIMAL, warm.objective(inst), relaxed.bound,
+                                         "certified by the hf Lagrangian bound"))
+        return _Start(warm, relaxed.bound, "tied heuristic")
+    if options.accelerate:
+        greedy = run_baseline_until("greedy", inst, deadline=deadline).decisions
+        if greedy is not None and not check_decisions(inst, model, variables, greedy):
+            return _Start(greedy, None, "greedy")
+    return _Start()
 
 
 def _objective_scale(model, estimate: float | None) -> float:
@@ -173,6 +249,19 @@ def _raise_infeasible(inst: Instance, why: str) -> None:
     raise InfeasibleError(
         f"infeasible: {why}{extra}. The smallest plan the constraints allow needs {format_bytes(need)} ({need} bytes) "
         f"including reserves; the budget is {format_bytes(inst.budget.total)}.", min_bytes=need,
+    )
+
+
+def _raise_uniform_infeasible(inst: Instance, fmt: str, weight_bytes: int) -> None:
+    """The uniform baseline's own smallest plan (every block in its smallest format, nothing pruned) does not fit."""
+    need = weight_bytes + sum(inst.budget.reserves.values())
+    joint = min_weight_bytes(inst) + sum(inst.budget.reserves.values())
+    raise InfeasibleError(
+        f"infeasible: baseline uniform cannot fit the budget with its fixed rules (no pruning, original top-k, one "
+        f"format everywhere): its smallest plan, every block in {fmt} (or the next larger format it takes), needs "
+        f"{format_bytes(need)} ({need} bytes) including reserves; the budget is {format_bytes(inst.budget.total)}, "
+        f"so uniform needs --budget {need} or more. A joint solver can prune experts: its smallest plan needs "
+        f"{format_bytes(joint)}.", min_bytes=need,
     )
 
 

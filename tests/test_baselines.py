@@ -196,7 +196,8 @@ def test_budget_too_small_for_a_baseline(name: str, target: Target) -> None:
     assert lo < smallest_all
     with pytest.raises(InfeasibleError, match=f"baseline {name} cannot fit the budget") as err:
         optimize(p, budget, fo, SolveOptions(solver=name))
-    assert err.value.min_bytes == lo + sum(RESERVES.values())
+    if name != "uniform":  # uniform states its own smallest plan (test_uniform_states_its_own_smallest_size)
+        assert err.value.min_bytes == lo + sum(RESERVES.values())
     assert run_baseline(name, build_instance(p, budget, dataclasses.replace(fo, presolve=False))) is None
 
 

@@ -17,6 +17,10 @@ a lower bound on the optimum for every lam (weak duality). Without the byte row 
 The solution at the feasible end is a plan satisfying every constraint; spare bytes are then spent by
 greedy upgrades (best cost decrease per byte first). Its objective minus the best ``L`` is a certified gap.
 Valid for ``--target hf`` without a speed constraint (other cases return ``None`` and go to the MILP).
+
+Given a ``deadline`` (a ``time.perf_counter()`` instant) the bisection stops when it passes and returns the
+best plan and bound found so far (``stopped``); if it passes before any multiplier gave a plan that fits,
+the smallest plan (every block at its fewest bytes, spare bytes spent) is returned instead.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class LagrangianResult:
     multiplier: float
     evaluations: int
     seconds: float
+    stopped: bool = False  # the deadline ended the bisection early (the plan and bound are still valid)
 
     @property
     def gap(self) -> float:
@@ -168,8 +173,12 @@ def spend_leftover(inst: Instance, d: Decisions, nbytes: int, cap: int,
     return Decisions(d.keep, d.top_k, chosen), cap - left
 
 
-def lagrangian(inst: Instance, rel_gap: float = 1e-4, max_evaluations: int = 60) -> LagrangianResult | None:
-    """Bound and plan by bisection on the byte multiplier; ``None`` if no plan fits (see min_weight_bytes)."""
+def lagrangian(inst: Instance, rel_gap: float = 1e-4, max_evaluations: int = 60,
+               deadline: float | None = None) -> LagrangianResult | None:
+    """Bound and plan by bisection on the byte multiplier; ``None`` if no plan fits (see min_weight_bytes).
+
+    ``deadline`` (a ``time.perf_counter()`` instant): stop there with the best plan and bound so far.
+    """
     t0 = time.perf_counter()
     relax = _Relaxation(inst)
     cap = relax.cap
@@ -188,21 +197,30 @@ def lagrangian(inst: Instance, rel_gap: float = 1e-4, max_evaluations: int = 60)
                 best = (obj, d2)
         return value, d, nbytes
 
+    def late() -> bool:
+        return deadline is not None and time.perf_counter() >= deadline
+
     _, _, nbytes = evaluate(0.0)
-    lam_lo, lam_hi = 0.0, None
+    lam_lo, lam_hi, stopped = 0.0, None, False
     if nbytes > cap:
         scale = max(float(np.abs(inst.pair_cost).sum() + inst.drop_cost.sum()), 1e-12) / max(float(cap), 1.0)
         lam = scale
         for _ in range(80):
+            if late():
+                stopped = True
+                break
             _, _, nbytes = evaluate(lam)
             if nbytes <= cap:
                 lam_hi = lam
                 break
             lam_lo, lam = lam, lam * 8.0
-        if lam_hi is None:
+        if lam_hi is None and not stopped:
             return None
         while evals < max_evaluations and best is not None:
             if (best[0] - best_bound) / max(abs(best[0]), 1e-12) <= rel_gap / 4 or lam_hi - lam_lo <= 1e-15 * lam_hi:
+                break
+            if late():
+                stopped = True
                 break
             lam = math.sqrt(lam_lo * lam_hi) if lam_lo > 0 else lam_hi / 8.0
             _, _, nbytes = evaluate(lam)
@@ -210,6 +228,18 @@ def lagrangian(inst: Instance, rel_gap: float = 1e-4, max_evaluations: int = 60)
                 lam_hi = lam
             else:
                 lam_lo = lam
-    assert best is not None
+    if best is None:  # stopped before any multiplier gave a plan that fits: take the smallest plan
+        best = _smallest_plan(inst, relax)
+        if best is None:
+            return None
     obj, d = best
-    return LagrangianResult(d, obj, min(best_bound, obj), lam_hi or 0.0, evals, time.perf_counter() - t0)
+    return LagrangianResult(d, obj, min(best_bound, obj), lam_hi or 0.0, evals, time.perf_counter() - t0, stopped)
+
+
+def _smallest_plan(inst: Instance, relax: _Relaxation) -> tuple[float, Decisions] | None:
+    """The plan with the fewest bytes (then spare bytes spent on upgrades); ``None`` if even it does not fit."""
+    _, d, nbytes = relax.solve(1.0, cost_weight=0.0)
+    if nbytes > relax.cap:
+        return None
+    d, _ = spend_leftover(inst, d, nbytes, relax.cap)
+    return d.objective(inst), d

@@ -13,11 +13,16 @@ priced cost:
 
 Bisection on lam finds the cheapest plan that fits; the best N wins; spare bytes go to non-expert blocks.
 This is a heuristic (no optimality claim of its own); the gap to the hf bound is what the plan reports.
+
+It takes seconds per expert count at DeepSeek-V3 scale, so it looks at the clock: given a ``deadline`` (a
+``time.perf_counter()`` instant) it stops there and returns the best plan found so far (the cheapest plan
+that fitted for any N, including the one being bisected), or ``None`` if none fitted yet.
 """
 
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 
@@ -98,8 +103,9 @@ class _Tied:
         return d, int(inst.pair_bytes[chosen].sum() + inst.router_bytes[keep].sum())
 
 
-def llamacpp_plan(inst: Instance, max_evaluations: int = 24) -> Decisions | None:
-    """Best tied plan over expert counts N (see the module docstring); None if no N fits."""
+def llamacpp_plan(inst: Instance, max_evaluations: int = 24, deadline: float | None = None) -> Decisions | None:
+    """Best tied plan over expert counts N (see the module docstring); None if no N fits (or none did by
+    ``deadline``, a ``time.perf_counter()`` instant past which the search stops)."""
     tied = _Tied(inst)
     G, TG, kmin = inst.groups, inst.topk_groups, inst.min_top_k
     per_group = int(inst.layer_experts.min()) // G
@@ -111,29 +117,10 @@ def llamacpp_plan(inst: Instance, max_evaluations: int = 24) -> Decisions | None
         kmax = min(K, TG * m, G * m)
         if kmax < kmin:
             continue
+        if _late(deadline):
+            break
         k = kmin + int(np.argmin(topk_total[kmin - 1:kmax]))
-        d, nbytes = tied.plan(m, k, 0.0)
-        lam_lo, lam_hi, found = 0.0, None, None
-        if nbytes <= tied.cap:
-            found = d
-        else:
-            scale = max(float(np.abs(inst.pair_cost).sum() + inst.drop_cost.sum()), 1e-12) / max(float(tied.cap), 1.0)
-            lam = scale
-            for _ in range(40):
-                d, nbytes = tied.plan(m, k, lam)
-                if nbytes <= tied.cap:
-                    lam_hi, found = lam, d
-                    break
-                lam_lo, lam = lam, lam * 8
-            for _ in range(max_evaluations if lam_hi is not None else 0):
-                lam = math.sqrt(lam_lo * lam_hi) if lam_lo > 0 else lam_hi / 8
-                d, nbytes = tied.plan(m, k, lam)
-                if nbytes <= tied.cap:
-                    lam_hi, found = lam, d
-                else:
-                    lam_lo = lam
-                if lam_hi - lam_lo <= 1e-3 * lam_hi:
-                    break
+        found = _fitting_plan(inst, tied, m, k, max_evaluations, deadline)
         if found is None:
             continue
         nbytes = int(inst.pair_bytes[found.chosen].sum() + inst.router_bytes[found.keep].sum())
@@ -142,6 +129,41 @@ def llamacpp_plan(inst: Instance, max_evaluations: int = 24) -> Decisions | None
         if best is None or obj < best[0]:
             best = (obj, upgraded)
     return None if best is None else best[1]
+
+
+def _late(deadline: float | None) -> bool:
+    return deadline is not None and time.perf_counter() >= deadline
+
+
+def _fitting_plan(inst: Instance, tied: _Tied, m: int, k: int, max_evaluations: int,
+                  deadline: float | None) -> Decisions | None:
+    """The cheapest plan with m experts per group and top-k k that fits, by bisection on the byte price."""
+    d, nbytes = tied.plan(m, k, 0.0)
+    if nbytes <= tied.cap:
+        return d
+    lam_lo, lam_hi, found = 0.0, None, None
+    scale = max(float(np.abs(inst.pair_cost).sum() + inst.drop_cost.sum()), 1e-12) / max(float(tied.cap), 1.0)
+    lam = scale
+    for _ in range(40):
+        if _late(deadline):
+            return None
+        d, nbytes = tied.plan(m, k, lam)
+        if nbytes <= tied.cap:
+            lam_hi, found = lam, d
+            break
+        lam_lo, lam = lam, lam * 8
+    for _ in range(max_evaluations if lam_hi is not None else 0):
+        if _late(deadline):
+            break
+        lam = math.sqrt(lam_lo * lam_hi) if lam_lo > 0 else lam_hi / 8
+        d, nbytes = tied.plan(m, k, lam)
+        if nbytes <= tied.cap:
+            lam_hi, found = lam, d
+        else:
+            lam_lo = lam
+        if lam_hi - lam_lo <= 1e-3 * lam_hi:
+            break
+    return found
 
 
 __all__ = ["llamacpp_plan"]

@@ -7,6 +7,7 @@ support, and map their own statuses onto :class:`~optimizer.plan.SolveStatus`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,11 +18,15 @@ from ..plan import SolveStatus
 
 @dataclass(frozen=True)
 class SolverOptions:
-    time_limit: float | None = None  # seconds; None = no limit
+    time_limit: float | None = None  # seconds for the whole call, loading the model included; None = no limit
     rel_gap: float = 1e-4  # stop when (objective - bound) / |objective| <= rel_gap
     threads: int = 1  # 1 keeps runs deterministic
     seed: int = 0
     verbose: bool = False
+    # HiGHS, CP-SAT: run in a child process that is killed at the time limit (optimizer.solvers.process); None:
+    # large models under a time limit do, others run in this process. CBC always runs as a process of its own.
+    isolate: bool | None = None
+    on_solution: Callable[[np.ndarray], None] | None = None  # told each improving solution (where supported)
 
 
 @dataclass(frozen=True, eq=False)

@@ -6,10 +6,16 @@ an integer row activity cannot lie strictly between). An objective with integer 
 integers and is exact; a fractional one is passed as CP-SAT's floating-point objective, which CP-SAT
 scales to integers internally (``mip_wanted_precision``), so its bound is then exact only to that
 precision. The objective reported here is always recomputed from ``x`` in the model's own units.
+
+``time_limit`` covers the whole call: building the CP-SAT model in Python (seconds for 10^5 columns) looks at
+the clock every few thousand columns and rows, the search gets what is left, and a timer calls
+``stop_search`` at the limit. On large models CP-SAT's presolve still runs seconds past both, so those run in
+a child process that is killed at the limit (:mod:`optimizer.solvers.process`).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -18,6 +24,7 @@ from ..errors import InputError, SolverError
 from ..milp import MilpModel
 from ..plan import SolveStatus
 from .base import SolverBackend, SolverOptions, SolverResult
+from .process import isolated, solve_in_child
 
 # CpSolverStatus name -> SolveStatus. CP-SAT reports OPTIMAL also when it stops at relative_gap_limit.
 _STATUS: dict[str, SolveStatus] = {
@@ -28,6 +35,8 @@ _STATUS: dict[str, SolveStatus] = {
     "MODEL_INVALID": SolveStatus.ERROR,
 }
 _LIMIT = 2**62  # CP-SAT values live in int64; keep well clear of overflow
+_CHUNK = 4096  # columns or rows added between two looks at the clock
+_LATE = "late"  # _add_rows: the deadline passed
 
 
 def _integral(a: np.ndarray) -> np.ndarray:
@@ -50,6 +59,7 @@ class CpSatBackend(SolverBackend):
 
     def solve(self, model: MilpModel, options: SolverOptions, warm_start: np.ndarray | None = None) -> SolverResult:
         """Minimise ``model`` with CP-SAT; see :class:`SolverBackend`."""
+        start = time.perf_counter()
         try:
             from ortools.sat.python import cp_model
         except ImportError as exc:
@@ -57,11 +67,15 @@ class CpSatBackend(SolverBackend):
         if warm_start is not None and np.shape(warm_start) != (model.num_vars,):
             raise InputError(f"warm_start: expected {model.num_vars} values, got shape {np.shape(warm_start)}")
         col_lo, col_hi = _check_integer_model(model)
-
-        start = time.perf_counter()
+        if isolated(model, options):
+            return solve_in_child(self.name, model, options, warm_start, start)
+        deadline = None if options.time_limit is None else start + float(options.time_limit)
         cp = cp_model.CpModel()
-        xs = [cp.new_int_var(lo, hi, "") for lo, hi in zip(col_lo, col_hi)]
-        why = _add_rows(cp_model, cp, xs, model)
+        xs = _new_vars(cp, col_lo, col_hi, deadline)
+        why = _LATE if xs is None else _add_rows(cp_model, cp, xs, model, deadline)
+        if why == _LATE or (not why and _late(deadline)):
+            return SolverResult(SolveStatus.NO_SOLUTION, None, None, None, time.perf_counter() - start,
+                                "CP-SAT: not run, the time limit was reached while building the model")
         if why:
             return SolverResult(SolveStatus.INFEASIBLE, None, None, None, time.perf_counter() - start,
                                 f"CP-SAT: not run, {why}")
@@ -81,9 +95,13 @@ class CpSatBackend(SolverBackend):
         params.relative_gap_limit = float(options.rel_gap)
         params.absolute_gap_limit = 0.0  # only the relative gap decides (objectives can be tiny; see highs.py)
         params.log_search_progress = bool(options.verbose)
-        if options.time_limit is not None:
-            params.max_time_in_seconds = float(options.time_limit)
-        code = solver.solve(cp)
+        if deadline is not None:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return SolverResult(SolveStatus.NO_SOLUTION, None, None, None, time.perf_counter() - start,
+                                    "CP-SAT: not run, the time limit was reached while building the model")
+            params.max_time_in_seconds = left
+        code = _solve_until(solver, cp, deadline)
         seconds = time.perf_counter() - start
         name = solver.status_name(code)
         status = _STATUS.get(name, SolveStatus.ERROR)
@@ -100,6 +118,33 @@ class CpSatBackend(SolverBackend):
         else:
             bound = objective  # no objective: any feasible point is optimal
         return SolverResult(status, x, objective, bound, seconds, message)
+
+
+def _late(deadline: float | None) -> bool:
+    return deadline is not None and time.perf_counter() >= deadline
+
+
+def _new_vars(cp, col_lo: list[int], col_hi: list[int], deadline: float | None) -> list | None:  # noqa: ANN001
+    """One integer variable per column; ``None`` if ``deadline`` passes first."""
+    xs: list = []
+    for s in range(0, len(col_lo), _CHUNK):
+        if _late(deadline):
+            return None
+        xs += [cp.new_int_var(lo, hi, "") for lo, hi in zip(col_lo[s:s + _CHUNK], col_hi[s:s + _CHUNK])]
+    return xs
+
+
+def _solve_until(solver, cp, deadline: float | None) -> int:  # noqa: ANN001
+    """``solver.solve(cp)``, with a timer that calls ``stop_search`` at ``deadline`` as a backstop."""
+    if deadline is None:
+        return solver.solve(cp)
+    timer = threading.Timer(max(deadline - time.perf_counter(), 0.0), solver.stop_search)
+    timer.daemon = True
+    timer.start()
+    try:
+        return solver.solve(cp)
+    finally:
+        timer.cancel()
 
 
 def _check_integer_model(model: MilpModel) -> tuple[list[int], list[int]]:
@@ -124,8 +169,9 @@ def _check_integer_model(model: MilpModel) -> tuple[list[int], list[int]]:
     return lo.astype(np.int64).tolist(), hi.astype(np.int64).tolist()
 
 
-def _add_rows(cp_model, cp, xs: list, model: MilpModel) -> str:  # noqa: ANN001
-    """Add every row to ``cp``; return why the model is trivially infeasible, or "" when it is not."""
+def _add_rows(cp_model, cp, xs: list, model: MilpModel, deadline: float | None = None) -> str:  # noqa: ANN001
+    """Add every row to ``cp``; return why the model is trivially infeasible, or "" when it is not (``_LATE``
+    when ``deadline`` passes first)."""
     A = model.A.tocsr()
     indptr, indices = A.indptr, A.indices.tolist()
     data = np.round(A.data).astype(np.int64).tolist()
@@ -134,6 +180,8 @@ def _add_rows(cp_model, cp, xs: list, model: MilpModel) -> str:  # noqa: ANN001
     if (np.abs(lo[np.isfinite(lo)]) >= _LIMIT).any() or (np.abs(hi[np.isfinite(hi)]) >= _LIMIT).any():
         raise SolverError("cpsat: a row bound is too large for CP-SAT's int64 arithmetic")
     for i in range(model.num_rows):
+        if i % _CHUNK == 0 and _late(deadline):
+            return _LATE
         s, e = int(indptr[i]), int(indptr[i + 1])
         lower = int(lo[i]) if np.isfinite(lo[i]) else cp_model.INT_MIN
         upper = int(hi[i]) if np.isfinite(hi[i]) else cp_model.INT_MAX

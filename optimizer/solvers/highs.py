@@ -4,6 +4,11 @@ The model is passed in one call in row-wise CSR form (no per-variable Python loo
 thousands of columns load in milliseconds. Runs are repeatable for fixed options (seed and thread count).
 HiGHS prints a copyright banner to fd 1 the first time a ``Highs`` object is built in a process; unless
 ``verbose``, that one banner is dropped so CLI output stays clean.
+
+``time_limit`` covers the whole call: HiGHS gets what is left of it once the model is loaded. On large models
+HiGHS runs seconds past it (presolve and root-node setup do not look at the clock), so those run in a child
+process that is killed at the limit (:mod:`optimizer.solvers.process`), reporting each improving solution
+through HiGHS's callback so that the best one so far survives the kill.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from ..errors import InputError, SolverError
 from ..milp import MilpModel
 from ..plan import SolveStatus
 from .base import SolverBackend, SolverOptions, SolverResult
+from .process import isolated, solve_in_child
 
 _STOPPED = "stopped"  # a limit was hit: FEASIBLE when HiGHS holds a primal solution, else NO_SOLUTION
 _BOUNDED_INFEASIBLE = "unbounded_or_infeasible"  # INFEASIBLE when every column is bounded, else ERROR
@@ -78,14 +84,15 @@ class HighsBackend(SolverBackend):
 
     def solve(self, model: MilpModel, options: SolverOptions, warm_start: np.ndarray | None = None) -> SolverResult:
         """Minimise ``model`` with HiGHS; see :class:`SolverBackend`."""
+        start = time.perf_counter()
         try:
             import highspy
         except ImportError as exc:
             raise SolverError("the 'highs' backend needs highspy: pip install highspy") from exc
         if warm_start is not None and np.shape(warm_start) != (model.num_vars,):
             raise InputError(f"warm_start: expected {model.num_vars} values, got shape {np.shape(warm_start)}")
-
-        start = time.perf_counter()
+        if isolated(model, options):
+            return solve_in_child(self.name, model, options, warm_start, start)
         h = _new_highs(highspy, options.verbose)
         _set_options(h, options)
         A = model.A.tocsr()
@@ -104,6 +111,15 @@ class HighsBackend(SolverBackend):
             sol.col_value = np.asarray(warm_start, dtype=np.float64).tolist()
             sol.value_valid = True
             h.setSolution(sol)
+        if options.time_limit is not None:
+            left = float(options.time_limit) - (time.perf_counter() - start)
+            if left <= 0:
+                return SolverResult(SolveStatus.NO_SOLUTION, None, None, None, time.perf_counter() - start,
+                                    "HiGHS: not run, the time limit was reached while loading the model")
+            _set(h, "time_limit", left)
+        if options.on_solution is not None:
+            report = options.on_solution
+            h.cbMipImprovingSolution.subscribe(lambda e: report(np.array(e.data_out.mip_solution, dtype=np.float64)))
 
         _size_thread_pool(highspy, max(int(options.threads), 1))
         run_status = h.run()
@@ -160,11 +176,13 @@ def _set_options(h, options: SolverOptions) -> None:  # noqa: ANN001
         "random_seed": int(options.seed) % 2**31,
         "threads": max(int(options.threads), 1),
     }
-    if options.time_limit is not None:
-        values["time_limit"] = float(options.time_limit)
     for key, value in values.items():
-        if h.setOptionValue(key, value).name == "kError":
-            raise SolverError(f"HiGHS refused option {key}={value!r}")
+        _set(h, key, value)
+
+
+def _set(h, key: str, value: object) -> None:  # noqa: ANN001
+    if h.setOptionValue(key, value).name == "kError":
+        raise SolverError(f"HiGHS refused option {key}={value!r}")
 
 
 def _f64(a: np.ndarray) -> np.ndarray:
