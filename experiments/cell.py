@@ -23,13 +23,14 @@ from typing import Any
 
 import numpy as np
 
+from optimizer.baselines import BaselineOptions
 from optimizer.budget import Budget, make_budget
 from optimizer.errors import InfeasibleError, InputError
 from optimizer.formulation.instance import FormulationOptions
 from optimizer.plan import Plan, Target, plan_to_json, save_plan
 from optimizer.profile import Profile, load_profile
 from optimizer.solve import SolveOptions, optimize
-from profiling.refine import refine
+from profiling.refine import DEFAULT_REFINE_TOKENS, refine
 from profiling.run import details_path
 
 from .sweep import Cell
@@ -73,8 +74,9 @@ def reference_model(path: str):  # noqa: ANN201 - a transformers model
     return load_model(path)
 
 
-def formulation_for(cell: Cell, profile: Profile) -> tuple[str, FormulationOptions]:
-    """(solver name, formulation options) that implement ``cell.method`` (see :mod:`experiments.sweep`)."""
+def formulation_for(cell: Cell, profile: Profile) -> tuple[str, FormulationOptions, BaselineOptions]:
+    """(solver name, formulation options, baseline options) that implement ``cell.method`` (see
+    :mod:`experiments.sweep`)."""
     arch = profile.architecture
     experts = sorted({m.num_experts for m in arch.moe_layers})
     original_k = min(m.top_k for m in arch.moe_layers)
@@ -83,7 +85,7 @@ def formulation_for(cell: Cell, profile: Profile) -> tuple[str, FormulationOptio
     if base in ("quantize_only", "uniform") and len(experts) > 1:
         raise InputError(f"cell.method {cell.method}: layers have different expert counts {experts}")
     opts: dict[str, Any] = {"objective": cell.formulation}
-    solver = "highs"
+    solver, baseline = "highs", BaselineOptions()
     if base == "quantize_only":
         opts.update(min_experts=keep_all, min_top_k=original_k)
     elif base == "no_topk":
@@ -91,21 +93,22 @@ def formulation_for(cell: Cell, profile: Profile) -> tuple[str, FormulationOptio
     elif base == "prune_only":
         opts.update(formats=(fmt or "BF16",), min_top_k=original_k)
     elif base == "uniform":
-        solver = "uniform"
-        opts.update(formats=(fmt,), min_experts=keep_all, min_top_k=original_k)
+        solver, baseline = "uniform", BaselineOptions(uniform_format=fmt)  # odd rows: next larger format
+        opts.update(min_experts=keep_all, min_top_k=original_k)
     elif base in ("greedy", "sequential"):
         solver = base
     elif base == "llamacpp":
         opts.update(target=Target.LLAMACPP)
-    return solver, FormulationOptions(**opts)
+    return solver, FormulationOptions(**opts), baseline
 
 
 def refined_plan(cell: Cell, profile: Profile, budget: Budget) -> Plan:
-    """The plan :func:`profiling.refine.refine` hands over, calibrated as the profile was (its details file)."""
+    """The plan :func:`profiling.refine.refine` hands over, measured on the profile's calibration text (its
+    details file) with at least :data:`~profiling.refine.DEFAULT_REFINE_TOKENS` tokens."""
     details_file = details_path(Path(cell.profile))
     details = json.loads(details_file.read_text()) if details_file.is_file() else {}
     result = refine(profile, cell.model, budget, data=details.get("data", "english:calibration"),
-                    tokens=details.get("tokens", 2048), window=details.get("window", 256))
+                    tokens=max(details.get("tokens", 0), DEFAULT_REFINE_TOKENS), window=details.get("window", 256))
     return result.best.plan
 
 
@@ -115,9 +118,9 @@ def solve_cell(cell: Cell) -> Plan:
     budget = make_budget(profile.architecture, cell.budget, context=0, overhead=0)
     if cell.base_method == "refine":
         return refined_plan(cell, profile, budget)
-    solver, formulation = formulation_for(cell, profile)
+    solver, formulation, baseline = formulation_for(cell, profile)
     return optimize(profile, budget, formulation,
-                    SolveOptions(solver=solver, time_limit=cell.time_limit, reproducible=True))
+                    SolveOptions(solver=solver, time_limit=cell.time_limit, reproducible=True, baseline=baseline))
 
 
 def _compressed(cell: Cell, plan: Plan, work: Path) -> tuple[Any, int | None]:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import InputError
 from .formats import get_format
 from .formulation.decisions import Decisions
 from .formulation.instance import Instance
@@ -40,6 +41,9 @@ BASELINES = ("uniform", "greedy", "sequential")
 class BaselineOptions:
     retain_ratio: float = 0.75  # sequential: fraction of experts (and of top-k) kept, 192/256 in the paper
     importance_alpha: float = 0.5
+    # uniform: this format only (blocks it cannot store take the next larger candidate), instead of the
+    # largest candidate format that fits
+    uniform_format: str | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -119,16 +123,17 @@ def _bytes(inst: Instance, keep: np.ndarray, chosen: np.ndarray) -> int:
     return int(inst.pair_bytes[chosen].sum() + inst.router_bytes[keep].sum())
 
 
-def _uniform_choices(inst: Instance, keep: np.ndarray, deadline: float | None = None,
+def _uniform_choices(inst: Instance, keep: np.ndarray, deadline: float | None = None, only: int | None = None,
                      ) -> Iterator[tuple[int, np.ndarray] | None]:
-    """Per format from the largest down: every unit in it (or the next larger it admits), as (format, chosen
-    pairs); stops early (``None``) when ``deadline`` passes."""
+    """Per format from the largest down (or format ``only``): every unit in it (or the next larger it admits),
+    as (format, chosen pairs); stops early (``None``) when ``deadline`` passes."""
     units = _units(inst, _present(inst, keep))
     opts = _all_format_options(inst, units, deadline)
     if opts is None:
         yield None
         return
     order = sorted(range(len(inst.formats)), key=lambda f: -get_format(inst.formats[f]).bits_per_weight)
+    order = order if only is None else [only]
     bpw = [get_format(f).bits_per_weight for f in inst.formats]
     for f in order:
         if _late(deadline):
@@ -141,11 +146,13 @@ def _uniform_choices(inst: Instance, keep: np.ndarray, deadline: float | None = 
         yield f, _assign(inst, keep, choice, units, opts)
 
 
-def _largest_fitting(inst: Instance, keep: np.ndarray, top_k: np.ndarray, deadline: float | None = None) -> BaselineRun:
-    """Every unit in one format (or the next larger it admits), trying formats from the largest down."""
+def _largest_fitting(inst: Instance, keep: np.ndarray, top_k: np.ndarray, deadline: float | None = None,
+                     only: int | None = None) -> BaselineRun:
+    """Every unit in one format (or the next larger it admits), trying formats from the largest down (or only
+    format ``only``)."""
     cap = inst.available - inst.fixed_bytes
     sizes: list[tuple[int, str]] = []
-    for option in _uniform_choices(inst, keep, deadline):
+    for option in _uniform_choices(inst, keep, deadline, only):
         if option is None:
             return BaselineRun(None, complete=False)
         nbytes = _bytes(inst, keep, option[1])
@@ -203,7 +210,13 @@ def _upgrade(inst: Instance, d: Decisions, by: str, deadline: float | None = Non
 
 def uniform(inst: Instance, options: BaselineOptions | None = None, deadline: float | None = None) -> BaselineRun:
     keep = np.ones(inst.num_experts, dtype=bool)
-    return _largest_fitting(inst, keep, inst.layer_top_k.copy(), deadline)
+    fmt = (options or BaselineOptions()).uniform_format
+    only = None
+    if fmt is not None:
+        if fmt not in inst.formats:
+            raise InputError(f"uniform format {fmt!r} is not among the candidate formats ({', '.join(inst.formats)})")
+        only = inst.formats.index(fmt)
+    return _largest_fitting(inst, keep, inst.layer_top_k.copy(), deadline, only)
 
 
 def _importance(inst: Instance, alpha: float) -> np.ndarray:

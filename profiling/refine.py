@@ -5,8 +5,10 @@ routing flips (docs/profiling.md, R3), so its optimum can lose to plain uniform 
 loop lets the ILP propose and measurement decide:
 
 1. **Candidates.** The baselines at the budget (``uniform`` in the largest format that fits, ``greedy``,
-   ``sequential``, ``quantize_only``: the ILP with every expert and the original k) and the ILP's plan from
-   the profile, each solved by :func:`optimizer.solve.optimize` (the optimizer stays pure).
+   ``sequential``, ``quantize_only``: the ILP with every expert and the original k, ``llamacpp``: the ILP
+   with llama.cpp's ties) and the ILP's plans from the profile under ``predicted_loss`` and the proxy
+   objectives ``importance`` and ``routing_mass``, each solved by :func:`optimizer.solve.optimize` (the
+   optimizer stays pure).
 2. **Measure.** Each new plan is applied in memory all at once (top-k, masked experts, fake-quantized blocks,
    as ``profiling validate`` does) and its mean per-token KL(original || plan) is measured on the profile's
    calibration windows (:meth:`profiling.engine.Engine.evaluate_full`).
@@ -42,7 +44,7 @@ from optimizer.errors import InfeasibleError, InputError
 from optimizer.formats import get_format
 from optimizer.formulation.instance import FormulationOptions
 from optimizer.formulation.objectives import build_objective
-from optimizer.plan import Plan, plan_to_json
+from optimizer.plan import Plan, Target, plan_to_json
 from optimizer.profile import Profile, Sensitivity, TopkCost
 from optimizer.solve import SolveOptions, optimize
 
@@ -53,6 +55,9 @@ from .model_io import Runner, load_text, token_windows, tokenize
 
 DEFAULT_ROUNDS = 3
 PRUNE_PROBES = (2.0, 0.5)  # each round also solves with pruning priced this much up and down
+PROPOSING_OBJECTIVES = ("importance", "routing_mass")  # measured once beside the predicted_loss ILP
+#: calibration tokens the experiments measure candidates on (more than most profiles used: less selection noise)
+DEFAULT_REFINE_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -188,9 +193,10 @@ class PlanMeter:
         return effect.kl, effect.dnll
 
 
-def _solve(profile: Profile, budget: Budget, solver: str = "highs", **formulation: Any) -> Plan | None:
+def _solve(profile: Profile, budget: Budget, solver: str = "highs", objective: str = "predicted_loss",
+           **formulation: Any) -> Plan | None:
     try:
-        return optimize(profile, budget, FormulationOptions(objective="predicted_loss", **formulation),
+        return optimize(profile, budget, FormulationOptions(objective=objective, **formulation),
                         SolveOptions(solver=solver, time_limit=60.0, reproducible=True))
     except InfeasibleError:
         return None
@@ -202,7 +208,8 @@ def baseline_plans(profile: Profile, budget: Budget) -> dict[str, Plan]:
     keep_all = float(min(m.num_experts for m in arch.moe_layers))
     original_k = min(m.top_k for m in arch.moe_layers)
     plans = {"uniform": _solve(profile, budget, "uniform"), "greedy": _solve(profile, budget, "greedy"),
-             "sequential": _solve(profile, budget, "sequential")}
+             "sequential": _solve(profile, budget, "sequential"),
+             "llamacpp": _solve(profile, budget, target=Target.LLAMACPP)}
     if len({m.num_experts for m in arch.moe_layers}) == 1:
         plans["quantize_only"] = _solve(profile, budget, min_experts=keep_all, min_top_k=original_k)
     return {name: p for name, p in plans.items() if p is not None}
@@ -230,6 +237,11 @@ def refine(profile: Profile, model_dir: str | Path, budget: Budget, rounds: int 
     for name, plan in baseline_plans(profile, budget).items():
         take(name, plan)
     take("ilp", _solve(profile, budget), Multipliers())
+    for objective in PROPOSING_OBJECTIVES:  # the ILP proposes under the proxy objectives too
+        try:
+            take(f"ilp ({objective})", _solve(profile, budget, objective=objective))
+        except InputError:  # the profile lacks what the objective needs (e.g. saliency)
+            continue
     if not measured:
         raise InfeasibleError(f"refine: no plan fits {budget.total:,} bytes")
     mult = Multipliers()

@@ -172,6 +172,18 @@ def test_uniform_with_k_quant_gives_down_projections_the_next_larger_format() ->
     assert plan.bytes.total == q4
 
 
+def test_uniform_format_option_takes_that_format_even_when_a_larger_fits() -> None:
+    p = synthetic_profile(seed=2, **ARCH)
+    q4 = uniform_bytes(p, "Q4_K")
+    options = SolveOptions(solver="uniform", baseline=BaselineOptions(uniform_format="Q4_K"))
+    plan = optimize(p, budget_of(10 * q4), None, options)  # BF16 would fit; Q4_K is asked for
+    assert plan.bytes.total == q4 and plan.formats["model.embed_tokens.weight"] == "Q4_K"
+    with pytest.raises(InfeasibleError):
+        optimize(p, budget_of(q4 - 1), None, options)
+    with pytest.raises(Exception, match="not among the candidate formats"):
+        optimize(p, budget_of(q4), None, SolveOptions(solver="uniform", baseline=BaselineOptions(uniform_format="IQ1_S")))
+
+
 @pytest.mark.parametrize("target", [Target.HF, Target.LLAMACPP])
 def test_greedy_keeps_the_original_top_k(target: Target) -> None:
     # top-4 of 8 experts: greedy keeps >= 4 per layer at k = 4; a budget below "all 8 in their smallest

@@ -47,7 +47,7 @@ def test_methods_switch_levers_off() -> None:
     assert {f for n, f in u.formats.items() if ".experts." in n} == {"int8_g64"}
     with pytest.raises(InfeasibleError):
         solve_cell(_cell(method="uniform:int8_g64"))
-    solver, options = formulation_for(_cell(method="no_topk"), cached_profile(R1_PROFILE))
+    solver, options, _ = formulation_for(_cell(method="no_topk"), cached_profile(R1_PROFILE))
     assert solver == "highs" and options.min_top_k == 4
 
 

@@ -61,7 +61,7 @@ def test_refine_hands_over_the_best_measured_plan(tiny: Path, profile) -> None:
     hashes = {plan_hash(m.plan) for m in res.measured}
     assert len(hashes) == len(res.measured)  # each distinct plan measured once
     baselines = baseline_plans(profile, budget)
-    assert set(baselines) == {"uniform", "greedy", "sequential", "quantize_only"}
+    assert set(baselines) == {"uniform", "greedy", "sequential", "quantize_only", "llamacpp"}
     assert {plan_hash(p) for p in baselines.values()} <= hashes  # every baseline was measured
     assert res.best.kl == min(m.kl for m in res.measured)
     assert all(m.plan.bytes.total <= budget.available for m in res.measured)
