@@ -1,4 +1,5 @@
-"""Command line: ``python -m profiling run | validate | compare-domains | memory | inspect | refit`` (docs/profiling.md).
+"""Command line: ``python -m profiling run | validate | refine | compare-domains | memory | inspect | refit``
+(docs/profiling.md).
 
 Bad input (not a supported MoE directory, an empty corpus, a format the model's shapes cannot take, a
 malformed profile, a flag out of range) prints one line ``error: ...`` on stderr and exits with code 2.
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from optimizer.architecture import MAX_BLOCKS, MAX_EXPERTS
 from optimizer.cli import MAX_SEED, MAX_THREADS, OneLineParser, check_range
-from optimizer.errors import InputError, error_line
+from optimizer.errors import InfeasibleError, InputError, error_line
 from optimizer.jsonio import check_output_path
 
 #: (smallest, largest) value of every integer flag, by argparse destination; a flag left at None keeps its
@@ -32,9 +33,10 @@ INT_FLAGS: dict[str, tuple[int, int]] = {
     "device_repeats": (1, 1000),
     "threads": (1, MAX_THREADS),
     "plans": (3, 10**4),
+    "rounds": (0, 100),
 }
 #: argparse destinations of the paths a command writes, with their flags.
-OUTPUT_FLAGS = {"output": "-o", "json": "--json"}
+OUTPUT_FLAGS = {"output": "-o", "json": "--json", "profile_out": "--profile-out", "log": "--log"}
 
 
 def _add_run(sub) -> None:
@@ -112,6 +114,26 @@ def _add_refit(sub) -> None:
                    help="the fitted proxy replaces measured cells too (measurements only set the scales)")
 
 
+def _add_refine(sub) -> None:
+    p = sub.add_parser("refine", help="closed loop: measure the ILP's plans and the baselines at a budget, correct "
+                       "the profile, hand over the best measured plan")
+    p.add_argument("profile", type=Path)
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--budget", required=True, help="memory budget, as for `optimizer solve` (e.g. 4MB, 120GiB)")
+    p.add_argument("--context", type=int, default=8192, help="tokens of KV cache to reserve (default 8192)")
+    p.add_argument("--overhead", default="2GiB", help="runtime overhead to reserve (default 2GiB)")
+    p.add_argument("--rounds", type=int, default=3, help="correct-and-re-solve rounds (default 3)")
+    p.add_argument("--data", default=None, help="calibration text (default: the profile's own)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="calibration tokens (default: the profile's, at least 4096)")
+    p.add_argument("--window", type=int, default=None, help="default: the profile's")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("-o", "--output", type=Path, default=Path("plan.json"), help="the handed-over plan")
+    p.add_argument("--profile-out", type=Path, default=None, help="also write the corrected profile here")
+    p.add_argument("--log", type=Path, default=None, help="also write every measured plan's record here (JSON)")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def _add_memory(sub) -> None:
     p = sub.add_parser("memory", help="peak RSS of the reference pass, in memory vs streamed (two child processes)")
     p.add_argument("--model", type=Path, required=True)
@@ -129,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_memory(sub)
     _add_inspect(sub)
     _add_refit(sub)
+    _add_refine(sub)
     return parser
 
 
@@ -182,6 +205,13 @@ def _cmd_refit(args) -> int:
     return 0
 
 
+def _cmd_refine(args) -> int:
+    from .refine import run_refine
+
+    run_refine(args)
+    return 0
+
+
 def _cmd_inspect(args) -> int:
     from .inspect import inspect_profile, print_inspection
 
@@ -229,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": _cmd_run, "validate": _cmd_validate, "compare-domains": _cmd_domains,
                 "memory": _cmd_memory, "inspect": _cmd_inspect,
-                "refit": _cmd_refit}[args.command](args)
-    except (InputError, CorpusError) as exc:
+                "refit": _cmd_refit, "refine": _cmd_refine}[args.command](args)
+    except (InputError, CorpusError, InfeasibleError) as exc:
         print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2
     except (RecursionError, MemoryError, OverflowError) as exc:  # details files are still read with json.loads

@@ -262,3 +262,37 @@ def refine(profile: Profile, model_dir: str | Path, budget: Budget, rounds: int 
     best.plan = replace(best.plan, solve=replace(best.plan.solve, message=note))
     return RefineResult(best, measured, mult, scaled_profile(profile, mult), time.perf_counter() - t0,
                         meter.engine.tokens, done)
+
+
+def run_refine(args) -> RefineResult:  # noqa: ANN001 - the argparse namespace of ``python -m profiling refine``
+    """The CLI: read the profile and its calibration settings, refine, write the plan (and profile, log)."""
+    from optimizer.budget import make_budget
+    from optimizer.jsonio import read_json, write_json
+    from optimizer.plan import save_plan
+    from optimizer.profile import load_profile, save_profile
+
+    from .run import details_path
+
+    profile = load_profile(args.profile)
+    budget = make_budget(profile.architecture, args.budget, args.context, args.overhead)
+    dpath = details_path(Path(args.profile))
+    details = read_json(dpath)[0] if dpath.is_file() else {}
+    data = args.data or details.get("data") or profile.experts.measurement.source or "english:calibration"
+    tokens = args.max_tokens or max(details.get("tokens") or profile.experts.measurement.tokens or 0,
+                                    DEFAULT_REFINE_TOKENS)
+    res = refine(profile, args.model, budget, args.rounds, data, tokens, args.window or details.get("window", 256),
+                 progress=not args.no_progress, say=print)
+    save_plan(res.best.plan, args.output)
+    print(f"handed over '{res.best.name}' (measured KL {res.best.kl:.4g} nats/token on {res.tokens:,} tokens; "
+          f"{len(res.measured)} plans measured in {res.seconds:.0f} s); multipliers {res.multipliers.to_json()}")
+    print(f"wrote {args.output}")
+    if args.profile_out:
+        save_profile(res.profile, args.profile_out)
+        print(f"wrote {args.profile_out}")
+    if args.log:
+        write_json(args.log, {"profile": str(args.profile), "model": str(args.model), "budget": budget.total,
+                              "data": data, "tokens": res.tokens, "rounds": res.rounds, "seconds": res.seconds,
+                              "multipliers": res.multipliers.to_json(), "handed_over": res.best.name,
+                              "measured": [m.row() for m in res.measured]})
+        print(f"wrote {args.log}")
+    return res

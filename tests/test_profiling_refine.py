@@ -67,3 +67,26 @@ def test_refine_hands_over_the_best_measured_plan(tiny: Path, profile) -> None:
     assert all(m.plan.bytes.total <= budget.available for m in res.measured)
     assert f"'{res.best.name}'" in res.best.plan.solve.message
     assert np.isfinite(res.multipliers.formats) and res.tokens == 256
+
+
+def test_cli_writes_plan_profile_and_log(tiny: Path, profile, tmp_path: Path) -> None:
+    from optimizer.plan import load_plan
+    from optimizer.profile import load_profile, save_profile
+    from profiling.cli import main
+
+    save_profile(profile, tmp_path / "p.json")
+    budget = str(int(uniform_bytes(profile.architecture, "BF16") * 0.45))
+    out = {"-o": tmp_path / "plan.json", "--profile-out": tmp_path / "p2.json", "--log": tmp_path / "log.json"}
+    args = ["refine", str(tmp_path / "p.json"), "--model", str(tiny), "--budget", budget, "--context", "0",
+            "--overhead", "0", "--rounds", "1", "--max-tokens", "256", "--window", "64", "--no-progress"]
+    assert main(args + [x for flag, path in out.items() for x in (flag, str(path))]) == 0
+    import json
+
+    log = json.loads((tmp_path / "log.json").read_text())
+    best = min(log["measured"], key=lambda m: m["measured_kl"])
+    assert log["handed_over"] == best["name"] and log["tokens"] == 256
+    plan = load_plan(tmp_path / "plan.json")
+    assert plan.bytes.total <= int(budget) and best["name"] in plan.solve.message
+    assert load_profile(tmp_path / "p2.json").architecture.shape_hash() == profile.architecture.shape_hash()
+    assert main(args[:-1] + ["--budget", "1B", "-o", str(tmp_path / "x.json")]) == 2
+    assert not (tmp_path / "x.json").exists()
