@@ -79,8 +79,10 @@ def main() -> int:
             "variables": timing.get("variables"), "rows": timing.get("rows"), "bytes": plan.bytes.total,
             "message": s.message,
         })
-        print(f"{name:12s} {s.status.value:9s} obj {s.objective:.6f} bound {s.bound if s.bound is None else round(s.bound, 6)} "
-              f"gap {s.gap if s.gap is None else f'{100 * s.gap:.4f}%'} build {build:.2f}s solve {wall - build:.2f}s", flush=True)
+        print(f"{name:12s} {s.status.value:9s} obj {s.objective:.6f} "
+              f"bound {s.bound if s.bound is None else round(s.bound, 6)} "
+              f"gap {s.gap if s.gap is None else f'{100 * s.gap:.4f}%'} "
+              f"build {build:.2f}s solve {wall - build:.2f}s", flush=True)
     bounds = [r["bound"] for r in rows if r.get("bound") is not None]
     best_bound = max(bounds) if bounds else None
     for r in rows:

@@ -36,7 +36,8 @@ def load_sweep(name: str) -> Sweep:
         spec.loader.exec_module(module)
     else:
         if name not in sweep_names():
-            raise InputError(f"SWEEP: unknown sweep {name!r}; choose from {', '.join(sweep_names())} or give a .py file")
+            raise InputError(f"SWEEP: unknown sweep {name!r}; choose from {', '.join(sweep_names())} "
+                             "or give a .py file")
         module = importlib.import_module(f"experiments.sweeps.{name}")
     sweep = getattr(module, "SWEEP", None)
     if not isinstance(sweep, Sweep):

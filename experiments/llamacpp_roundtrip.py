@@ -45,8 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.results_io import write_rows
 from experiments.entry import run_main
+from experiments.results_io import write_rows
 
 #: GGUF type -> bits of the runtime int format whose sensitivity it borrows in ``gguf-profile``
 PROXY_BITS = {"Q2_K": 2, "Q3_K": 3, "Q4_0": 4, "Q4_K": 4, "Q5_0": 5, "Q5_K": 5, "Q6_K": 6, "Q8_0": 8}
@@ -156,10 +156,10 @@ def _convert(cfg: Config, src: Path, dst: Path) -> float:
 
 def check_gguf(cfg: Config, gguf_path: Path, recipe: Path, plan, arch) -> dict:
     """Types, expert keys and bytes of the quantized GGUF against the recipe and the plan."""
+    import gguf  # the venv's gguf-py (same 0.19.0 release as the tree's; reading needs no newer types)
+
     from optimizer.byte_model import block_bytes
     from runtime.export import GGUF_ARCH, gguf_name, parse_tensor_types
-
-    import gguf  # the venv's gguf-py (same 0.19.0 release as the tree's; reading needs no newer types)
 
     r = gguf.GGUFReader(str(gguf_path))
     want = parse_tensor_types((recipe / "tensor-types.txt").read_text())

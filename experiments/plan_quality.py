@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from experiments.entry import run_main
 from experiments.results_io import write_rows
 from optimizer.budget import make_budget
 from optimizer.errors import MoeccError
@@ -27,7 +28,6 @@ from optimizer.formulation.instance import FormulationOptions
 from optimizer.plan import save_plan
 from optimizer.profile import load_profile
 from optimizer.solve import SolveOptions, optimize
-from experiments.entry import run_main
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from experiments.results_io import write_rows
 from experiments.entry import run_main
+from experiments.results_io import write_rows
 from optimizer.errors import InputError
 from optimizer.jsonio import read_json
 
@@ -65,7 +65,7 @@ def run(cfg: Config) -> list[dict]:
     details, _ = read_json(details_file)
     terms = build_objective(profile, "predicted_loss")
     moe = {m.index: i for i, m in enumerate(profile.architecture.moe_layers)}
-    unknown = [l for l in cfg.layers if l not in moe]
+    unknown = [layer for layer in cfg.layers if layer not in moe]
     if unknown:
         raise InputError(f"--layers: layer {unknown[0]} is not an MoE layer of this model")
     text, _ = load_text(details["data"])

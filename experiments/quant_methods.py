@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
+from experiments.entry import run_main
 from experiments.results_io import write_rows
 from optimizer.architecture import BlockKind
-from experiments.entry import run_main
 
 QUANTIZED_KINDS = {BlockKind.ATTENTION, BlockKind.DENSE_MLP, BlockKind.SHARED_EXPERT, BlockKind.ROUTED_EXPERT}
 

@@ -369,8 +369,9 @@ class ModelRows:
                           else ["never", "-", "-"])
             body.append(cells)
         return ([f"### Headline: the smallest budget whose `{handed}` plan matches a uniform format", "",
-                 (f"Per uniform format: the smallest budget whose `{handed}` plan has no higher KL mean (then: no higher "
-                 "perplexity) than the uniform plan, and that plan's bytes / the uniform plan's bytes."), ""]
+                 (f"Per uniform format: the smallest budget whose `{handed}` plan has no higher KL mean "
+                 "(then: no higher perplexity) than the uniform plan, and that plan's bytes / the uniform "
+                 "plan's bytes."), ""]
                 + _table(["format", "uniform MB", "budget (KL)", "plan MB", "bytes ratio (KL)", "budget (perplexity)",
                           "plan MB", "bytes ratio (perplexity)"], body))
 

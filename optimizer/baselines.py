@@ -83,7 +83,8 @@ def _format_options(inst: Instance, unit: np.ndarray, lists: tuple[list, list, l
     """
     out: dict[int, tuple[np.ndarray, int, float]] = {}
     pf, pb, pc = lists
-    per_block = [dict(zip(pf[inst.pairs_of(b).start:inst.pairs_of(b).stop], range(inst.pairs_of(b).start, inst.pairs_of(b).stop)))
+    per_block = [dict(zip(pf[inst.pairs_of(b).start:inst.pairs_of(b).stop],
+                          range(inst.pairs_of(b).start, inst.pairs_of(b).stop)))
                  for b in unit.tolist()]
     common = set.intersection(*(set(d) for d in per_block))
     for f in common:
@@ -244,12 +245,14 @@ def sequential(inst: Instance, options: BaselineOptions | None = None, deadline:
     o = options or BaselineOptions()
     G = inst.groups
     per_group = inst.layer_experts // G
-    m = np.array([max(math.ceil(o.retain_ratio * E / G), int(math.ceil(lo / G)), math.ceil(inst.min_top_k / inst.topk_groups)) for E, lo in
-                  zip(inst.layer_experts, inst.layer_min_experts)])
+    m = np.array([max(math.ceil(o.retain_ratio * E / G), int(math.ceil(lo / G)),
+                      math.ceil(inst.min_top_k / inst.topk_groups))
+                  for E, lo in zip(inst.layer_experts, inst.layer_min_experts)])
     m = np.minimum(np.maximum(m, np.minimum(2, per_group) if G > 1 else 1), per_group)
     if inst.options.target == Target.LLAMACPP:
         m[:] = m.max()
-    top_k = np.array([min(math.ceil(o.retain_ratio * K), inst.topk_groups * mi, G * mi) for K, mi in zip(inst.layer_top_k, m)])
+    top_k = np.array([min(math.ceil(o.retain_ratio * K), inst.topk_groups * mi, G * mi)
+                      for K, mi in zip(inst.layer_top_k, m)])
     top_k = np.maximum(top_k, inst.min_top_k)
     keep = _keep_top(inst, _importance(inst, o.importance_alpha), m)
     run = _largest_fitting(inst, keep, top_k, deadline)
@@ -294,17 +297,21 @@ class _Greedy:
         self.smallest = {u: min(o, key=lambda f: (o[f][1], o[f][2])) for u, o in enumerate(all_opts)}
         self.base = base = _assign(inst, keep_all, self.smallest, all_units, all_opts)
         self.own = own = inst.block_owner[inst.pair_block]
-        size = np.bincount(own[base & (own >= 0)], weights=inst.pair_bytes[base & (own >= 0)], minlength=inst.num_experts)
-        block_cost = np.bincount(own[base & (own >= 0)], weights=inst.pair_cost[base & (own >= 0)], minlength=inst.num_experts)
+        size = np.bincount(own[base & (own >= 0)], weights=inst.pair_bytes[base & (own >= 0)],
+                           minlength=inst.num_experts)
+        block_cost = np.bincount(own[base & (own >= 0)], weights=inst.pair_cost[base & (own >= 0)],
+                                 minlength=inst.num_experts)
         self.size = size = size + inst.router_bytes
         self.value = value = inst.drop_cost - block_cost  # what keeping an expert (at its smallest formats) is worth
         order_key = value / np.maximum(size, 1)
         self.n_layers = n_layers = len(inst.layer_top_k)
         ids = [(inst.layer_first_expert[i] + np.arange(inst.layer_experts[i])).reshape(G, -1) for i in range(n_layers)]
-        self.ranked = [[ids[i][g][np.lexsort((ids[i][g], -order_key[ids[i][g]]))] for g in range(G)] for i in range(n_layers)]
+        self.ranked = [[ids[i][g][np.lexsort((ids[i][g], -order_key[ids[i][g]]))] for g in range(G)]
+                       for i in range(n_layers)]
         self.per_group = per_group = inst.layer_experts // G
         need = np.array([max(math.ceil(max(inst.layer_min_experts[i], top_k[i]) / G),
-                             math.ceil(top_k[i] / inst.topk_groups), min(2, per_group[i]) if G > 1 else 0) for i in range(n_layers)])
+                             math.ceil(top_k[i] / inst.topk_groups), min(2, per_group[i]) if G > 1 else 0)
+                         for i in range(n_layers)])
         if self.llama:
             need[:] = need.max()
         self.count = need.copy()
@@ -342,12 +349,14 @@ class _Greedy:
             self.count += 1
 
     def run_heap(self, deadline: float | None) -> bool:
-        """hf: take expert slices and format upgrades, best value per byte first; ``False`` if stopped by ``deadline``."""
+        """hf: take expert slices and format upgrades, best value per byte first; ``False`` if stopped by
+        ``deadline``."""
         inst, all_opts = self.inst, self.all_opts
         left = self.cap - self.bytes_now()
         self.choice = choice = dict(self.smallest)
         unit_of_block = {int(u[0]): k for k, u in enumerate(self.all_units)}
-        heap: list[tuple[float, int, int, int]] = []  # (-value per byte, kind 0 = upgrade / 1 = expert, unit or layer, format)
+        # (-value per byte, kind 0 = upgrade / 1 = expert, unit or layer, format)
+        heap: list[tuple[float, int, int, int]] = []
 
         def push_upgrade(u: int) -> None:
             _, b0, c0 = all_opts[u][choice[u]]

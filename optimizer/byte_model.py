@@ -104,7 +104,8 @@ def is_router_row_block(block: Block, experts_per_layer: dict[int, int]) -> bool
     ``experts_per_layer``: MoE layer index -> its number of routed experts."""
     if block.kind != BlockKind.ROUTER or block.layer is None or "shared_expert_gate" in block.name:
         return False
-    return block.layer in experts_per_layer and len(block.shape) >= 1 and block.shape[0] == experts_per_layer[block.layer]
+    return (block.layer in experts_per_layer and len(block.shape) >= 1
+            and block.shape[0] == experts_per_layer[block.layer])
 
 
 def plan_bytes_by_kind(arch: Architecture, kept: dict[int, Sequence[int]], formats: dict[str, str]) -> dict[str, int]:

@@ -68,16 +68,19 @@ def _parser() -> argparse.ArgumentParser:
                    help="hf: per-expert formats and per-layer k; llamacpp: one format per (layer, projection), "
                         "one expert count, one k")
     s.add_argument("--formulation", default="importance", help="objective (see `python -m optimizer objectives`)")
-    s.add_argument("--solver", default="highs", help="highs (default), cbc, cpsat, or a baseline: uniform, greedy, sequential")
+    s.add_argument("--solver", default="highs",
+                   help="highs (default), cbc, cpsat, or a baseline: uniform, greedy, sequential")
     s.add_argument("--formats", default=None, help="comma-separated candidate formats (default: the profile's)")
     s.add_argument("--min-experts", type=float, default=0.0,
                    help="minimum kept experts per layer: a count, or a fraction (< 1) of the layer's experts")
     s.add_argument("--min-top-k", type=int, default=1, help="smallest top-k a layer may route to (default 1)")
-    s.add_argument("--min-tokens-per-s", type=float, default=None, help="decode speed floor under the profiled bandwidth")
+    s.add_argument("--min-tokens-per-s", type=float, default=None,
+                   help="decode speed floor under the profiled bandwidth")
     s.add_argument("--expert-weight", type=float, default=None,
                    help="nats for dropping a layer's whole proxy mass (default: fitted to the profile's prune costs)")
     s.add_argument("--importance-alpha", type=float, default=0.5, help="a in I = a f + (1-a) s (default 0.5)")
-    s.add_argument("--retain-ratio", type=float, default=0.75, help="sequential baseline: fraction of experts and k kept")
+    s.add_argument("--retain-ratio", type=float, default=0.75,
+                   help="sequential baseline: fraction of experts and k kept")
     s.add_argument("--time-limit", type=float, default=60.0, help="seconds (default 60)")
     s.add_argument("--gap", type=float, default=1e-4, help="relative optimality gap to prove (default 1e-4 = 0.01%%)")
     s.add_argument("--threads", type=int, default=1)
@@ -93,7 +96,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("objectives", help="list the registered objectives")
 
-    x = sub.add_parser("example", help="build the bundled DeepSeek-V3 profile (real routing statistics, prior sensitivities)")
+    x = sub.add_parser("example",
+                       help="build the bundled DeepSeek-V3 profile (real routing statistics, prior sensitivities)")
     x.add_argument("-o", "--output", default="examples/deepseek-v3/profile.json.gz")
     return p
 

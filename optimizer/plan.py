@@ -117,8 +117,9 @@ def plan_to_json(plan: Plan) -> dict:
         },
         "predicted": {k: float(f"{v:.9g}") for k, v in plan.predicted.items()},
         "solve": {
-            "solver": s.solver, "formulation": s.formulation, "status": s.status.value, "objective": _round(s.objective),
-            "bound": _round(s.bound), "gap": _round(s.gap), "seconds": None if s.seconds is None else round(s.seconds, 3),
+            "solver": s.solver, "formulation": s.formulation, "status": s.status.value,
+            "objective": _round(s.objective), "bound": _round(s.bound), "gap": _round(s.gap),
+            "seconds": None if s.seconds is None else round(s.seconds, 3),
             "profile_hash": s.profile_hash, "options": s.options, "message": s.message,
         },
     }
@@ -196,7 +197,8 @@ def plan_from_json(doc: Any) -> Plan:
     status = SolveStatus(sr.str("status", choices=tuple(s.value for s in SolveStatus)))
     record = SolveRecord(
         solver=sr.str("solver"), formulation=sr.str("formulation"), status=status,
-        objective=sr.number("objective", required=False, minimum=None), bound=sr.number("bound", required=False, minimum=None),
+        objective=sr.number("objective", required=False, minimum=None),
+        bound=sr.number("bound", required=False, minimum=None),
         gap=sr.number("gap", required=False), seconds=sr.number("seconds", required=False),
         profile_hash=sr.str("profile_hash"), options=options or {},
         message=sr.str("message", required=False) or "",

@@ -17,8 +17,20 @@ from typing import Any
 import numpy as np
 
 from .architecture import (
-    Architecture, Block, BlockKind, DEFAULT_FIXED_FORMAT, KVCacheSpec, MAX_BLOCKS, MAX_DIM, MAX_EXPERTS,
-    MAX_KV_DTYPE_BYTES, MAX_LAYERS, MoELayer, UNQUANTIZED_KINDS, check_model_size, check_shape,
+    DEFAULT_FIXED_FORMAT,
+    MAX_BLOCKS,
+    MAX_DIM,
+    MAX_EXPERTS,
+    MAX_KV_DTYPE_BYTES,
+    MAX_LAYERS,
+    UNQUANTIZED_KINDS,
+    Architecture,
+    Block,
+    BlockKind,
+    KVCacheSpec,
+    MoELayer,
+    check_model_size,
+    check_shape,
 )
 from .errors import InputError
 from .formats import get_format
@@ -158,7 +170,8 @@ def _measurement(r: Reader | None, path: str) -> Measurement:
     if r is None:
         raise InputError(f"{path}: missing required field")
     out = Measurement(
-        method=r.str("method"), tokens=r.int("tokens", required=False), seed=r.int("seed", required=False, minimum=None),
+        method=r.str("method"), tokens=r.int("tokens", required=False),
+        seed=r.int("seed", required=False, minimum=None),
         source=r.str("source", required=False), prior=bool(r.bool("prior", required=False)),
     )
     r.done()
@@ -289,10 +302,12 @@ def _blocks_from_json(items: list, path: str, moe: dict[int, MoELayer], projecti
             if (layer, expert, projection) in seen_expert_blocks:
                 raise InputError(f"{path}[{i}]: duplicate expert block ({layer}, {expert}, {projection})")
             seen_expert_blocks.add((layer, expert, projection))
-        blocks.append(Block(name, kind, shape, layer, expert, projection, quantizable, fixed if not quantizable else None))
+        blocks.append(Block(name, kind, shape, layer, expert, projection, quantizable,
+                            fixed if not quantizable else None))
     expected = sum(m.num_experts for m in moe.values()) * len(projections)
     if len(seen_expert_blocks) != expected:
-        raise InputError(f"{path}: expected {expected} routed_expert blocks (every expert x projection), got {len(seen_expert_blocks)}")
+        raise InputError(f"{path}: expected {expected} routed_expert blocks (every expert x projection), "
+                         f"got {len(seen_expert_blocks)}")
     check_model_size(blocks, path)
     return tuple(blocks)
 
@@ -334,7 +349,8 @@ def _sensitivity_from_json(r: Reader, arch: Architecture, formats: tuple[str, ..
         if block.quantizable:
             for j, fmt in enumerate(fmts):
                 if fmt.admits(block.shape) and np.isnan(arr[j]) and fmt.name in formats:
-                    raise InputError(f"{p}.values[{i}][{j}]: block {block.name} can be stored in {fmt.name} but has no value")
+                    raise InputError(f"{p}.values[{i}][{j}]: block {block.name} can be stored in {fmt.name} "
+                                     "but has no value")
         values[i] = arr
     values.setflags(write=False)
     meas = _measurement(r.child("measurement"), f"{p}.measurement")
@@ -399,7 +415,8 @@ def profile_to_json(p: Profile) -> dict:
             "shared_experts": a.shared_experts, "expert_groups": a.expert_groups, "topk_groups": a.topk_groups,
             "expert_projections": list(a.expert_projections),
             "moe_layers": [{"layer": m.index, "num_experts": m.num_experts, "top_k": m.top_k} for m in a.moe_layers],
-            "kv_cache": {"kind": a.kv_cache.kind, "elements_per_token_per_layer": a.kv_cache.elements_per_token_per_layer,
+            "kv_cache": {"kind": a.kv_cache.kind,
+                         "elements_per_token_per_layer": a.kv_cache.elements_per_token_per_layer,
                          "num_layers": a.kv_cache.num_layers, "dtype_bytes": a.kv_cache.dtype_bytes},
             "blocks": [b.to_json() for b in a.blocks],
         },
@@ -410,7 +427,8 @@ def profile_to_json(p: Profile) -> dict:
             "values": [json_floats(row, 6) for row in p.sensitivity.values],
             "measurement": p.sensitivity.measurement.to_json(),
         },
-        "topk_cost": {"values": [json_floats(v) for v in p.topk_cost.values], "measurement": p.topk_cost.measurement.to_json()},
+        "topk_cost": {"values": [json_floats(v) for v in p.topk_cost.values],
+                      "measurement": p.topk_cost.measurement.to_json()},
         "device": device,
     }
 

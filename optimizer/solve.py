@@ -272,7 +272,8 @@ def _to_plan(inst: Instance, d: Decisions, options: SolveOptions, status: SolveS
     formats: dict[str, str] = {}
     by_kind: dict[str, int] = {}
     chosen_idx = np.flatnonzero(d.chosen)
-    chosen_format = dict(zip(inst.pair_block[chosen_idx].tolist(), [inst.formats[f] for f in inst.pair_format[chosen_idx].tolist()]))
+    chosen_format = dict(zip(inst.pair_block[chosen_idx].tolist(),
+                             [inst.formats[f] for f in inst.pair_format[chosen_idx].tolist()]))
     chosen_bytes = dict(zip(inst.pair_block[chosen_idx].tolist(), inst.pair_bytes[chosen_idx].tolist()))
     layers = []
     kept_by_layer = {}
@@ -286,7 +287,8 @@ def _to_plan(inst: Instance, d: Decisions, options: SolveOptions, status: SolveS
             continue
         fmt = chosen_format[b] if block.quantizable else block.fixed_format
         nbytes = chosen_bytes[b] if block.quantizable else block_bytes(block, fmt)
-        if block.kind.value == "router" and block.layer in kept_by_layer and block.shape[0] == kept_by_layer[block.layer][1]:
+        if (block.kind.value == "router" and block.layer in kept_by_layer
+                and block.shape[0] == kept_by_layer[block.layer][1]):
             nbytes = nbytes // block.shape[0] * len(kept_by_layer[block.layer][0])
         formats[block.name] = fmt
         by_kind[block.kind.value] = by_kind.get(block.kind.value, 0) + nbytes
@@ -318,7 +320,8 @@ def _bytes_read(inst: Instance, d: Decisions) -> float:
     """Expected bytes read per decoded token: non-expert weights, k_i average kept experts, the KV cache."""
     chosen = np.flatnonzero(d.chosen)
     owner = inst.block_owner[inst.pair_block[chosen]]
-    nonexpert = float(inst.pair_read[chosen[owner < 0]].sum()) + inst.fixed_read + float(inst.router_bytes[d.keep].sum())
+    nonexpert = (float(inst.pair_read[chosen[owner < 0]].sum()) + inst.fixed_read
+                 + float(inst.router_bytes[d.keep].sum()))
     per_expert = np.bincount(owner[owner >= 0], weights=inst.pair_read[chosen[owner >= 0]], minlength=inst.num_experts)
     experts = 0.0
     for i, k in enumerate(d.top_k):

@@ -16,29 +16,38 @@ DEFAULT_FORMATS = ("Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q8_0", "BF16")
 
 def synthetic_architecture(num_layers: int = 3, num_experts: int = 8, top_k: int = 2, hidden: int = 256,
                            expert_inter: int = 256, dense_inter: int = 512, vocab: int = 512,
-                           first_dense: int = 1, groups: int = 1, topk_groups: int = 1, shared: int = 1) -> Architecture:
+                           first_dense: int = 1, groups: int = 1, topk_groups: int = 1,
+                           shared: int = 1) -> Architecture:
     """A DeepSeek-like layout: ``first_dense`` dense layers, then MoE layers with routed + shared experts."""
     blocks: list[Block] = [Block("model.embed_tokens.weight", BlockKind.EMBEDDING, (vocab, hidden))]
     moe_layers = []
-    for l in range(num_layers):
-        p = f"model.layers.{l}"
-        blocks.append(Block(f"{p}.input_layernorm.weight", BlockKind.NORM, (hidden,), l, quantizable=False, fixed_format="F32"))
+    for layer in range(num_layers):
+        p = f"model.layers.{layer}"
+        blocks.append(Block(f"{p}.input_layernorm.weight", BlockKind.NORM, (hidden,), layer,
+                            quantizable=False, fixed_format="F32"))
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            blocks.append(Block(f"{p}.self_attn.{proj}.weight", BlockKind.ATTENTION, (hidden, hidden), l, projection=proj))
-        blocks.append(Block(f"{p}.post_attention_layernorm.weight", BlockKind.NORM, (hidden,), l, quantizable=False, fixed_format="F32"))
-        if l < first_dense:
-            for proj, shape in (("gate_proj", (dense_inter, hidden)), ("up_proj", (dense_inter, hidden)), ("down_proj", (hidden, dense_inter))):
-                blocks.append(Block(f"{p}.mlp.{proj}.weight", BlockKind.DENSE_MLP, shape, l, projection=proj))
+            blocks.append(Block(f"{p}.self_attn.{proj}.weight", BlockKind.ATTENTION, (hidden, hidden), layer,
+                                projection=proj))
+        blocks.append(Block(f"{p}.post_attention_layernorm.weight", BlockKind.NORM, (hidden,), layer,
+                            quantizable=False, fixed_format="F32"))
+        if layer < first_dense:
+            for proj, shape in (("gate_proj", (dense_inter, hidden)), ("up_proj", (dense_inter, hidden)),
+                                ("down_proj", (hidden, dense_inter))):
+                blocks.append(Block(f"{p}.mlp.{proj}.weight", BlockKind.DENSE_MLP, shape, layer, projection=proj))
             continue
-        moe_layers.append(MoELayer(l, num_experts, top_k))
-        blocks.append(Block(f"{p}.mlp.gate.weight", BlockKind.ROUTER, (num_experts, hidden), l, quantizable=False, fixed_format="F32"))
+        moe_layers.append(MoELayer(layer, num_experts, top_k))
+        blocks.append(Block(f"{p}.mlp.gate.weight", BlockKind.ROUTER, (num_experts, hidden), layer,
+                            quantizable=False, fixed_format="F32"))
         for e in range(num_experts):
-            for proj, shape in (("gate_proj", (expert_inter, hidden)), ("up_proj", (expert_inter, hidden)), ("down_proj", (hidden, expert_inter))):
-                blocks.append(Block(f"{p}.mlp.experts.{e}.{proj}.weight", BlockKind.ROUTED_EXPERT, shape, l, e, proj))
+            for proj, shape in (("gate_proj", (expert_inter, hidden)), ("up_proj", (expert_inter, hidden)),
+                                ("down_proj", (hidden, expert_inter))):
+                blocks.append(Block(f"{p}.mlp.experts.{e}.{proj}.weight", BlockKind.ROUTED_EXPERT, shape, layer, e,
+                                    proj))
         if shared:
             si = expert_inter * shared
             for proj, shape in (("gate_proj", (si, hidden)), ("up_proj", (si, hidden)), ("down_proj", (hidden, si))):
-                blocks.append(Block(f"{p}.mlp.shared_experts.{proj}.weight", BlockKind.SHARED_EXPERT, shape, l, projection=proj))
+                blocks.append(Block(f"{p}.mlp.shared_experts.{proj}.weight", BlockKind.SHARED_EXPERT, shape, layer,
+                                    projection=proj))
     blocks.append(Block("model.norm.weight", BlockKind.NORM, (hidden,), quantizable=False, fixed_format="F32"))
     blocks.append(Block("lm_head.weight", BlockKind.LM_HEAD, (vocab, hidden)))
     return Architecture(
@@ -78,7 +87,8 @@ def synthetic_profile(seed: int = 0, formats: tuple[str, ...] = DEFAULT_FORMATS,
     topk = [np.array([0.02 * (m.top_k - k) ** 1.5 / m.top_k for k in range(1, m.top_k + 1)]) for m in arch.moe_layers]
     meas = Measurement(method=f"synthetic random profile (seed {seed}); not a measurement", seed=seed, prior=True)
     return Profile(
-        model=ModelInfo(name=f"synthetic-{seed}"), architecture=arch, formats=tuple(get_format(f).name for f in formats),
+        model=ModelInfo(name=f"synthetic-{seed}"), architecture=arch,
+        formats=tuple(get_format(f).name for f in formats),
         experts=ExpertStats(tuple(freq), tuple(score), tuple(mass), tuple(sal), tuple(prune), meas, meas),
         sensitivity=Sensitivity(tuple(get_format(f).name for f in formats), values, meas),
         topk_cost=TopkCost(tuple(topk), meas),

@@ -101,7 +101,8 @@ def resolve_blocks(arch: Architecture, model: nn.Module) -> list[BlockRef]:
                 raise ProfilingError(f"block {b.name} of the architecture is not a tensor of the loaded model")
         shape = tuple(ref.tensor(model).shape)
         if shape != tuple(b.shape):
-            raise ProfilingError(f"block {b.name}: model tensor has shape {list(shape)}, architecture says {list(b.shape)}")
+            raise ProfilingError(f"block {b.name}: model tensor has shape {list(shape)}, "
+                                 f"architecture says {list(b.shape)}")
         refs.append(ref)
     return refs
 

@@ -43,7 +43,8 @@ def _add_run(sub) -> None:
     p = sub.add_parser("run", help="measure a model and write profile.json (+ profile.details.json)")
     p.add_argument("--model", type=Path, required=True, help="save_pretrained directory of a supported MoE")
     p.add_argument("--data", default="english:calibration",
-                   help="CORPUS[:SPLIT] (english|code, split train|calibration|test; default calibration) or a text file")
+                   help="CORPUS[:SPLIT] (english|code, split train|calibration|test; default calibration) "
+                        "or a text file")
     p.add_argument("--max-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
     p.add_argument("--window", type=int, default=256, help="tokens per window (default 256)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward batch")
@@ -163,7 +164,8 @@ def _cmd_run(args) -> int:
     opts = RunOptions(model=args.model, data=args.data, output=args.output, max_tokens=args.max_tokens,
                       window=args.window, batch_size=args.batch_size, formats=args.formats, seed=args.seed,
                       streamed=args.streamed, method=args.quant_method, prune_per_layer=args.prune_per_layer,
-                      measure_blocks=args.measure_blocks, measure=measure, device_repeats=args.device_repeats, cost=args.cost,
+                      measure_blocks=args.measure_blocks, measure=measure, device_repeats=args.device_repeats,
+                      cost=args.cost,
                       state_budget_mib=args.state_budget_mib,
                       progress=not args.no_progress, resume=args.resume)
     res = run_profile(opts)

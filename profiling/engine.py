@@ -72,10 +72,11 @@ class Engine:
             self.kwargs.append(kw)
         self.hidden = [h0]
         bar = self._bar(L, "reference pass")
-        for l in range(L):
-            with self.runner.layer(l) as mod:
-                done = on_layer(l, mod) if on_layer else None
-                self.hidden.append([run_layer(mod, h, self.kwargs[i][l]) for i, h in enumerate(self.hidden[l])])
+        for layer in range(L):
+            with self.runner.layer(layer) as mod:
+                done = on_layer(layer, mod) if on_layer else None
+                self.hidden.append([run_layer(mod, h, self.kwargs[i][layer])
+                                    for i, h in enumerate(self.hidden[layer])])
                 if done:
                     done()
             bar.update()
@@ -158,11 +159,11 @@ class Engine:
                                 states.append([run_layer(mod, h, self.kwargs[i][step])
                                                for i, h in enumerate(self.hidden[step])])
                     first = step + 1
-                for l in range(first, L):
-                    with self.runner.layer(l) as mod:
+                for layer in range(first, L):
+                    with self.runner.layer(layer) as mod:
                         for s in states:
                             for i in range(len(s)):
-                                s[i] = run_layer(mod, s[i], self.kwargs[i][l])
+                                s[i] = run_layer(mod, s[i], self.kwargs[i][layer])
                 for p, s in zip(chunk, states):
                     self._store(out, desc, p.key, self._effects(s))
                     bar.update()
@@ -180,7 +181,7 @@ class Engine:
         L = self.runner.num_layers
         with apply():
             states = [self.runner.embed(self.inputs[b])[0] for b in self.batches]
-            for l in range(L):
-                with self.runner.layer(l) as mod:
-                    states = [run_layer(mod, h, self.kwargs[i][l]) for i, h in enumerate(states)]
+            for layer in range(L):
+                with self.runner.layer(layer) as mod:
+                    states = [run_layer(mod, h, self.kwargs[i][layer]) for i, h in enumerate(states)]
             return self._effects(states)

@@ -94,7 +94,8 @@ def fit_proxy(proxy: dict[str, dict[str, float]], measured: dict[str, dict[str, 
     return ProxyFit(scales, global_scale, {g: len(logs.get(g, [])) for g in groups}, fallback, format_scales)
 
 
-def apply_fit(proxy: dict[str, dict[str, float]], fit: ProxyFit, group_of: dict[str, str]) -> dict[str, dict[str, float]]:
+def apply_fit(proxy: dict[str, dict[str, float]], fit: ProxyFit,
+              group_of: dict[str, str]) -> dict[str, dict[str, float]]:
     return {name: {f: v * fit.scale(group_of[name], f) for f, v in row.items()} for name, row in proxy.items()}
 
 

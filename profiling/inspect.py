@@ -46,7 +46,8 @@ def inspect_profile(path: Path) -> dict:
     out = {"pairs": len(kl), "blocks": {
         "kl_vs_imatrix": _rho(cols["proxy"], kl), "kl_vs_weight_error": _rho(cols["weight"], kl),
         "kl_vs_nll": _rho(cols["nll"], kl), "kl_vs_fitted_imatrix": _rho(cols["fitted"], kl),
-        "fitted_over_kl_median": float(np.median(np.array(cols["fitted"]) / np.maximum(kl, 1e-30))) if len(kl) else None},
+        "fitted_over_kl_median": (float(np.median(np.array(cols["fitted"]) / np.maximum(kl, 1e-30)))
+                                  if len(kl) else None)},
         "experts": {}}
     pc = p.experts.prune_cost
     if pc is not None:

@@ -22,8 +22,17 @@ import torch
 
 from optimizer.architecture import Architecture
 from optimizer.formats import INT_GROUP_SIZES, get_format, num_elements
-from optimizer.profile import (Device, ExpertStats, Measurement, ModelInfo, Profile, Sensitivity, TopkCost,
-                               load_profile, save_profile)
+from optimizer.profile import (
+    Device,
+    ExpertStats,
+    Measurement,
+    ModelInfo,
+    Profile,
+    Sensitivity,
+    TopkCost,
+    load_profile,
+    save_profile,
+)
 
 from .blocks import BlockRef, resolve_blocks
 from .engine import Engine
@@ -179,13 +188,13 @@ def run_profile(opts: RunOptions) -> RunResult:
     collector.finish(runner.model, -1)
     release_freed_memory()
 
-    def on_layer(l, mod):
-        handles = collector.attach(runner.model, l)
+    def on_layer(layer, mod):
+        handles = collector.attach(runner.model, layer)
 
         def done():
             for h in handles:
                 h.remove()
-            collector.finish(runner.model, l)
+            collector.finish(runner.model, layer)
             release_freed_memory()  # the proxies' quantized copies of this layer's blocks
         return done
 

@@ -158,7 +158,8 @@ def _term_tables(profile: Profile, details: dict | None) -> dict[str, tuple[list
         return t
 
     def fitted(raw: str, target: str) -> np.ndarray:
-        return table(apply_fit(details[raw], fit_proxy(details[raw], details[target], groups), groups), base.format_cost)
+        return table(apply_fit(details[raw], fit_proxy(details[raw], details[target], groups), groups),
+                     base.format_cost)
 
     def rows(raw, fallback):
         return tuple(np.array([fb if v is None else v for v, fb in zip(r, f)]) for r, f in zip(raw, fallback))
@@ -220,7 +221,7 @@ def validate(profile_path: Path, model_dir: Path, plans: int = 20, data: str | N
             stack = ExitStack()
             for layer, k in plan["top_k"].items():
                 stack.enter_context(top_k_set(runner.model, layer, k))
-            stack.enter_context(mask_experts(runner.model, {l: e for l, e in plan["pruned"].items() if e}))
+            stack.enter_context(mask_experts(runner.model, {layer: e for layer, e in plan["pruned"].items() if e}))
             stack.enter_context(quantize_blocks(runner.model, [(refs[n], f) for n, f in plan["formats"].items()]))
             return stack
 
@@ -282,7 +283,8 @@ def print_validation(res: dict) -> None:
     for p in res["worst"]:
         r = by[p]
         w.add_row(str(p) if r.get("kind", "random") == "random" else r["kind"],
-                  "-" if r["severity"] is None else f"{r['severity']:.2f}", str(r["pruned"]), f"{r['mean_top_k']:.2f}", f"{r['mean_bits']:.2f}",
+                  "-" if r["severity"] is None else f"{r['severity']:.2f}", str(r["pruned"]), f"{r['mean_top_k']:.2f}",
+                  f"{r['mean_bits']:.2f}",
                   f"{r['predicted'][res['best_proxy']]:.4g}", f"{r['measured_nll']:.4g}", f"{r['measured_kl']:.4g}")
     console.print(w)
     console.print(f"reference NLL {res['reference_nll']:.4f}; {res['seconds']:.1f} s for the plans")

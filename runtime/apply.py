@@ -47,8 +47,16 @@ from optimizer.plan import Plan, load_plan
 
 from .calibration import DEFAULT_CALIB_TOKENS, DEFAULT_DATA, calibrate_plan, parse_data
 from .card import CardInputs, render_card
-from .checkpoint import (INDEX, MANIFEST, PlannedTensor, ShardWriter, TensorInfo, checkpoint_fingerprint,
-                         copy_side_files, read_headers)
+from .checkpoint import (
+    INDEX,
+    MANIFEST,
+    PlannedTensor,
+    ShardWriter,
+    TensorInfo,
+    checkpoint_fingerprint,
+    copy_side_files,
+    read_headers,
+)
 from .outdir import check_output_dir, output_dir
 from .plan_check import Layers, check_plan
 from .quant import CALIBRATED_METHODS, FLOAT_DTYPES, GGUF_NATIVE, METHODS, quantize, storage_format
@@ -262,8 +270,8 @@ def _moecc_config(inputs: Inputs, method: str, calib) -> dict:
         "plan_sha256": hashlib.sha256(inputs.plan_raw).hexdigest(),
         "target": inputs.plan.target.value,
         "manifest": MANIFEST,
-        "layers": [{"layer": l, "kept_experts": keep, "top_k": k, "num_experts": len(keep)}
-                   for l, (keep, k) in sorted(inputs.layers.items())],
+        "layers": [{"layer": layer, "kept_experts": keep, "top_k": k, "num_experts": len(keep)}
+                   for layer, (keep, k) in sorted(inputs.layers.items())],
         "formats": {j.block.name: j.stored for j in inputs.jobs},
     }
     if calib is not None:

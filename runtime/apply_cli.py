@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``python -m runtime apply``."""
     parser.add_argument("plan", type=Path, help="plan.json from `python -m optimizer solve`")
     parser.add_argument("--model", type=Path, required=True, help="transformers checkpoint directory (safetensors)")
-    parser.add_argument("-o", "--out", type=Path, required=True, help="output directory (must not exist, or be one moecc wrote and --overwrite is given)")
+    parser.add_argument("-o", "--out", type=Path, required=True,
+                        help="output directory (must not exist, or be one moecc wrote and --overwrite is given)")
     parser.add_argument("--method", choices=METHODS, default="rtn",
                         help="int quantizer (default rtn); gptq calibrates on --data first")
     parser.add_argument("--data", default=None,
@@ -34,7 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-one-pass", action="store_true",
                         help="gptq: every Hessian from the unquantized model in one pass (faster, less accurate)")
     parser.add_argument("--shard-size", default=str(DEFAULT_SHARD_BYTES), help="max bytes per output shard")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT that moecc wrote (atomically; never the model or a directory of yours)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing OUT that moecc wrote "
+                             "(atomically; never the model or a directory of yours)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON line")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
 

@@ -38,7 +38,6 @@ from .checkpoint import load_pretrained
 from .corpora import CORPORA, SPLITS, load_corpus
 from .load import is_compressed, load
 
-
 DEFAULT_WINDOW = 512
 
 

@@ -107,7 +107,8 @@ def llamacpp_recipe(plan: Plan, arch: Architecture | None = None, model: Path | 
     counts = {len(lp.kept_experts) for lp in plan.layers}
     ks = {lp.top_k for lp in plan.layers}
     if len(counts) > 1:
-        raise InputError(f"llama.cpp needs one expert count for all layers; the plan keeps {sorted(counts)}; {_SOLVE_HINT}")
+        raise InputError(f"llama.cpp needs one expert count for all layers; the plan keeps {sorted(counts)}; "
+                         f"{_SOLVE_HINT}")
     if len(ks) > 1:
         raise InputError(f"llama.cpp needs one top-k for all layers; the plan uses {sorted(ks)}; {_SOLVE_HINT}")
     types: dict[str, str] = {}
@@ -169,11 +170,12 @@ def _readme(plan: Plan, arch: Architecture | None, n: int, k: int, kv: str, used
                   "then convert `hf-pruned` instead of the original checkpoint below.", ""]
         source = "hf-pruned"
     lines += ["From this directory, with `LLAMA_CPP` a llama.cpp checkout whose tools are built:", "",
-              f"    python $LLAMA_CPP/convert_hf_to_gguf.py {source} --outtype {outtype} --outfile model-{outtype}.gguf",
+              f"    python $LLAMA_CPP/convert_hf_to_gguf.py {source} --outtype {outtype} "
+              f"--outfile model-{outtype}.gguf",
               f"    $LLAMA_CPP/build/bin/llama-quantize --tensor-type-file tensor-types.txt{override} "
               f"model-{outtype}.gguf model-plan.gguf Q8_0 $(nproc)", "",
-              "* `tensor-types.txt`: one `^name$=TYPE` a line; llama-quantize regex-searches each pattern in the tensor "
-              "names (first match wins), so the names are anchored.",
+              "* `tensor-types.txt`: one `^name$=TYPE` a line; llama-quantize regex-searches each pattern in the "
+              "tensor names (first match wins), so the names are anchored.",
               "* `Q8_0` is only the default for tensors the file does not name (none of the quantizable ones); it must "
               "be a quantized type, because llama-quantize applies the per-tensor types only then. Norms, routers "
               "(`ffn_gate_inp`) and 1-D tensors stay F32.",
@@ -311,7 +313,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("plan", type=Path)
     parser.add_argument("--to", required=True, choices=TARGETS)
     parser.add_argument("-o", "--out", type=Path, required=True,
-                        help="new directory for the recipe files (an existing one only with --overwrite, if moecc wrote it)")
+                        help="new directory for the recipe files "
+                             "(an existing one only with --overwrite, if moecc wrote it)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT that moecc wrote")
     parser.add_argument("--model", type=Path, help="checkpoint directory or config.json the plan was made for "
                         "(required for gptqmodel/torchao; optional for llamacpp)")

@@ -110,7 +110,8 @@ def test_sequential_keeps_the_retain_ratio(arch: dict, ratio: float, target: Tar
         for g in range(G):
             members = np.arange(g * per_group, (g + 1) * per_group)
             expected = members[np.argsort(-scores[i][members], kind="stable")[:keep_per_group]]
-            assert sorted(e for e in lp.kept_experts if g * per_group <= e < (g + 1) * per_group) == sorted(expected.tolist())
+            assert (sorted(e for e in lp.kept_experts if g * per_group <= e < (g + 1) * per_group)
+                    == sorted(expected.tolist()))
 
 
 def test_sequential_recipe_matches_the_paper_counts() -> None:
@@ -133,7 +134,8 @@ def uniform_choice(block, fmt: str, candidates: tuple[str, ...]) -> str:
 
 
 def uniform_bytes(profile: Profile, fmt: str) -> int:
-    plan_formats = {b.name: uniform_choice(b, fmt, profile.formats) for b in profile.architecture.blocks if b.quantizable}
+    plan_formats = {b.name: uniform_choice(b, fmt, profile.formats)
+                    for b in profile.architecture.blocks if b.quantizable}
     return sum(block_bytes(b, plan_formats.get(b.name, "F32")) for b in profile.architecture.blocks)
 
 
@@ -153,7 +155,8 @@ def test_uniform_uses_one_format(target: Target, frac: float) -> None:
             assert plan.formats[block.name] == uniform_choice(block, fmt, p.formats), block.name
     # the largest such format that fits: the next larger uniform format does not
     bpw = get_format(fmt).bits_per_weight
-    larger = sorted((f for f in p.formats if get_format(f).bits_per_weight > bpw), key=lambda f: get_format(f).bits_per_weight)
+    larger = sorted((f for f in p.formats if get_format(f).bits_per_weight > bpw),
+                    key=lambda f: get_format(f).bits_per_weight)
     assert uniform_bytes(p, fmt) == plan.bytes.total
     if larger:
         assert uniform_bytes(p, larger[0]) > budget.available
@@ -181,7 +184,8 @@ def test_uniform_format_option_takes_that_format_even_when_a_larger_fits() -> No
     with pytest.raises(InfeasibleError):
         optimize(p, budget_of(q4 - 1), None, options)
     with pytest.raises(Exception, match="not among the candidate formats"):
-        optimize(p, budget_of(q4), None, SolveOptions(solver="uniform", baseline=BaselineOptions(uniform_format="IQ1_S")))
+        optimize(p, budget_of(q4), None,
+                 SolveOptions(solver="uniform", baseline=BaselineOptions(uniform_format="IQ1_S")))
 
 
 @pytest.mark.parametrize("target", [Target.HF, Target.LLAMACPP])

@@ -299,7 +299,8 @@ def test_nesting_is_counted_outside_strings_only() -> None:
 
 
 def test_committed_profiles_are_shallow() -> None:
-    paths = [*sorted((ROOT / "experiments" / "profiles").glob("*/*.json")), ROOT / "examples/deepseek-v3/profile.json.gz"]
+    paths = [*sorted((ROOT / "experiments" / "profiles").glob("*/*.json")),
+             ROOT / "examples/deepseek-v3/profile.json.gz"]
     for path in paths:  # profiles, details files and validation results: far below MAX_JSON_DEPTH
         assert not jsonio._too_deep(jsonio.read_bytes(path), 8), path
 

@@ -11,7 +11,11 @@ import pytest
 from optimizer.architecture import Block, BlockKind
 from optimizer.architectures import architecture_from_config, load_architecture
 from optimizer.byte_model import (
-    block_bytes, bytes_table, resolved_block_bytes, uniform_bytes, uniform_bytes_by_kind,
+    block_bytes,
+    bytes_table,
+    resolved_block_bytes,
+    uniform_bytes,
+    uniform_bytes_by_kind,
 )
 from optimizer.errors import InputError
 

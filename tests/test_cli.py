@@ -71,8 +71,9 @@ def assert_one_line_error(capsys, *needles: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- success
-@pytest.mark.parametrize("extra", [[], ["--target", "llamacpp"], ["--solver", "greedy"], ["--formulation", "predicted_loss"],
-                                   ["--formats", "Q4_K,Q8_0", "--min-top-k", "2"], ["--no-accelerate", "--no-presolve"]])
+@pytest.mark.parametrize("extra", [[], ["--target", "llamacpp"], ["--solver", "greedy"],
+                                   ["--formulation", "predicted_loss"], ["--formats", "Q4_K,Q8_0", "--min-top-k", "2"],
+                                   ["--no-accelerate", "--no-presolve"]])
 def test_solve_writes_a_plan_and_json_summary(tmp_path, profile_path, sizes, capsys, extra) -> None:
     out = tmp_path / "plan.json"
     assert main(solve_args(profile_path, out, "--json", *extra, budget=budget_arg(sizes))) == 0
@@ -125,11 +126,13 @@ def test_objectives_lists_the_registry(capsys) -> None:
 
 def test_real_entry_point(tmp_path, profile_path, sizes) -> None:
     out = tmp_path / "plan.json"
-    run = subprocess.run([sys.executable, "-m", "optimizer", *solve_args(profile_path, out, "--json", budget=budget_arg(sizes))],
+    run = subprocess.run([sys.executable, "-m", "optimizer",
+                          *solve_args(profile_path, out, "--json", budget=budget_arg(sizes))],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["bytes_total"] == load_plan(out).bytes.total
-    bad = subprocess.run([sys.executable, "-m", "optimizer", *solve_args(profile_path, tmp_path / "x.json", budget="12XB")],
+    bad = subprocess.run([sys.executable, "-m", "optimizer",
+                          *solve_args(profile_path, tmp_path / "x.json", budget="12XB")],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2
     assert len(bad.stderr.strip().splitlines()) == 1 and "--budget" in bad.stderr and "Traceback" not in bad.stderr
@@ -211,7 +214,8 @@ def test_bad_option_exits_2_with_one_line(tmp_path, profile_path, sizes, capsys,
     assert not out.exists()
 
 
-@pytest.mark.parametrize("budget,needle", [("12XB", "unknown unit"), ("lots", "cannot read"), ("0GB", "must be positive")])
+@pytest.mark.parametrize("budget,needle",
+                         [("12XB", "unknown unit"), ("lots", "cannot read"), ("0GB", "must be positive")])
 def test_bad_budget_exits_2(tmp_path, profile_path, capsys, budget, needle) -> None:
     out = tmp_path / "plan.json"
     assert main(solve_args(profile_path, out, budget=budget)) == 2
@@ -220,7 +224,8 @@ def test_bad_budget_exits_2(tmp_path, profile_path, capsys, budget, needle) -> N
 
 
 @pytest.mark.parametrize("extra", [[], ["--no-accelerate"], ["--target", "llamacpp"], ["--solver", "sequential"]])
-def test_infeasible_budget_exits_2_and_states_the_smallest_size(tmp_path, profile, profile_path, sizes, capsys, extra) -> None:
+def test_infeasible_budget_exits_2_and_states_the_smallest_size(tmp_path, profile, profile_path, sizes, capsys,
+                                                                 extra) -> None:
     lo, _ = sizes
     out = tmp_path / "plan.json"
     fo = FormulationOptions(target="llamacpp" if "llamacpp" in extra else "hf")
@@ -232,8 +237,8 @@ def test_infeasible_budget_exits_2_and_states_the_smallest_size(tmp_path, profil
     assert_one_line_error(capsys, "infeasible", "smallest", f"({need} bytes)")
     assert not out.exists()
     # with reserves: the smallest size includes them
-    assert main(["solve", str(profile_path), "-o", str(out), "--budget", f"{lo}B", "--context", "16", "--overhead", "1KB",
-                 *extra]) == 2
+    assert main(["solve", str(profile_path), "-o", str(out), "--budget", f"{lo}B", "--context", "16",
+                 "--overhead", "1KB", *extra]) == 2
     kv = profile.architecture.kv_cache.bytes_for(16)
     assert_one_line_error(capsys, f"({need + kv + 1000} bytes)")
     assert not out.exists()

@@ -8,14 +8,22 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from optimizer.errors import InputError
 from optimizer.formats import GGUF_NAMES, get_format
 from optimizer.jsonio import canonical_hash
 from optimizer.plan import (
-    LayerPlan, Plan, PlanBytes, SolveRecord, SolveStatus, Target, load_plan, plan_from_json, plan_to_json, save_plan,
+    LayerPlan,
+    Plan,
+    PlanBytes,
+    SolveRecord,
+    SolveStatus,
+    Target,
+    load_plan,
+    plan_from_json,
+    plan_to_json,
+    save_plan,
 )
 from optimizer.profile import load_profile, profile_from_json, profile_to_json, save_profile
 from optimizer.schema_check import load_schema, schema_errors, validate_with_schema
@@ -159,7 +167,8 @@ def _format_name_ok(name: str) -> bool:
 
 def test_schema_format_pattern_matches_the_catalog_exactly():
     """The hand-written regex in both schemas accepts exactly the names get_format accepts."""
-    patterns = {load_schema("profile")["$defs"]["format_pattern"]["pattern"], load_schema("plan")["$defs"]["format_name"]["pattern"]}
+    patterns = {load_schema("profile")["$defs"]["format_pattern"]["pattern"],
+                load_schema("plan")["$defs"]["format_name"]["pattern"]}
     assert len(patterns) == 1
     rx = re.compile(patterns.pop())
     names = [n for g in GGUF_NAMES for n in (g, g.lower(), g.swapcase(), g + "X", g[:-1])]
@@ -204,39 +213,58 @@ def _drop_sensitivity_row(d):
 # (id, mutation, text the loader's message must contain, does the schema reject it too)
 PROFILE_CASES = [
     ("missing_top", _delete("device"), "profile.device: missing required field", True),
-    ("missing_nested", _delete("architecture", "hidden_size"), "profile.architecture.hidden_size: missing required field", True),
-    ("missing_measurement", _delete("topk_cost", "measurement"), "profile.topk_cost.measurement: missing required field", True),
+    ("missing_nested", _delete("architecture", "hidden_size"),
+     "profile.architecture.hidden_size: missing required field", True),
+    ("missing_measurement", _delete("topk_cost", "measurement"),
+     "profile.topk_cost.measurement: missing required field", True),
     ("unknown_top", _set(("extra", 1)), "profile.extra: unknown field", True),
-    ("unknown_nested", _set(("experts", "measurement", "note", "x")), "profile.experts.measurement.note: unknown field", True),
-    ("unknown_in_block", _set(("architecture", "blocks", 0, "dtype", "bf16")), "profile.architecture.blocks[0].dtype: unknown field", True),
-    ("negative_frequency", _set(("experts", "frequency", 0, 1, -0.25)), "profile.experts.frequency[0][1]: must be >= 0", True),
-    ("string_number", _set(("experts", "mean_score", 1, 0, "0.5")), "profile.experts.mean_score[1][0]: expected a number", True),
-    ("bool_int", _set(("architecture", "num_layers", True)), "profile.architecture.num_layers: expected an integer", True),
-    ("zero_bandwidth", _set(("device", "memory_bandwidth_bytes_per_s", 0)), "profile.device.memory_bandwidth_bytes_per_s: must be > 0", True),
-    ("bad_kv_kind", _set(("architecture", "kv_cache", "kind", "paged")), "profile.architecture.kv_cache.kind: 'paged' is not one of", True),
-    ("bad_block_kind", _set(("architecture", "blocks", 0, "kind", "conv")), "profile.architecture.blocks[0].kind: 'conv' is not one of", True),
-    ("shape_4d", _set(("architecture", "blocks", 0, "shape", [1, 2, 3, 4])), "profile.architecture.blocks[0].shape", True),
+    ("unknown_nested", _set(("experts", "measurement", "note", "x")),
+     "profile.experts.measurement.note: unknown field", True),
+    ("unknown_in_block", _set(("architecture", "blocks", 0, "dtype", "bf16")),
+     "profile.architecture.blocks[0].dtype: unknown field", True),
+    ("negative_frequency", _set(("experts", "frequency", 0, 1, -0.25)),
+     "profile.experts.frequency[0][1]: must be >= 0", True),
+    ("string_number", _set(("experts", "mean_score", 1, 0, "0.5")),
+     "profile.experts.mean_score[1][0]: expected a number", True),
+    ("bool_int", _set(("architecture", "num_layers", True)),
+     "profile.architecture.num_layers: expected an integer", True),
+    ("zero_bandwidth", _set(("device", "memory_bandwidth_bytes_per_s", 0)),
+     "profile.device.memory_bandwidth_bytes_per_s: must be > 0", True),
+    ("bad_kv_kind", _set(("architecture", "kv_cache", "kind", "paged")),
+     "profile.architecture.kv_cache.kind: 'paged' is not one of", True),
+    ("bad_block_kind", _set(("architecture", "blocks", 0, "kind", "conv")),
+     "profile.architecture.blocks[0].kind: 'conv' is not one of", True),
+    ("shape_4d", _set(("architecture", "blocks", 0, "shape", [1, 2, 3, 4])),
+     "profile.architecture.blocks[0].shape", True),
     ("unknown_format", _set(("formats", 1, "Q9_K")), "profile.formats[1]: unknown format 'Q9_K'", True),
     ("duplicate_format", _set(("formats", 1, "int4_g32")), "profile.formats: duplicate format names", True),
     ("empty_formats", _set(("formats", [])), "profile.formats: needs at least one format", True),
     ("wrong_schema", _set(("schema", "moecc.plan")), "profile.schema: expected 'moecc.profile'", True),
-    ("newer_version", _set(("version", 2)), "profile.version: 2 is newer than this moecc understands (1); upgrade moecc", True),
+    ("newer_version", _set(("version", 2)),
+     "profile.version: 2 is newer than this moecc understands (1); upgrade moecc", True),
     ("version_zero", _set(("version", 0)), "profile.version: expected a positive integer", True),
-    ("routed_without_expert", _delete("architecture", "blocks", 20, "expert"), "profile.architecture.blocks[20]: a routed_expert block needs", True),
-    ("prune_cost_unmeasured", _delete("experts", "prune_cost_measurement"), "profile.experts.prune_cost_measurement: required", True),
+    ("routed_without_expert", _delete("architecture", "blocks", 20, "expert"),
+     "profile.architecture.blocks[20]: a routed_expert block needs", True),
+    ("prune_cost_unmeasured", _delete("experts", "prune_cost_measurement"),
+     "profile.experts.prune_cost_measurement: required", True),
     # Beyond JSON Schema: lengths aligned across fields, uniqueness by a member, comparisons of two fields.
     ("short_layer_row", _short_layer_row, "profile.experts.frequency[1]: expected 4 values, got 3", False),
     ("missing_layer_row", _delete("topk_cost", "values", 1), "profile.topk_cost.values: expected 2 rows, got 1", False),
     ("sensitivity_rows", _drop_sensitivity_row, "profile.sensitivity.values: expected one row per block", False),
-    ("sensitivity_columns", _set(("sensitivity", "values", 0, [0.1])), "profile.sensitivity.values[0]: expected 4 values, got 1", False),
+    ("sensitivity_columns", _set(("sensitivity", "values", 0, [0.1])),
+     "profile.sensitivity.values[0]: expected 4 values, got 1", False),
     ("duplicate_block", _dup_block_name, "profile.architecture.blocks[3].name: duplicate block", False),
-    ("topk_gt_experts", _set(("architecture", "moe_layers", 0, "top_k", 5)), "profile.architecture.moe_layers[0].top_k: 5 > num_experts 4", False),
-    ("layer_out_of_range", _set(("architecture", "moe_layers", 1, "layer", 3)), "profile.architecture.moe_layers[1].layer: 3 >= num_layers 3", False),
-    ("missing_candidate_sensitivity", _set(("sensitivity", "formats", 0, "int8_g32")), "profile.sensitivity.formats: no sensitivity for candidate format int4_g32", False),
+    ("topk_gt_experts", _set(("architecture", "moe_layers", 0, "top_k", 5)),
+     "profile.architecture.moe_layers[0].top_k: 5 > num_experts 4", False),
+    ("layer_out_of_range", _set(("architecture", "moe_layers", 1, "layer", 3)),
+     "profile.architecture.moe_layers[1].layer: 3 >= num_layers 3", False),
+    ("missing_candidate_sensitivity", _set(("sensitivity", "formats", 0, "int8_g32")),
+     "profile.sensitivity.formats: no sensitivity for candidate format int4_g32", False),
 ]
 
 
-@pytest.mark.parametrize("mutate, expected, schema_too", [c[1:] for c in PROFILE_CASES], ids=[c[0] for c in PROFILE_CASES])
+@pytest.mark.parametrize("mutate, expected, schema_too", [c[1:] for c in PROFILE_CASES],
+                         ids=[c[0] for c in PROFILE_CASES])
 def test_bad_profile(tmp_path, doc, mutate, expected, schema_too):
     mutate(doc)
     with pytest.raises(InputError) as info:
@@ -319,13 +347,16 @@ PLAN_CASES = [
     ("unknown_nested", _set(("layers", 1, "weights", 1)), "plan.layers[1].weights: unknown field", True),
     ("bad_target", _set(("target", "onnx")), "plan.target: 'onnx' is not one of hf, llamacpp", True),
     ("bad_status", _set(("solve", "status", "done")), "plan.solve.status: 'done' is not one of", True),
-    ("bad_format", _set(("formats", "lm_head.weight", "Q3_X")), "plan.formats.lm_head.weight: unknown format 'Q3_X'", True),
+    ("bad_format", _set(("formats", "lm_head.weight", "Q3_X")),
+     "plan.formats.lm_head.weight: unknown format 'Q3_X'", True),
     ("negative_bytes", _set(("bytes", "by_kind", "embedding", -1)), "plan.bytes.by_kind.embedding: must be >= 0", True),
     ("float_bytes", _set(("bytes", "total", 1.5)), "plan.bytes.total: expected an integer", True),
     ("negative_gap", _set(("solve", "gap", -0.1)), "plan.solve.gap: must be >= 0", True),
     ("topk_zero", _set(("layers", 0, "top_k", 0)), "plan.layers[0].top_k: must be >= 1", True),
-    ("duplicate_kept", _set(("layers", 0, "kept_experts", [0, 0, 3])), "plan.layers[0].kept_experts: must be sorted and without duplicates", True),
-    ("newer_version", _set(("version", 7)), "plan.version: 7 is newer than this moecc understands (1); upgrade moecc", True),
+    ("duplicate_kept", _set(("layers", 0, "kept_experts", [0, 0, 3])),
+     "plan.layers[0].kept_experts: must be sorted and without duplicates", True),
+    ("newer_version", _set(("version", 7)),
+     "plan.version: 7 is newer than this moecc understands (1); upgrade moecc", True),
     ("wrong_schema", _set(("schema", "moecc.profile")), "plan.schema: expected 'moecc.plan'", True),
     ("topk_gt_kept", _set(("layers", 1, "top_k", 3)), "plan.layers[1].top_k: 3 > 2 kept experts", False),
     ("unsorted_kept", _unsorted_kept, "plan.layers[0].kept_experts: must be sorted", False),

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.corpora import (CorpusError, SPLITS, chunk_text, english_documents, load_corpus,
-                             load_corpus_bytes, split_of)
+from runtime.corpora import SPLITS, CorpusError, chunk_text, english_documents, load_corpus, load_corpus_bytes, split_of
 
 
 def test_split_of_is_stable_and_balanced() -> None:

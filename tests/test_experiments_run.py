@@ -1,7 +1,6 @@
 """experiments: cells, the sweep runner (local and Ray executors), resume, the CLI."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

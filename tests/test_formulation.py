@@ -29,11 +29,22 @@ from optimizer.formulation.decisions import check_decisions
 from optimizer.formulation.decomposition import lagrangian, min_weight_bytes
 from optimizer.formulation.instance import FormulationOptions, build_instance
 from optimizer.formulation.objectives import (
-    OBJECTIVES, ObjectiveOptions, ObjectiveTerms, build_objective, register_objective,
+    OBJECTIVES,
+    ObjectiveOptions,
+    ObjectiveTerms,
+    build_objective,
+    register_objective,
 )
 from optimizer.plan import Plan, Target, plan_to_json
 from optimizer.profile import (
-    Device, ExpertStats, Measurement, ModelInfo, Profile, Sensitivity, TopkCost, save_profile,
+    Device,
+    ExpertStats,
+    Measurement,
+    ModelInfo,
+    Profile,
+    Sensitivity,
+    TopkCost,
+    save_profile,
 )
 from optimizer.solve import SolveOptions, optimize
 from optimizer.synthetic import synthetic_profile
@@ -374,7 +385,8 @@ def speed_profile(seed: int = 3, **kw) -> Profile:
     """A synthetic profile whose 2- and 3-bit kernels run below the memory bandwidth (read > bytes)."""
     p = synthetic_profile(seed=seed, **{**SMALL, **kw})
     bw = p.device.memory_bandwidth_bytes_per_s
-    return dataclasses.replace(p, device=Device(bw, p.device.measurement, {"Q2_K": bw / 3, "Q3_K": bw / 2, "BF16": 2 * bw}))
+    return dataclasses.replace(p, device=Device(bw, p.device.measurement,
+                                                {"Q2_K": bw / 3, "Q3_K": bw / 2, "BF16": 2 * bw}))
 
 
 @pytest.mark.parametrize("target", [Target.HF, Target.LLAMACPP])
@@ -521,7 +533,8 @@ def brute_min_bytes(profile: Profile, fo: FormulationOptions) -> int:
                 continue
             if G > 1:
                 counts = np.array(mask).reshape(G, -1).sum(axis=1)
-                if len(set(counts.tolist())) > 1 or counts[0] < min(2, m.num_experts // G) or TG * counts[0] < fo.min_top_k:
+                if (len(set(counts.tolist())) > 1 or counts[0] < min(2, m.num_experts // G)
+                        or TG * counts[0] < fo.min_top_k):
                     continue
             ok.append((n, n * (smallest + router.get(m.index, 0))))
         per_layer_options.append(ok)
@@ -551,7 +564,8 @@ INFEASIBLE_CASES = [
     # layers of 4 and 8 experts, --min-experts 0.5: hf keeps 2 + 4 = 108 bytes; llamacpp 4 + 4 = 144
     (lambda: hand_profile(CASE_TWO_LAYERS), FormulationOptions(objective=PL, min_experts=0.5), 108),
     (lambda: hand_profile(CASE_TWO_LAYERS), FormulationOptions(objective=PL, min_experts=0.5, target="llamacpp"), 144),
-    (lambda: hand_profile(CASE_TWO_LAYERS, groups=2, topk_groups=1), FormulationOptions(objective=PL, min_top_k=2), 144),
+    (lambda: hand_profile(CASE_TWO_LAYERS, groups=2, topk_groups=1),
+     FormulationOptions(objective=PL, min_top_k=2), 144),
 ]
 
 
@@ -585,7 +599,8 @@ def test_every_registered_objective_runs() -> None:
         assert plan.solve.formulation == name
         assert plan.solve.objective >= 0
         # expert_weight given works for every objective too
-        plan = solve_checked(p, budget, FormulationOptions(objective=name, objective_options=ObjectiveOptions(expert_weight=0.3)),
+        plan = solve_checked(p, budget,
+                             FormulationOptions(objective=name, objective_options=ObjectiveOptions(expert_weight=0.3)),
                              SolveOptions(time_limit=30))
         assert plan.solve.formulation == name
 
@@ -678,7 +693,8 @@ def test_objective_with_negative_drop_costs_is_rejected() -> None:
 # relaxation (also used by min_weight_bytes after the MILP proves infeasibility) with np.argmin of an empty array,
 # a bare ValueError. Expected: one InputError naming top_k / topk_groups, on load and in build_instance.
 @pytest.mark.parametrize("solver,min_top_k,accelerate", [
-    ("highs", 1, True), ("highs", 3, True), ("highs", 3, False), ("uniform", 1, True), ("greedy", 1, True), ("load", 1, True),
+    ("highs", 1, True), ("highs", 3, True), ("highs", 3, False), ("uniform", 1, True), ("greedy", 1, True),
+    ("load", 1, True),
 ])
 def test_group_layout_that_cannot_route_top_k_is_rejected(solver: str, min_top_k: int, accelerate: bool) -> None:
     from optimizer.profile import profile_from_json, profile_to_json
@@ -700,7 +716,8 @@ def test_group_layout_that_cannot_route_top_k_is_rejected(solver: str, min_top_k
 # natural scale (costs ~1e-6) against the same profile with every cost x 1e4.
 def scaled_case_a(scale: float) -> Profile:
     spec = CASE_A[0]
-    return hand_profile([dict(drop=[x * scale for x in spec["drop"]], sens=[[a * scale for a in r] for r in spec["sens"]],
+    return hand_profile([dict(drop=[x * scale for x in spec["drop"]],
+                              sens=[[a * scale for a in r] for r in spec["sens"]],
                               topk=[x * scale for x in spec["topk"]])], router=True, norm=True)
 
 

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from optimizer import cli as optimizer_cli
 from optimizer.plan import load_plan, plan_to_json
-from optimizer.profile import load_profile, profile_to_json
+from optimizer.profile import profile_to_json
 from optimizer.synthetic import synthetic_profile
 
 BUDGET = "300KB"  # the small synthetic profile below: pruning and low-bit formats both bind

@@ -9,8 +9,6 @@ from optimizer.formats import get_format
 from optimizer.profile import load_profile
 from profiling.cli import main
 
-
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -40,7 +38,8 @@ def test_not_a_supported_moe(capsys, tmp_path):
 def test_empty_corpus(capsys, qwen, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
-    assert "empty" in _error(capsys, ["run", "--model", str(qwen), "--data", str(empty), "-o", str(tmp_path / "p.json")])
+    assert "empty" in _error(capsys, ["run", "--model", str(qwen), "--data", str(empty),
+                                      "-o", str(tmp_path / "p.json")])
 
 
 def test_unknown_corpus(capsys, qwen, tmp_path):

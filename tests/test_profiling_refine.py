@@ -11,7 +11,16 @@ from optimizer.budget import Budget
 from optimizer.byte_model import uniform_bytes
 from optimizer.formulation.instance import FormulationOptions
 from optimizer.solve import SolveOptions, optimize
-from profiling.refine import Measured, baseline_plans, Multipliers, fit_multipliers, plan_hash, plan_parts, refine, scaled_profile
+from profiling.refine import (
+    Measured,
+    Multipliers,
+    baseline_plans,
+    fit_multipliers,
+    plan_hash,
+    plan_parts,
+    refine,
+    scaled_profile,
+)
 from runtime.testing import made_up_plan, made_up_profile
 from runtime.tiny_models import make_tiny_model
 

@@ -11,8 +11,13 @@ import torch
 from experiments.reference_models.r3.build import MoefySettings, moefy
 from experiments.reference_models.r3.convert import set_top_k
 from experiments.reference_models.r3.router import fit_router, scale_router
-from experiments.reference_models.r3.split import (balanced_kmeans, cluster_neurons, expert_outputs,
-                                                   neuron_contributions, random_split)
+from experiments.reference_models.r3.split import (
+    balanced_kmeans,
+    cluster_neurons,
+    expert_outputs,
+    neuron_contributions,
+    random_split,
+)
 
 torch.set_num_threads(1)
 

@@ -12,7 +12,7 @@ import torch
 
 from optimizer.architectures import load_architecture
 from optimizer.errors import InputError
-from optimizer.plan import load_plan, save_plan
+from optimizer.plan import save_plan
 from runtime import moe
 from runtime.apply import apply_plan
 from runtime.inmemory import compress_in_memory

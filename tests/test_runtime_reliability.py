@@ -6,7 +6,6 @@ Each test reproduces one finding of the reliability issue with the real commands
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 import subprocess
@@ -287,4 +286,5 @@ def test_no_command_unpickles_a_checkpoint(hostile: tuple[Path, Path], plan_doc:
         line = _one_line_exit(_cli(module, *args))
         assert "pickle" in line, (module, args, line)
         assert not canary.exists(), (module, args)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hostile", "plan.json", "profile.details.json", "profile.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hostile", "plan.json", "profile.details.json",
+                                                          "profile.json"]

@@ -69,7 +69,8 @@ def budget_between(profile, fo: FormulationOptions, frac: float) -> Budget:
     """A budget ``frac`` of the way from the smallest plan to every block in its largest format."""
     inst = build_instance(profile, Budget(10**15, {}), dataclasses.replace(fo, presolve=False))
     q = np.flatnonzero(inst.block_quantizable)
-    largest = int(np.maximum.reduceat(inst.pair_bytes, inst.pair_ptr[q]).sum() + inst.router_bytes.sum() + inst.fixed_bytes)
+    largest = int(np.maximum.reduceat(inst.pair_bytes, inst.pair_ptr[q]).sum() + inst.router_bytes.sum()
+                  + inst.fixed_bytes)
     lo = min_weight_bytes(inst)
     return Budget(int(lo + frac * (largest - lo)) + sum(RESERVES.values()), dict(RESERVES))
 
@@ -92,7 +93,8 @@ def random_mck(blocks: int, seed: int = 0) -> MilpModel:
 # its search (CBC used to be handed "-sec 1e-09" and solve the model anyway).
 def test_backend_stops_when_the_limit_has_passed(backend: SolverBackend) -> None:
     model = random_mck(200)
-    res = backend.solve(model, SolverOptions(time_limit=PASSED, rel_gap=0.0), warm_start=np.tile([0, 0, 1, 0, 0, 0], 200))
+    res = backend.solve(model, SolverOptions(time_limit=PASSED, rel_gap=0.0),
+                        warm_start=np.tile([0, 0, 1, 0, 0, 0], 200))
     assert res.status == SolveStatus.NO_SOLUTION and res.x is None, res.message
     assert "not run" in res.message and "time limit" in res.message
 
@@ -162,7 +164,8 @@ def _pulp_mps(model: MilpModel, path: Path) -> None:
     prob.setObjective(pulp.LpAffineExpression([(cols[j], v) for j, v in zip(nz.tolist(), model.c[nz].tolist())]))
     A = model.A.tocsr()
     for i in range(model.num_rows):
-        terms = list(zip([cols[j] for j in A.indices[A.indptr[i]:A.indptr[i + 1]]], A.data[A.indptr[i]:A.indptr[i + 1]].tolist()))
+        terms = list(zip([cols[j] for j in A.indices[A.indptr[i]:A.indptr[i + 1]]],
+                         A.data[A.indptr[i]:A.indptr[i + 1]].tolist()))
         lower, upper = float(model.row_lower[i]), float(model.row_upper[i])
         if not terms:
             continue
@@ -178,7 +181,8 @@ def mixed_model() -> MilpModel:
     b = MilpBuilder()
     b.add_vars("x", 12, lower=np.arange(12) % 3 - 1, upper=[INF, 1, 2] * 4, cost=np.arange(12) - 4.5)
     b.add_vars("y", 3, integer=False, lower=[-INF, 0, 2], upper=[INF, 7, 2], cost=[0, 1.25, 0])
-    b.add_rows("r", np.arange(15) % 5, np.arange(15), np.linspace(-3, 3, 15), [-INF, 1, 0, -2, 0.5], [3, 1, INF, 4, 0.5])
+    b.add_rows("r", np.arange(15) % 5, np.arange(15), np.linspace(-3, 3, 15), [-INF, 1, 0, -2, 0.5],
+               [3, 1, INF, 4, 0.5])
     b.add_rows("empty", [0], [0], 0.0, -1, 1)  # an explicit zero coefficient stays in the file
     return b.build()
 
@@ -320,8 +324,9 @@ def test_uniform_states_its_own_smallest_size(target: Target) -> None:
 # ------------------------------------------------------------------------------- DeepSeek-V3, wall clock
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "deepseek-v3" / "profile.json.gz"
 SLOW_CASES = [  # (solver, target, accelerate, limit): the two reported commands first
-    ("cbc", "hf", False, 20), ("highs", "llamacpp", True, 30), ("cpsat", "hf", False, 20), ("highs", "hf", False, 20),
-    ("highs", "hf", True, 20), ("cbc", "llamacpp", True, 20), ("greedy", "hf", True, 10), ("sequential", "hf", True, 10),
+    ("cbc", "hf", False, 20), ("highs", "llamacpp", True, 30), ("cpsat", "hf", False, 20),
+    ("highs", "hf", False, 20), ("highs", "hf", True, 20), ("cbc", "llamacpp", True, 20), ("greedy", "hf", True, 10),
+    ("sequential", "hf", True, 10),
 ]
 
 
@@ -347,4 +352,5 @@ def test_deepseek_v3_solves_stop_within_the_limit(solver: str, target: str, acce
     assert elapsed <= max(1.1 * limit, limit + 2), f"{solver}/{target}: {elapsed:.1f} s for a {limit} s limit"
     if plan is not None:
         assert plan.bytes.total <= budget.available
-        assert plan.solve.status == SolveStatus.OPTIMAL or "time limit" in plan.solve.message or solver in ("greedy", "sequential")
+        assert (plan.solve.status == SolveStatus.OPTIMAL or "time limit" in plan.solve.message
+                or solver in ("greedy", "sequential"))

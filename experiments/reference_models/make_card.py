@@ -15,9 +15,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from runtime.corpora import load_corpus_bytes
 from runtime.evaluate import evaluate, load_model
 from runtime.expert_load import expert_load, load_table
-from runtime.corpora import load_corpus_bytes
 
 from .baselines import baselines
 
@@ -67,17 +67,19 @@ def main(argv: list[str] | None = None) -> int:
     (args.dest / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     hist = summary.get("history") or []
     curve = ", ".join(f"{h['step']}: {h['calib_bpb']:.3f}" for h in hist[:: max(1, len(hist) // 8)])
+    dtype = json.loads((args.dest / 'config.json').read_text()).get('dtype', '?')
+    ours = f"**{res.bits_per_byte:.3f}** (perplexity {res.perplexity:.2f})"
     card = f"""# {args.title}
 
 Byte-level MoE trained from scratch on CPU by `experiments/reference_models/train.py`
 on the English train split of `runtime.corpora` (Shakespeare, Milton, King James Bible).
-Random init, seed and data order fixed; weights stored as {json.loads((args.dest / 'config.json').read_text()).get('dtype', '?')} safetensors ({size_mb:.1f} MB).
+Random init, seed and data order fixed; weights stored as {dtype} safetensors ({size_mb:.1f} MB).
 
 ## Test split (english/test, {base['bytes']:,} bytes)
 
 | model | bits/byte |
 |---|---|
-| this model (window {res.window}, {res.tokens:,} bytes scored) | **{res.bits_per_byte:.3f}** (perplexity {res.perplexity:.2f}) |
+| this model (window {res.window}, {res.tokens:,} bytes scored) | {ours} |
 | byte unigram (fit on train) | {base['unigram_bpb']:.3f} |
 | `xz -9e` of the test split | {base['xz9_bpb']:.3f} |
 

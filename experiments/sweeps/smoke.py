@@ -4,7 +4,7 @@
 """
 from __future__ import annotations
 
-from experiments.sweeps.r1 import SWEEP as R1
 from experiments.sweep import Sweep
+from experiments.sweeps.r1 import SWEEP as R1
 
 SWEEP = Sweep(name="smoke", cells=R1.smoke, smoke=R1.smoke, description="R1 smoke subset (CI)")

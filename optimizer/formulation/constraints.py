@@ -86,7 +86,8 @@ def _variables(mb: MilpBuilder, inst: Instance) -> Variables:
         k_values = [ks] * len(inst.layer_top_k)
     else:
         ks_all = [np.arange(kmin, int(K) + 1) for K in inst.layer_top_k]
-        cols = mb.add_vars("y", sum(len(k) for k in ks_all), cost=np.concatenate([t[kmin - 1:] for t in inst.topk_cost]))
+        cols = mb.add_vars("y", sum(len(k) for k in ks_all),
+                           cost=np.concatenate([t[kmin - 1:] for t in inst.topk_cost]))
         y, k_values, start = [], ks_all, 0
         for ks in ks_all:
             y.append(cols[start:start + len(ks)])
@@ -219,7 +220,8 @@ def decode_speed(mb: MilpBuilder, inst: Instance, v: Variables) -> None:
     w = mb.add_vars("w", len(ys), lower=0.0, upper=cmax[layer_of_y], integer=True)
     r = np.arange(len(ys))
     mb.add_rows("(5) w = c * y (McCormick)", np.concatenate([r, r, r]), np.concatenate([w, c[layer_of_y], ys]),
-                np.concatenate([np.ones(len(r)), -np.ones(len(r)), -cmax[layer_of_y]]), -cmax[layer_of_y], INF, count=len(r))
+                np.concatenate([np.ones(len(r)), -np.ones(len(r)), -cmax[layer_of_y]]), -cmax[layer_of_y], INF,
+                count=len(r))
     nonexpert = ~expert_pair
     cols = np.concatenate([v.x[nonexpert], w, v.keep])
     kvals = np.concatenate(v.k_values).astype(float)

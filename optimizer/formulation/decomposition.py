@@ -81,7 +81,8 @@ class _Relaxation:
             t = inst.topk_cost[i][inst.min_top_k - 1:]
             best_t = np.minimum.accumulate(t)  # best cost for k <= kmin + j
             best_k = np.array([inst.min_top_k + int(np.argmin(t[: j + 1])) for j in range(len(t))])
-            self.layers.append((ids.reshape(G, per_group), ms, best_t[kmax - inst.min_top_k], best_k[kmax - inst.min_top_k]))
+            self.layers.append((ids.reshape(G, per_group), ms, best_t[kmax - inst.min_top_k],
+                                best_k[kmax - inst.min_top_k]))
 
     def solve(self, lam: float, cost_weight: float = 1.0) -> tuple[float, Decisions, int]:
         """Minimise the relaxed objective; return (L(lam), decisions, bytes)."""
@@ -93,7 +94,8 @@ class _Relaxation:
         first = np.ones(len(hit), dtype=bool)
         first[1:] = inst.pair_block[hit][1:] != inst.pair_block[hit][:-1]
         best_pair = hit[first]  # one per quantizable block, in block order
-        keep_value = np.bincount(self.owner[self.expert_mask], weights=minv[self.expert_mask], minlength=inst.num_experts)
+        keep_value = np.bincount(self.owner[self.expert_mask], weights=minv[self.expert_mask],
+                                 minlength=inst.num_experts)
         delta = keep_value + lam * inst.router_bytes - cost_weight * inst.drop_cost
         keep = np.zeros(inst.num_experts, dtype=bool)
         top_k = np.zeros(len(self.layers), dtype=int)
@@ -101,7 +103,8 @@ class _Relaxation:
         for i, (ids, ms, best_t, best_k) in enumerate(self.layers):
             d = delta[ids]
             order = np.argsort(d, axis=1, kind="stable")
-            prefix = np.concatenate([np.zeros((d.shape[0], 1)), np.cumsum(np.take_along_axis(d, order, 1), axis=1)], axis=1)
+            prefix = np.concatenate([np.zeros((d.shape[0], 1)), np.cumsum(np.take_along_axis(d, order, 1), axis=1)],
+                                    axis=1)
             values = prefix[:, ms].sum(axis=0) + cost_weight * best_t
             j = int(np.argmin(values))
             total += float(values[j])

@@ -100,7 +100,8 @@ def build_instance(profile: Profile, budget: Budget, options: FormulationOptions
     E = np.array([m.num_experts for m in moe])
     K = np.array([m.top_k for m in moe])
     if options.min_top_k < 1 or options.min_top_k > K.min():
-        raise InputError(f"--min-top-k: must lie in [1, {int(K.min())}] (the smallest original top-k), got {options.min_top_k}")
+        raise InputError(f"--min-top-k: must lie in [1, {int(K.min())}] (the smallest original top-k), "
+                         f"got {options.min_top_k}")
     min_exp = _min_experts(options.min_experts, E, options.min_top_k)
     G, TG = arch.expert_groups, arch.topk_groups
     per_group = E // G
@@ -116,7 +117,8 @@ def build_instance(profile: Profile, budget: Budget, options: FormulationOptions
                              f"{m_lo * G} experts do not fit the smallest layer ({int(E.min())} experts)")
     if options.target == Target.LLAMACPP and len(set(K.tolist())) > 1:
         raise InputError("--target llamacpp: the model's MoE layers have different top-k; llama.cpp knows one")
-    if options.min_tokens_per_s is not None and not (options.min_tokens_per_s > 0 and math.isfinite(options.min_tokens_per_s)):
+    if options.min_tokens_per_s is not None and not (options.min_tokens_per_s > 0
+                                                     and math.isfinite(options.min_tokens_per_s)):
         raise InputError("--min-tokens-per-s: must be a positive number")
     objective = build_objective(profile, options.objective, options.objective_options)
 
@@ -183,7 +185,8 @@ def build_instance(profile: Profile, budget: Budget, options: FormulationOptions
         groups=G, topk_groups=TG, expert_layer=expert_layer, expert_local=expert_local, expert_group=expert_group,
         drop_cost=drop, router_bytes=router_bytes, block_owner=owner, block_quantizable=quantizable,
         pair_block=pair_block, pair_format=pair_format, pair_bytes=pair_bytes, pair_read=pair_read,
-        pair_cost=pair_cost, pair_ptr=ptr, fixed_bytes=int(fixed_bytes), fixed_read=int(fixed_read), removed_pairs=removed,
+        pair_cost=pair_cost, pair_ptr=ptr, fixed_bytes=int(fixed_bytes), fixed_read=int(fixed_read),
+        removed_pairs=removed,
     )
 
 
@@ -193,7 +196,8 @@ def _candidate_formats(profile: Profile, options: FormulationOptions) -> tuple[s
     for n in names:
         name = get_format(n).name
         if name not in profile.sensitivity.formats:
-            raise InputError(f"--formats: the profile has no sensitivity for {name}; it has {', '.join(profile.sensitivity.formats)}")
+            raise InputError(f"--formats: the profile has no sensitivity for {name}; "
+                             f"it has {', '.join(profile.sensitivity.formats)}")
         if name not in out:
             out.append(name)
     if not out:
@@ -222,7 +226,8 @@ def _read_bytes(profile: Profile, table: np.ndarray, formats: tuple[str, ...]) -
     more time per byte; an embedding reads one row per token.
     """
     bw = profile.device.memory_bandwidth_bytes_per_s
-    slow = np.array([max(1.0, bw / profile.device.format_throughput[f]) if profile.device.format_throughput.get(f) else 1.0
+    slow = np.array([max(1.0, bw / profile.device.format_throughput[f])
+                     if profile.device.format_throughput.get(f) else 1.0
                      for f in formats])
     read = np.where(table >= 0, np.ceil(table * slow[None, :]), -1).astype(np.int64)
     for b, block in enumerate(profile.architecture.blocks):

@@ -53,7 +53,8 @@ class _Tied:
         self.nonexpert = inst.block_quantizable & (inst.block_owner < 0)
         self.cap = inst.available - inst.fixed_bytes
 
-    def layer_plan(self, i: int, n_per_group: int, lam: float, n_total: int) -> tuple[float, np.ndarray, np.ndarray, float]:
+    def layer_plan(self, i: int, n_per_group: int, lam: float,
+                   n_total: int) -> tuple[float, np.ndarray, np.ndarray, float]:
         """(priced cost, kept expert ids, format per projection, bytes) of layer i for N experts."""
         inst = self.inst
         ids = (inst.layer_first_expert[i] + np.arange(inst.layer_experts[i])).reshape(inst.groups, -1)
@@ -66,8 +67,9 @@ class _Tied:
         fmt = np.zeros(self.P, dtype=int)
         for _ in range(4):
             fmt_new = np.argmin(sens[np.isin(flat, kept)].sum(axis=0) + lam * n_total * nbytes, axis=1)
-            per = sens[:, np.arange(self.P), fmt_new].sum(axis=1) + lam * (nbytes[np.arange(self.P), fmt_new].sum()
-                                                                          + inst.router_bytes[flat]) - inst.drop_cost[flat]
+            per = (sens[:, np.arange(self.P), fmt_new].sum(axis=1)
+                   + lam * (nbytes[np.arange(self.P), fmt_new].sum() + inst.router_bytes[flat])
+                   - inst.drop_cost[flat])
             kept_new = self._select(ids, per.reshape(ids.shape), n_per_group)
             if np.array_equal(fmt_new, fmt) and np.array_equal(np.sort(kept_new), np.sort(kept)):
                 break

@@ -253,7 +253,8 @@ class _Mps:
         binary = real & ~fixed & (lo == 0) & (hi == 1) & integer
         out = np.full(len(cols), "", dtype=object)
         out[~real] = [" FX BND       %-8s  % .12e\n" % (f"X{n:07d}", 0) for n in np.flatnonzero(~real).tolist()]
-        out[fixed] = [" FX BND       X%07d  % .12e\n" % t for t in zip(np.flatnonzero(fixed).tolist(), lo[fixed].tolist())]
+        out[fixed] = [" FX BND       X%07d  % .12e\n" % t
+                      for t in zip(np.flatnonzero(fixed).tolist(), lo[fixed].tolist())]
         out[binary] = [" BV BND       X%07d\n" % n for n in np.flatnonzero(binary).tolist()]
         rest = np.flatnonzero(real & ~fixed & ~binary)
         out[rest] = [_general_bounds(f"X{n:07d}", lo[n], hi[n], bool(integer[n])) for n in rest.tolist()]

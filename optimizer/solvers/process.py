@@ -122,7 +122,8 @@ def _incumbent_result(tmp: str, model: MilpModel, name: str, seconds: float) -> 
             if feasible(model, x):
                 return SolverResult(SolveStatus.FEASIBLE, x, model.objective_value(x), None, seconds,
                                     f"{name}: killed at the time limit, best solution so far")
-    return SolverResult(SolveStatus.NO_SOLUTION, None, None, None, seconds, f"{name}: killed at the time limit, no solution")
+    return SolverResult(SolveStatus.NO_SOLUTION, None, None, None, seconds,
+                        f"{name}: killed at the time limit, no solution")
 
 
 def feasible(model: MilpModel, x: np.ndarray, rel_tol: float = 1e-6) -> bool:
