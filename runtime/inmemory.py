@@ -41,6 +41,9 @@ def compress_in_memory(model: nn.Module, plan: Plan, method: str = "rtn", check_
     arch = model_architecture(model)
     if check_hash and plan.architecture_hash != arch.shape_hash():
         raise InputError(f"plan was made for a different model ({plan.model_name}); architecture hashes differ")
+    if getattr(model.config, "output_router_logits", False):
+        # the training-only load-balancing loss assumes the original expert count in every layer (as runtime.load)
+        model.config.output_router_logits = False
     kept: dict[int, list[int]] = {}
     for lp in plan.layers:
         h = get_layer(model, lp.layer)

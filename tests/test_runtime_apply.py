@@ -161,3 +161,17 @@ def test_eval_reads_a_compressed_checkpoint(tiny: dict, tmp_path: Path) -> None:
     assert stored.nll != pytest.approx(original.nll, abs=1e-6)  # the plan changed the model
     proc = _cli("eval", str(tmp_path / "out"), "--max-tokens", "64", "--window", "32")
     assert proc.returncode == 0, proc.stderr
+
+
+@torch.no_grad()
+def test_in_memory_compression_of_a_model_trained_with_the_router_aux_loss(tiny: dict) -> None:
+    """R2's config keeps output_router_logits=True; its aux loss assumes every layer's original expert count,
+    so a pruned model used to fail in forward (size 32 vs 29); compression turns it off, as runtime.load does."""
+    from transformers import AutoModelForCausalLM
+
+    d = tiny["qwen3_moe"]
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    model.config.output_router_logits = True
+    out = compress_in_memory(model, _pruned_plan(d))
+    assert out.config.output_router_logits is False
+    assert torch.isfinite(out(torch.randint(0, 256, (1, 16))).logits).all()
