@@ -99,3 +99,12 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = tmp_path / "mine.py"
     spec.write_text("from experiments.sweep import Sweep\nSWEEP = 3\n")
     assert main(["run", str(spec)]) == 2 and "defines no SWEEP" in capsys.readouterr().err
+
+
+def test_smoke_sweep_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """What CI runs: the smoke sweep (4 cells on R1, 512 tokens) and its report."""
+    assert main(["run", "smoke", "--out", str(tmp_path), "--workers", "1"]) == 0
+    rows = read_rows(tmp_path)
+    assert len(rows) == 4 and all(r["status"] == "ok" and r["sweep"] == "smoke" for r in rows)
+    report = (tmp_path / "report.md").read_text()
+    assert "### KL mean / perplexity by budget and method" in report and (tmp_path / "kl_vs_bytes.png").is_file()
