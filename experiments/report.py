@@ -226,9 +226,28 @@ class ModelRows:
     def section(self, out_dir: Path, suffix: str) -> list[str]:
         lines = self._intro()
         lines += self._main_table() + self._uniform_table() + self._plots(out_dir, suffix) + self._pareto()
-        lines += self._formulations() + self._ablations() + self._headline() + self._losses()
+        lines += self._formulations() + self._ablations() + self._handed_over() + self._headline() + self._losses()
         lines += self._shift() + self._failures()
         return lines
+
+    def _handed_over(self) -> list[str]:
+        """Per budget, which other methods' plans ``refine`` handed over (the same plan evaluates to the same
+        KL, bit for bit: evaluation is deterministic), or that it is a plan of its own rounds."""
+        if "refine" not in self.labels:
+            return []
+        body, own = [], 0
+        for b in self.budgets:
+            r = self.at(b, "refine")
+            if not _ok(r):
+                body.append([b, _status(r)])
+                continue
+            same = [m for m in self.labels
+                    if m != "refine" and _ok(o := self.at(b, m)) and o["kl_mean"] == r["kl_mean"]]
+            own += not same
+            body.append([b, ", ".join(same) if same else "its own (a corrected-profile round)"])
+        return (["### What refine handed over", "",
+                 f"The plan of which other method (same KL, bit for bit), per budget; {own} of {len(body)} budgets "
+                 "got a plan no other method found.", ""] + _table(["budget", "refine's plan is that of"], body))
 
     def _intro(self) -> list[str]:
         m = self.main[0]
