@@ -66,7 +66,7 @@ def render_plan(plan: Plan, width: int = 110) -> str:
     for name, n in plan.bytes.reserves.items():
         t.add_row(f"reserve: {name}", format_bytes(n), "")
     t.add_row("budget", format_bytes(plan.bytes.budget),
-              f"{100 * (plan.bytes.total + sum(plan.bytes.reserves.values())) / plan.bytes.budget:.1f}% used")
+              f"{100 * (plan.bytes.total + sum(plan.bytes.reserves.values())) / max(plan.bytes.budget, 1):.1f}% used")
     console.print(t)
     console.print("kept experts per layer: " + _runs([(lp.layer, len(lp.kept_experts)) for lp in plan.layers]))
     console.print("top-k per layer:        " + _runs([(lp.layer, lp.top_k) for lp in plan.layers]))

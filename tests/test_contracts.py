@@ -343,6 +343,8 @@ def _unsorted_kept(d):
 PLAN_CASES = [
     ("missing_field", _delete("solve", "profile_hash"), "plan.solve.profile_hash: missing required field", True),
     ("missing_bytes", _delete("bytes", "budget"), "plan.bytes.budget: missing required field", True),
+    # found by the slow fuzz run: `explain` divided by a zero budget
+    ("zero_budget", _set(("bytes", "budget", 0)), "plan.bytes.budget: must be >= 1, got 0", True),
     ("unknown_top", _set(("comment", "x")), "plan.comment: unknown field", True),
     ("unknown_nested", _set(("layers", 1, "weights", 1)), "plan.layers[1].weights: unknown field", True),
     ("bad_target", _set(("target", "onnx")), "plan.target: 'onnx' is not one of hf, llamacpp", True),
