@@ -182,7 +182,8 @@ def plan_from_json(doc: Any) -> Plan:
     by_kind = {k: by_kind_r.int(k, maximum=MAX_BYTES) for k in list(by_kind_r.obj)}
     reserves = {k: reserves_r.int(k, maximum=MAX_BYTES) for k in list(reserves_r.obj)}
     by_kind_r.done(), reserves_r.done()
-    pbytes = PlanBytes(br.int("total", maximum=MAX_BYTES), by_kind, br.int("budget", minimum=1, maximum=MAX_BYTES), reserves)
+    pbytes = PlanBytes(br.int("total", maximum=MAX_BYTES), by_kind, br.int("budget", minimum=1, maximum=MAX_BYTES),
+                       reserves)
     br.int("available", minimum=-MAX_BYTES, maximum=MAX_BYTES)
     br.done()
     pr = r.child("predicted", required=False)

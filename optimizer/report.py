@@ -52,7 +52,8 @@ def render_plan(plan: Plan, width: int = 110) -> str:
     secs = "n/a" if s.seconds is None else f"{s.seconds:.2f} s"
     console.print(f"[bold]{plan.model_name}[/] target={plan.target.value} solver={s.solver} "
                   f"formulation={s.formulation}")
-    console.print(f"status: {s.status.value}  objective: {s.objective:.6g}  bound: "
+    objective = "n/a" if s.objective is None else f"{s.objective:.6g}"
+    console.print(f"status: {s.status.value}  objective: {objective}  bound: "
                   f"{'n/a' if s.bound is None else f'{s.bound:.6g}'}  gap: {gap}  time: {secs}")
     if s.message:
         console.print(f"  {s.message}")

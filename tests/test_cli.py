@@ -262,3 +262,22 @@ def test_bundled_deepseek_v3_example_is_reproducible(tmp_path) -> None:
     digest = save_profile(build_deepseek_v3_profile(), tmp_path / "profile.json")
     assert digest == bundled.hash
     assert time.perf_counter() - t0 < 60
+
+
+def test_explain_a_plan_without_objective(tmp_path, capsys) -> None:
+    """Found by the slow fuzz run: `explain` formatted a missing solve.objective with :.6g (TypeError)."""
+    import json
+
+    from optimizer.cli import main
+    from optimizer.profile import save_profile
+    from optimizer.synthetic import synthetic_profile
+
+    save_profile(synthetic_profile(seed=1), tmp_path / "p.json")
+    assert main(["solve", str(tmp_path / "p.json"), "--budget", "5MB", "--context", "0", "--overhead", "0",
+                 "-o", str(tmp_path / "plan.json")]) == 0
+    doc = json.loads((tmp_path / "plan.json").read_text())
+    del doc["solve"]["objective"]
+    (tmp_path / "plan.json").write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert main(["explain", str(tmp_path / "plan.json")]) == 0
+    assert "objective: n/a" in capsys.readouterr().out
