@@ -243,6 +243,7 @@ class ModelRows:
                 continue
             same = [m for m in self.labels
                     if m != "refine" and _ok(o := self.at(b, m)) and o["kl_mean"] == r["kl_mean"]]
+            same += [u["method"] for u in self.uniform if _ok(u) and u["kl_mean"] == r["kl_mean"]]
             own += not same
             body.append([b, ", ".join(same) if same else "its own (a corrected-profile round)"])
         return (["### What refine handed over", "",

@@ -200,10 +200,12 @@ def test_bad_input_raises(tmp_path, content, match) -> None:
 def test_what_refine_handed_over_and_headline_uses_it(tmp_path) -> None:
     """refine at 4MB evaluates to greedy's KL bit for bit (the same plan); at 12MB to nobody's (its own round).
     The headline then follows refine: int8 (KL 0.03) is matched at 12MB by refine's 0.02: 11.9 / 10.0 = 1.190."""
-    rows = ROWS + [_row("refine", "4MB", 0.15, 20.5, 3_800_000), _row("refine", "12MB", 0.02, 14.5, 11_900_000)]
+    rows = ROWS + [_row("refine", "4MB", 0.15, 20.5, 3_800_000), _row("refine", "12MB", 0.02, 14.5, 11_900_000),
+                   _row("refine", "8MB", 0.20, 19.0, 5_000_000)]  # uniform int4's plan (same KL)
     text = write_report(_results(tmp_path, rows)).read_text(encoding="utf-8")
     handed = _section(text, "What refine handed over")
     assert "| 4MB | greedy |" in handed and "| 12MB | its own (a corrected-profile round) |" in handed
-    assert "1 of 2 budgets got a plan no other method found" in handed
+    assert "| 8MB | uniform:int4_g64 |" in handed
+    assert "1 of 3 budgets got a plan no other method found" in handed
     headline = _section(text, "Headline: the smallest budget whose `refine` plan matches a uniform format")
     assert "| int8_g64 | 10.000 | 12MB | 11.900 | 1.190 |" in headline
