@@ -30,7 +30,7 @@ from ..errors import InputError, SolverError
 from ..milp import MilpModel
 from ..plan import SolveStatus
 from .base import SolverBackend, SolverOptions, SolverResult
-from .process import feasible, run_process
+from .process import feasible, read_text, run_process
 
 _BOUND_RE = re.compile(r"^Lower bound:\s*(\S+)", re.MULTILINE)
 _LOG_DECIMALS = 1e-3  # CBC prints the bound with 3 decimals; widen by this so the parsed value stays a bound
@@ -92,10 +92,10 @@ class CbcBackend(SolverBackend):
                 return _stopped(start, "CBC: not run, the time limit was reached while writing the model")
             args = _arguments(path, files, options, remaining, warm_start is not None)
             stopped, code = run_process(args, files["log"], deadline, _grace(float(options.time_limit or 0.0)))
-            log = _read(files["log"])
+            log = read_text(files["log"])
             if options.verbose:
                 print(log)
-            sol = _read(files["sol"])
+            sol = read_text(files["sol"])
         return _result(model, mps, sol, log, stopped, code, time.perf_counter() - start)
 
 
@@ -305,14 +305,6 @@ def _fill_unused(x: np.ndarray, model: MilpModel) -> np.ndarray:
     x[free & model.integer] = np.ceil(x[free & model.integer])
     x[model.integer] = np.round(x[model.integer]) + 0.0  # + 0.0 turns -0.0 into 0.0
     return x
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return ""
 
 
 def _result_line(log: str) -> str:

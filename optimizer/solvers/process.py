@@ -92,7 +92,7 @@ def solve_in_child(name: str, model: MilpModel, options: SolverOptions, warm_sta
         log_path = os.path.join(tmp, "worker.log")
         stopped, code = run_process([sys.executable, "-m", "optimizer.solvers.worker", tmp], log_path, deadline, 0.0,
                                     env=_worker_env())
-        log = _read(log_path)
+        log = read_text(log_path)
         if options.verbose:
             print(log)
         seconds = time.perf_counter() - start
@@ -197,7 +197,8 @@ def _read_result(tmp: str, seconds: float) -> SolverResult | None:
     return SolverResult(status, x, meta["objective"], meta["bound"], seconds, meta["message"])
 
 
-def _read(path: str) -> str:
+def read_text(path: str) -> str:
+    """A solver's log or solution file, or "" if it was never written (a process killed early)."""
     try:
         with open(path) as f:
             return f.read()
