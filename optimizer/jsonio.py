@@ -319,15 +319,22 @@ class Reader:
             raise InputError(f"{self.path}.{key}: unknown field")
 
 
+def _check_bounds(value: float, path: str, minimum: float | None, maximum: float,
+                  below: str, top: str, above: str) -> None:
+    """``value`` within ``[minimum, maximum]`` (``minimum`` None: -MAX_JSON_NUMBER); the messages show
+    ``below`` / ``above`` for the value and ``top`` for the maximum."""
+    low = -MAX_JSON_NUMBER if minimum is None else minimum
+    if value < low:
+        raise InputError(f"{path}: must be >= {low}, got {below}")
+    if value > maximum:
+        raise InputError(f"{path}: must be <= {top}, got {above}")
+
+
 def as_int(value: Any, path: str, minimum: int | None = 0, maximum: int = MAX_JSON_NUMBER) -> int:
     """An integer in ``[minimum, maximum]`` (no lower bound when ``minimum`` is None; never beyond int64)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise InputError(f"{path}: expected an integer, got {_show(value)}")
-    low = -MAX_JSON_NUMBER if minimum is None else minimum
-    if value < low:
-        raise InputError(f"{path}: must be >= {low}, got {_show(value)}")
-    if value > maximum:
-        raise InputError(f"{path}: must be <= {maximum}, got {_show(value)}")
+    _check_bounds(value, path, minimum, maximum, _show(value), str(maximum), _show(value))
     return value
 
 
@@ -339,11 +346,7 @@ def as_number(value: Any, path: str, minimum: float | None = 0.0, maximum: float
         raise InputError(f"{path}: out of range (at most {MAX_JSON_NUMBER} in magnitude), got {_show(value)}")
     if not math.isfinite(value):
         raise InputError(f"{path}: must be finite, got {value!r}")
-    low = -MAX_JSON_NUMBER if minimum is None else minimum
-    if value < low:
-        raise InputError(f"{path}: must be >= {low}, got {value}")
-    if value > maximum:
-        raise InputError(f"{path}: must be <= {maximum:g}, got {value:g}")
+    _check_bounds(value, path, minimum, maximum, str(value), f"{maximum:g}", f"{value:g}")
     return float(value)
 
 
