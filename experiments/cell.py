@@ -82,7 +82,7 @@ def formulation_for(cell: Cell, profile: Profile) -> tuple[str, FormulationOptio
     original_k = min(m.top_k for m in arch.moe_layers)
     keep_all = float(experts[0])
     base, fmt = cell.base_method, cell.method_format
-    if base in ("quantize_only", "uniform") and len(experts) > 1:
+    if base in ("quantize_only", "uniform", "topk_only") and len(experts) > 1:
         raise InputError(f"cell.method {cell.method}: layers have different expert counts {experts}")
     opts: dict[str, Any] = {"objective": cell.formulation}
     solver, baseline = "highs", BaselineOptions()
@@ -92,6 +92,8 @@ def formulation_for(cell: Cell, profile: Profile) -> tuple[str, FormulationOptio
         opts.update(min_top_k=original_k)
     elif base == "prune_only":
         opts.update(formats=(fmt or "BF16",), min_top_k=original_k)
+    elif base == "topk_only":
+        opts.update(formats=(fmt or "BF16",), min_experts=keep_all)
     elif base == "uniform":
         solver, baseline = "uniform", BaselineOptions(uniform_format=fmt)  # odd rows: next larger format
         opts.update(min_experts=keep_all, min_top_k=original_k)

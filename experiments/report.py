@@ -48,6 +48,7 @@ PROTOCOL = ("profile", "eval_corpus", "eval_split", "eval_tokens", "quantizer", 
 NEEDED = ("model", "budget", "method", "status")
 OK_NUMBERS = ("plan_bytes", "kl_mean", "perplexity")
 ABLATION_COLUMNS = (("quantize_only", "mixed precision alone"), ("prune_only", "pruning alone"),
+                    ("topk_only", "top-k alone"),
                     ("no_topk", "pruning + mixed precision"), (ILP, "all three"),
                     ("greedy", "baseline"), ("sequential", "baseline"))
 PLOTS = (("kl_mean", "kl_vs_bytes", "KL mean to the original"), ("perplexity", "ppl_vs_bytes", "perplexity"))
@@ -347,8 +348,9 @@ class ModelRows:
 
     def _ablations(self) -> list[str]:
         prune = next((m for m in self.labels if m.startswith("prune_only")), None)
-        names = {"prune_only": prune} if prune else {}
-        if not any(m in self.labels for m in ("quantize_only", "no_topk")) and not prune:
+        topk = next((m for m in self.labels if m.startswith("topk_only")), None)
+        names = {k: v for k, v in (("prune_only", prune), ("topk_only", topk)) if v}
+        if not any(m in self.labels for m in ("quantize_only", "no_topk")) and not names:
             return []
         cols = [(names.get(m, m), why) for m, why in ABLATION_COLUMNS if names.get(m, m) in self.labels]
         ratios = [(what, num, den) for what, num, den in (

@@ -8,7 +8,7 @@ original on held-out text (:func:`runtime.evaluate.evaluate` with ``reference``:
 agreement, perplexity). Its :meth:`Cell.key` (a hash of every field) names its result row, so a rerun skips
 finished cells.
 
-Methods (:data:`METHODS`; ``uniform:FORMAT`` and ``prune_only:FORMAT`` take a format):
+Methods (:data:`METHODS`; ``uniform:FORMAT``, ``prune_only:FORMAT`` and ``topk_only:FORMAT`` take a format):
 
 ==================  ======================================================================================
 ``ilp``             the joint ILP (HiGHS) under ``formulation``: pruning, per-layer top-k, mixed formats
@@ -16,6 +16,8 @@ Methods (:data:`METHODS`; ``uniform:FORMAT`` and ``prune_only:FORMAT`` take a fo
                     the ILP's rounds (corrected profile) and the baselines
 ``quantize_only``   the ILP with every expert kept and the original k: mixed precision alone
 ``prune_only:F``    the ILP with every block in format F (default BF16) and the original k: pruning alone
+``topk_only:F``     the ILP with every block in format F (default BF16) and every expert kept: per-layer
+                    top-k alone
 ``no_topk``         the ILP with the original k: pruning + mixed precision
 ``uniform:F``       one format F for every block, nothing pruned (``llama-quantize`` with one type)
 ``greedy``          the value-per-byte greedy baseline
@@ -33,8 +35,9 @@ from typing import Any, Iterable
 
 from optimizer.errors import InputError
 
-METHODS = ("ilp", "refine", "quantize_only", "prune_only", "no_topk", "uniform", "greedy", "sequential", "llamacpp")
-FORMAT_METHODS = ("uniform", "prune_only")  # take ":FORMAT"
+METHODS = ("ilp", "refine", "quantize_only", "prune_only", "topk_only", "no_topk", "uniform", "greedy", "sequential",
+           "llamacpp")
+FORMAT_METHODS = ("uniform", "prune_only", "topk_only")  # take ":FORMAT"
 
 
 @dataclass(frozen=True)

@@ -35,13 +35,18 @@ def test_cell_key_names_every_field_and_methods_are_checked() -> None:
 
 
 def test_methods_switch_levers_off() -> None:
-    """quantize_only keeps every expert and k; prune_only one format and k; uniform nothing but one format."""
+    """quantize_only keeps every expert and k; prune_only one format and k; topk_only one format and every expert;
+    uniform nothing but one format."""
     q = solve_cell(_cell(method="quantize_only"))
     assert all(len(lp.kept_experts) == 32 and lp.top_k == 4 for lp in q.layers) and q.bytes.total <= 4_000_000
     p = solve_cell(_cell(method="prune_only:int4_g64", budget="4MB"))
     assert all(lp.top_k == 4 for lp in p.layers) and sum(len(lp.kept_experts) for lp in p.layers) < 160
     expert_formats = {f for n, f in p.formats.items() if ".experts." in n}
     assert expert_formats == {"int4_g64"}
+    t = solve_cell(_cell(method="topk_only:int4_g64", budget="6MB"))  # uniform int4 with all experts: 5.83 MB
+    # lowering k saves no weight bytes, so under a memory budget alone the ILP keeps k = 4
+    assert all(len(lp.kept_experts) == 32 and lp.top_k == 4 for lp in t.layers)
+    assert {f for n, f in t.formats.items() if ".experts." in n} == {"int4_g64"}
     u = solve_cell(_cell(method="uniform:int8_g64", budget="1TB"))
     assert {f for n, f in u.formats.items() if ".experts." in n} == {"int8_g64"}
     with pytest.raises(InfeasibleError):
