@@ -264,6 +264,48 @@ def test_bundled_deepseek_v3_example_is_reproducible(tmp_path) -> None:
     assert time.perf_counter() - t0 < 60
 
 
+
+def test_every_block_kind_of_the_example_carries_its_documented_prior() -> None:
+    """Issue 12: np.array([blk.kind ...]) held strings cut to 'BlockKind.ATT', so every kind but the experts got
+    no sensitivity. Expected values by hand from the module docstring: w_b = 5.0 x kind share, split by the
+    1.5x rules; Q4_K (4.5 bits) has eps = 4^-(4.5 - 0.5) = 1/256, so sens[b, Q4_K] = w_b / 256.
+    Attention: 61 layers x 5 projections, o_proj 1.5, the 6 edge layers 1.5x: 55 x 5.5 + 6 x 8.25 = 352.
+    Dense MLPs: layers 0-2 (all edge), gate/up 1.5, down 2.25: 3 x 5.25 = 15.75.
+    Shared experts: MoE layers 3-60, of which 58-60 are edge: 55 x 3.5 + 3 x 5.25 = 208.25; routed experts
+    the same per layer, times each expert's routing mass (which sums to 1 per layer)."""
+    from optimizer.architecture import BlockKind
+    from optimizer.examples.deepseek_v3 import build_deepseek_v3_profile
+
+    profile = build_deepseek_v3_profile()
+    arch = profile.architecture
+    q4k = np.asarray(profile.sensitivity.values)[:, profile.sensitivity.formats.index("Q4_K")]
+    total = {BlockKind.ROUTED_EXPERT: 2.5, BlockKind.ATTENTION: 1.25, BlockKind.SHARED_EXPERT: 0.5,
+             BlockKind.DENSE_MLP: 0.25, BlockKind.LM_HEAD: 0.35, BlockKind.EMBEDDING: 0.15}
+    for kind, nats in total.items():
+        idx = [b for b, blk in enumerate(arch.blocks) if blk.kind is kind]
+        assert idx and arch.blocks[idx[0]].quantizable
+        assert q4k[idx].sum() == pytest.approx(nats / 256, rel=1e-9), kind
+        if kind is not BlockKind.ROUTED_EXPERT:  # a routed expert's share is its routing mass (never 0 here)
+            assert (q4k[idx] > 0).all(), kind
+    assert np.nansum(q4k) == pytest.approx(5.0 / 256, rel=1e-9)  # uniform Q4_K ~0.02 nats/token, as documented
+
+    def sens(kind, layer, projection, expert=None) -> float:
+        (b,) = [b for b, blk in enumerate(arch.blocks) if blk.kind is kind and blk.layer == layer
+                and blk.projection == projection and blk.expert == expert]
+        return q4k[b]
+
+    assert sens(BlockKind.ATTENTION, 30, "q_a_proj") == pytest.approx(1.25 / 352 / 256, rel=1e-9)
+    assert sens(BlockKind.ATTENTION, 0, "o_proj") == pytest.approx(1.25 * 2.25 / 352 / 256, rel=1e-9)
+    assert sens(BlockKind.DENSE_MLP, 1, "gate_proj") == pytest.approx(0.25 * 1.5 / 15.75 / 256, rel=1e-9)
+    assert sens(BlockKind.SHARED_EXPERT, 30, "down_proj") == pytest.approx(0.5 * 1.5 / 208.25 / 256, rel=1e-9)
+    assert sens(BlockKind.SHARED_EXPERT, 60, "up_proj") == pytest.approx(0.5 * 1.5 / 208.25 / 256, rel=1e-9)
+    layer = arch.moe_layers.index(next(m for m in arch.moe_layers if m.index == 30))
+    mass = profile.experts.routing_mass[layer][7]
+    assert sens(BlockKind.ROUTED_EXPERT, 30, "down_proj", 7) == pytest.approx(
+        2.5 * 1.5 * mass / 208.25 / 256, rel=1e-9)
+    bf16 = np.asarray(profile.sensitivity.values)[:, profile.sensitivity.formats.index("BF16")]
+    assert np.nansum(bf16) == 0
+
 def test_explain_a_plan_without_objective(tmp_path, capsys) -> None:
     """Found by the slow fuzz run: `explain` formatted a missing solve.objective with :.6g (TypeError)."""
     import json

@@ -13,10 +13,11 @@ What is a PRIOR (no weights are available here; every such section says ``prior:
 * sensitivity: ``sens[b,f] = w_b * eps(f)``, with ``eps(f) = 4^-(bpw_f - 0.5)`` for quantized formats (the
   noise power of a b-bit quantizer falls 4x per bit; half a bit is scale overhead) and 0 for BF16 (the
   checkpoint's precision). Block weights ``w_b`` split a total of ``TOTAL_WEIGHT`` nats per unit noise over
-  kinds (routed experts 50%, attention 25%, shared experts 10%, dense MLPs 5%, lm_head 7%, embedding 3%),
-  down projections 1.5x gate/up, the first and last 3 layers 1.5x (llama.cpp's "more bits" rule); a routed
-  expert's share is proportional to its routing mass. Calibrated so that uniform Q4_K costs ~0.02
-  nats/token (+2% perplexity) and Q2_K ~0.26.
+  kinds (routed experts 50%, attention 25%, shared experts 10%, dense MLPs 5%, lm_head 7%, embedding 3%;
+  every quantized block gets its kind's share), output projections (``down_proj``, ``o_proj``) 1.5x the
+  others of their kind, the first and last 3 layers 1.5x (llama.cpp's "more bits" rule); a routed expert's
+  share is proportional to its routing mass. Calibrated so that uniform Q4_K costs ~0.02 nats/token (+2%
+  perplexity) and Q2_K ~0.26.
 * prune cost: ``GAMMA * routing-mass share`` (dropping a layer's entire routed mass costs GAMMA nats).
 * top-k cost: routing to k < 8 experts loses the mass of ranks k+1..8 under a geometric rank profile
   (rank r holds a share proportional to RHO^(r-1)), priced at GAMMA nats per unit mass.
@@ -107,12 +108,16 @@ def _prior_sensitivity(arch, formats, mass_of) -> np.ndarray:
         if block.is_routed_expert:
             w *= mass_of[(block.layer, block.expert)]
         raw[b] = w
+    # Masks compare the BlockKind members themselves: np.array([blk.kind ...]) would make a fixed-width
+    # string array whose items are str(kind) cut to the value's length ('BlockKind.ATT'), which equals no kind.
     weight = np.zeros(len(arch.blocks))
-    kinds = np.array([blk.kind for blk in arch.blocks])
     for kind, share in KIND_SHARE.items():
-        mask = kinds == kind
+        mask = np.fromiter((blk.kind is kind for blk in arch.blocks), bool, len(arch.blocks))
         if raw[mask].sum() > 0:
             weight[mask] = TOTAL_WEIGHT * share * raw[mask] / raw[mask].sum()
+    unpriced = {blk.kind for blk in arch.blocks if blk.quantizable} - set(KIND_SHARE)
+    if unpriced:
+        raise ValueError(f"no prior share for block kinds {sorted(k.value for k in unpriced)}")
     values = np.full((len(arch.blocks), len(formats)), np.nan)
     for b, block in enumerate(arch.blocks):
         if block.quantizable:
