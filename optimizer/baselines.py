@@ -151,7 +151,7 @@ def _largest_fitting(inst: Instance, keep: np.ndarray, top_k: np.ndarray, deadli
                      only: int | None = None) -> BaselineRun:
     """Every unit in one format (or the next larger it admits), trying formats from the largest down (or only
     format ``only``)."""
-    cap = inst.available - inst.fixed_bytes
+    cap = inst.capacity
     sizes: list[tuple[int, str]] = []
     for option in _uniform_choices(inst, keep, deadline, only):
         if option is None:
@@ -176,7 +176,7 @@ def _upgrade(inst: Instance, d: Decisions, by: str, deadline: float | None = Non
     opts = _all_format_options(inst, units, deadline)
     if opts is None:
         return BaselineRun(d, complete=False)
-    left = inst.available - inst.fixed_bytes - _bytes(inst, d.keep, d.chosen)
+    left = inst.capacity - _bytes(inst, d.keep, d.chosen)
     chosen_pairs = set(np.flatnonzero(d.chosen).tolist())
     choice = {u: next(f for f, (pairs, _, _) in o.items() if int(pairs[0]) in chosen_pairs) for u, o in enumerate(opts)}
     heap: list[tuple[float, int, int]] = []
@@ -291,7 +291,7 @@ class _Greedy:
         G = inst.groups
         self.inst, self.all_units, self.all_opts = inst, all_units, all_opts
         self.llama = inst.options.target == Target.LLAMACPP
-        self.cap = inst.available - inst.fixed_bytes
+        self.cap = inst.capacity
         self.top_k = top_k = inst.layer_top_k.copy()
         keep_all = np.ones(inst.num_experts, dtype=bool)
         self.smallest = {u: min(o, key=lambda f: (o[f][1], o[f][2])) for u, o in enumerate(all_opts)}

@@ -118,7 +118,7 @@ def byte_budget(mb: MilpBuilder, inst: Instance, v: Variables) -> None:
     cols = np.concatenate([v.x, v.keep])
     vals = np.concatenate([inst.pair_bytes, inst.router_bytes]).astype(float)
     mb.add_rows("(1) bytes <= budget - reserves", np.zeros(len(cols), int), cols, vals,
-                -INF, float(inst.available - inst.fixed_bytes), count=1)
+                -INF, float(inst.capacity), count=1)
 
 
 def _keep_rows(inst: Instance, v: Variables) -> tuple[np.ndarray, np.ndarray]:

@@ -66,7 +66,7 @@ class _Relaxation:
         owner = inst.block_owner[q]
         self.owner = owner
         self.expert_mask = owner >= 0
-        self.cap = inst.available - inst.fixed_bytes
+        self.cap = inst.capacity
         # per layer: expert ids grouped [G, per_group]
         self.layers = []
         for i in range(len(inst.layer_top_k)):

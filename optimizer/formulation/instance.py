@@ -85,6 +85,11 @@ class Instance:
         return self.budget.available
 
     @property
+    def capacity(self) -> int:
+        """Bytes left for the decisions: the budget's available bytes less the blocks every plan keeps."""
+        return self.budget.available - self.fixed_bytes
+
+    @property
     def num_experts(self) -> int:
         return int(self.expert_layer.shape[0])
 

@@ -51,7 +51,7 @@ class _Tied:
         self.bytes[inst.expert_layer[e], p, f] = inst.pair_bytes[ep]
         self.pair_of[e, p, f] = ep
         self.nonexpert = inst.block_quantizable & (inst.block_owner < 0)
-        self.cap = inst.available - inst.fixed_bytes
+        self.cap = inst.capacity
 
     def layer_plan(self, i: int, n_per_group: int, lam: float,
                    n_total: int) -> tuple[float, np.ndarray, np.ndarray, float]:
