@@ -50,6 +50,24 @@ INT_GROUP_SIZES = (32, 64, 128)
 _INT_RE = re.compile(r"int([2-8])_g([0-9]+)")
 #: bytes of per-group metadata in the runtime's integer formats: fp16 scale + fp16 zero point.
 INT_GROUP_META_BYTES = 4
+#: the stored parts of an int-format tensor, in this order: packed codes, fp16 scales, fp16 zero points
+INT_PARTS = ("qcodes", "qscale", "qzero")
+#: code width of GGUF's 32-element legacy types (the rest of each block is its scale and minimum)
+GGUF_CODE_BITS = {"Q4_0": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8}
+FLOAT_NAMES = ("F32", "F16", "BF16")
+
+
+@dataclass(frozen=True)
+class StoredPart:
+    """One tensor a block becomes on disk: the block's name plus ``.suffix`` (the name itself when empty)."""
+
+    suffix: str
+    dtype: str  # safetensors dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return num_elements(self.shape) * (1 if self.dtype == "U8" else 2 if self.dtype in ("F16", "BF16") else 4)
 
 
 @dataclass(frozen=True)
@@ -65,7 +83,7 @@ class Format:
     family: str
     block_elements: int
     block_bytes: float
-    bits: int | None = None  # integer code width for int formats
+    bits: int | None = None  # integer code width (int formats and GGUF's legacy Q4_0..Q8_0)
     quantized: bool = True
 
     @property
@@ -90,6 +108,25 @@ class Format:
             per_row = math.ceil(row_len * self.bits / 8) + (row_len // self.block_elements) * INT_GROUP_META_BYTES
             return rows * per_row
         return rows * (row_len // self.block_elements) * int(self.block_bytes)
+
+    def parts(self, shape: Sequence[int]) -> tuple[StoredPart, ...]:
+        """The tensors a block of PyTorch ``shape`` is stored as (their bytes add up to :meth:`nbytes`).
+
+        Float formats: the tensor itself. Int formats: ``qcodes`` (uint8, rows bit-packed to
+        ``ceil(row_len * b / 8)`` bytes), ``qscale`` and ``qzero`` (fp16, one per group). GGUF block types:
+        ``gguf`` (uint8, each row's blocks as ggml lays them out).
+        """
+        shape = tuple(int(s) for s in shape)
+        self.nbytes(shape)  # the divisibility check, with its message
+        lead, row_len = shape[:-1], row_length(shape)
+        if self.name in FLOAT_NAMES:
+            return (StoredPart("", self.name, shape),)
+        if self.family == INT_FAMILY:
+            groups = row_len // self.block_elements
+            codes, scale, zero = INT_PARTS
+            return (StoredPart(codes, "U8", (*lead, math.ceil(row_len * self.bits / 8))),
+                    StoredPart(scale, "F16", (*lead, groups)), StoredPart(zero, "F16", (*lead, groups)))
+        return (StoredPart("gguf", "U8", (*lead, row_len // self.block_elements * int(self.block_bytes))),)
 
 
 def row_length(shape: Sequence[int]) -> int:
@@ -142,7 +179,7 @@ def get_format(name: str) -> Format:
     block_elements, block_bytes = table[key]
     return Format(
         name=key, family=GGUF_FAMILY, block_elements=block_elements, block_bytes=block_bytes,
-        quantized=key not in ("F32", "F16", "BF16"),
+        bits=GGUF_CODE_BITS.get(key), quantized=key not in FLOAT_NAMES,
     )
 
 

@@ -117,18 +117,9 @@ class ApplyReport:
 
 
 def part_layout(name: str, stored: str, shape: tuple[int, ...]) -> list[PlannedTensor]:
-    """The tensors a block of ``shape`` stored as ``stored`` becomes (see :class:`runtime.quant.QuantizedTensor`)."""
-    fmt = get_format(stored)
-    lead, length = shape[:-1], (shape[-1] if shape else 1)
-    if fmt.name in FLOAT_DTYPES:
-        return [PlannedTensor(name, fmt.name, shape)]
-    if fmt.family == INT_FAMILY:
-        groups = length // fmt.block_elements
-        return [PlannedTensor(f"{name}.qcodes", "U8", (*lead, length * fmt.bits // 8)),
-                PlannedTensor(f"{name}.qscale", "F16", (*lead, groups)),
-                PlannedTensor(f"{name}.qzero", "F16", (*lead, groups))]
-    row_bytes = length // fmt.block_elements * int(fmt.block_bytes)
-    return [PlannedTensor(f"{name}.gguf", "U8", (*lead, row_bytes))]
+    """The tensors a block of ``shape`` stored as ``stored`` becomes (:meth:`optimizer.formats.Format.parts`)."""
+    return [PlannedTensor(f"{name}.{p.suffix}" if p.suffix else name, p.dtype, p.shape)
+            for p in get_format(stored).parts(shape)]
 
 
 def plan_jobs(plan: Plan, arch: Architecture, headers: list[TensorInfo], layers: dict[int, tuple[list[int], int]]

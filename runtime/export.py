@@ -24,7 +24,7 @@ from pathlib import Path
 from optimizer.architecture import Architecture, BlockKind
 from optimizer.architectures import load_architecture
 from optimizer.errors import InputError
-from optimizer.formats import GGUF_FAMILY, INT_FAMILY, get_format
+from optimizer.formats import GGUF_FAMILY, get_format
 from optimizer.plan import Plan, load_plan
 
 from .checkpoint import checkpoint_files
@@ -207,9 +207,7 @@ def _int_params(fmt_name: str, shape: tuple[int, ...]) -> tuple[int, int] | None
     if get_format(fmt_name).name in FLOAT_DTYPES:
         return None
     stored = get_format(storage_format(fmt_name, shape)[0])
-    if stored.family != INT_FAMILY:  # Q8_0 / Q4_0 / Q5_x: the int format of the same bits and group 32
-        return {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5}[stored.name], 32
-    return stored.bits, stored.block_elements
+    return stored.bits, stored.block_elements  # Q8_0 / Q4_0 / Q5_x: their code bits, blocks of 32
 
 
 def _module(name: str) -> str:

@@ -18,6 +18,7 @@ from optimizer.byte_model import (
     uniform_bytes_by_kind,
 )
 from optimizer.errors import InputError
+from optimizer.formats import get_format, known_format_names
 
 DATA = Path(__file__).resolve().parents[1] / "optimizer" / "data" / "deepseek_v3"
 
@@ -113,3 +114,29 @@ def test_uniform_bytes_applies_fallback() -> None:
 def test_bytes_table_unknown_format_is_an_error() -> None:
     with pytest.raises(InputError, match="unknown format"):
         bytes_table(architecture_from_config(ODD), ["Q4_K", "Q9_Z"])
+
+
+def test_format_parts_are_the_one_storage_layout() -> None:
+    """Format.parts: the tensors apply writes and quant produces; their bytes are exactly Format.nbytes."""
+    # int4_g64, [3, 128]: codes 128 * 4 / 8 = 64 bytes a row, 2 groups of fp16 scale + zero: 3 * (64 + 8) = 216
+    parts = get_format("int4_g64").parts((3, 128))
+    assert [(p.suffix, p.dtype, p.shape) for p in parts] == [
+        ("qcodes", "U8", (3, 64)), ("qscale", "F16", (3, 2)), ("qzero", "F16", (3, 2))]
+    assert sum(p.nbytes for p in parts) == 216 == get_format("int4_g64").nbytes((3, 128))
+    # int3_g32, [2, 96]: ceil(96 * 3 / 8) = 36 code bytes a row, 3 groups: 2 * (36 + 12) = 96
+    assert [p.shape for p in get_format("int3_g32").parts((2, 96))] == [(2, 36), (2, 3), (2, 3)]
+    # Q4_K, [4, 512]: 2 blocks of 144 bytes a row; BF16 is the tensor itself
+    assert [(p.suffix, p.shape) for p in get_format("Q4_K").parts((4, 512))] == [("gguf", (4, 288))]
+    assert [(p.suffix, p.dtype) for p in get_format("BF16").parts((4, 512))] == [("", "BF16")]
+    for name in known_format_names():
+        fmt = get_format(name)
+        for shape in ((256,), (3, 512), (2, 4, 768)):
+            if fmt.admits(shape):
+                assert sum(p.nbytes for p in fmt.parts(shape)) == fmt.nbytes(shape), (name, shape)
+    with pytest.raises(InputError, match="rows divisible by 64"):
+        get_format("int4_g64").parts((3, 80))
+
+
+def test_gguf_legacy_types_know_their_code_bits() -> None:
+    assert {n: get_format(n).bits for n in ("Q4_0", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "BF16")} == {
+        "Q4_0": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": None, "BF16": None}

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from optimizer.errors import InputError
-from optimizer.formats import GGUF_FAMILY, INT_BITS, INT_FAMILY, INT_GROUP_SIZES, Format, get_format
+from optimizer.formats import GGUF_FAMILY, INT_BITS, INT_FAMILY, INT_GROUP_SIZES, INT_PARTS, Format, get_format
 
 from .gptq import DEFAULT_BLOCK, DEFAULT_PERCDAMP, gptq_quantize
 from .intq import dequantize_int, quantize_int
@@ -136,12 +136,11 @@ def quantize(weight: torch.Tensor, format_name: str, method: str = "rtn", warn: 
     if fmt.name in FLOAT_DTYPES:
         parts = {"": w.to(FLOAT_DTYPES[fmt.name]).contiguous()}
     elif fmt.family == INT_FAMILY and method == "gptq":
-        codes, scale, zero = gptq_quantize(w, fmt.bits, fmt.block_elements, hessian, percdamp, DEFAULT_BLOCK)
-        parts = {"qcodes": codes, "qscale": scale, "qzero": zero}
+        int_parts = gptq_quantize(w, fmt.bits, fmt.block_elements, hessian, percdamp, DEFAULT_BLOCK)
+        parts = dict(zip(INT_PARTS, int_parts))
         meta = {"percdamp": percdamp, "block": DEFAULT_BLOCK}
     elif fmt.family == INT_FAMILY:
-        codes, scale, zero = quantize_int(w, fmt.bits, fmt.block_elements, method)
-        parts = {"qcodes": codes, "qscale": scale, "qzero": zero}
+        parts = dict(zip(INT_PARTS, quantize_int(w, fmt.bits, fmt.block_elements, method)))
     else:
         from gguf.constants import GGMLQuantizationType
         from gguf.quants import quantize as gguf_quantize
@@ -150,8 +149,11 @@ def quantize(weight: torch.Tensor, format_name: str, method: str = "rtn", warn: 
         data = gguf_quantize(np.ascontiguousarray(rows), GGMLQuantizationType[fmt.name])
         parts = {"gguf": torch.from_numpy(np.ascontiguousarray(data)).reshape(*shape[:-1], -1)}
     qt = QuantizedTensor(fmt.name, shape, parts, requested=get_format(format_name).name, method=method, meta=meta)
-    if qt.nbytes != fmt.nbytes(shape):  # an internal invariant, not user input
-        raise RuntimeError(f"{fmt.name}: stored {qt.nbytes} bytes for {list(shape)}, format says {fmt.nbytes(shape)}")
+    layout = {p.suffix: p.shape for p in fmt.parts(shape)}
+    got = {k: tuple(v.shape) for k, v in parts.items()}
+    if got != layout or qt.nbytes != fmt.nbytes(shape):  # an internal invariant, not user input
+        raise RuntimeError(f"{fmt.name}: stored parts {got} ({qt.nbytes} bytes) for {list(shape)}, the format says "
+                           f"{layout} ({fmt.nbytes(shape)} bytes)")
     return qt
 
 
@@ -163,7 +165,8 @@ def dequantize_parts(format_name: str, shape: Sequence[int], parts: dict[str, to
     if fmt.name in FLOAT_DTYPES:
         return parts[""].to(dtype).reshape(shape)
     if fmt.family == INT_FAMILY:
-        return dequantize_int(parts["qcodes"], parts["qscale"], parts["qzero"], fmt.bits, fmt.block_elements,
+        codes, scale, zero = (parts[name] for name in INT_PARTS)
+        return dequantize_int(codes, scale, zero, fmt.bits, fmt.block_elements,
                               dtype).reshape(shape)
     if fmt.family == GGUF_FAMILY:
         from gguf.constants import GGMLQuantizationType
