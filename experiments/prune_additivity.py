@@ -53,8 +53,9 @@ def run(cfg: Config) -> list[dict]:
     from optimizer.profile import load_profile
     from profiling.engine import Engine, Perturbation
     from profiling.measure import top_k_set
-    from profiling.model_io import Runner, load_text, token_windows, tokenize
+    from profiling.model_io import Runner, load_text, token_windows
     from profiling.run import details_path
+    from runtime.evaluate import tokenize
     from runtime.moe import mask_experts
 
     profile = load_profile(cfg.profile)

@@ -58,21 +58,6 @@ def load_text(spec: str) -> tuple[str, str]:
         raise ProfilingError(str(exc)) from None
 
 
-def tokenize(model_dir: Path, text: str) -> list[int]:
-    """Token ids: bytes for a byte-tokenizer model, else the directory's transformers tokenizer."""
-    from runtime.byte_tokenizer import is_byte_model
-
-    if is_byte_model(model_dir):
-        return list(text.encode("utf-8"))
-    try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as exc:
-        raise ProfilingError(f"{model_dir}: no byte_tokenizer.json and no loadable tokenizer ({exc})") from None
-    return tok(text, add_special_tokens=False)["input_ids"]
-
-
 def token_windows(ids: list[int], max_tokens: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-overlapping windows: ``inputs[i] = ids[iW:(i+1)W]``, ``targets`` shifted by one token.
 

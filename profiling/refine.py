@@ -47,11 +47,12 @@ from optimizer.formulation.objectives import build_objective
 from optimizer.plan import Plan, Target, plan_to_json
 from optimizer.profile import Profile, Sensitivity, TopkCost
 from optimizer.solve import SolveOptions, optimize
+from runtime.evaluate import tokenize
 
 from .blocks import quantize_blocks, resolve_blocks
 from .engine import Engine
 from .measure import top_k_set
-from .model_io import Runner, load_text, token_windows, tokenize
+from .model_io import Runner, load_text, token_windows
 
 DEFAULT_ROUNDS = 3
 PRUNE_PROBES = (2.0, 0.5)  # each round also solves with pruning priced this much up and down

@@ -33,11 +33,12 @@ from optimizer.profile import (
     load_profile,
     save_profile,
 )
+from runtime.evaluate import tokenize
 
 from .blocks import BlockRef, resolve_blocks
 from .engine import Engine
 from .fit import apply_fit, fit_proxy, proxy_sentence
-from .model_io import ProfilingError, Runner, load_text, release_freed_memory, token_windows, tokenize
+from .model_io import ProfilingError, Runner, load_text, release_freed_memory, token_windows
 from .stats import Collector
 
 SECTIONS = ("prune", "topk", "sensitivity", "device")

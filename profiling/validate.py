@@ -44,11 +44,12 @@ import numpy as np
 from optimizer.errors import InputError
 from optimizer.formats import get_format
 from optimizer.profile import Profile, load_profile
+from runtime.evaluate import tokenize
 
 from .blocks import quantize_blocks, resolve_blocks
 from .engine import Engine
 from .measure import top_k_set
-from .model_io import ProfilingError, Runner, load_text, token_windows, tokenize
+from .model_io import ProfilingError, Runner, load_text, token_windows
 from .run import details_path
 
 

@@ -37,6 +37,7 @@ from torch import nn
 from optimizer.architecture import Block, BlockKind
 from optimizer.errors import InputError
 
+from .evaluate import DEFAULT_WINDOW, tokenize
 from .quant.gptq import DEFAULT_PERCDAMP
 
 __all__ = ["DEFAULT_DATA", "DEFAULT_CALIB_TOKENS", "GPTQ_KINDS", "Calibration", "Hessians", "parse_data",
@@ -92,15 +93,10 @@ def calibration_inputs(model: nn.Module, model_dir: str | Path | None, spec: str
     ``window`` defaults to ``min(512, config.max_position_embeddings)`` (the trained context), as in
     :func:`runtime.evaluate.evaluate`. Raises InputError on an unknown corpus, empty text or bad numbers.
     """
-    from .evaluate import DEFAULT_WINDOW, EvalError, _tokenize
-
     if tokens < 1:
         raise InputError(f"--calib-tokens must be positive, got {tokens}")
     text, source = _load_text(spec)
-    try:
-        ids, _, _ = _tokenize(Path(model_dir) if model_dir else None, text)
-    except EvalError as exc:
-        raise InputError(str(exc)) from None
+    ids = tokenize(Path(model_dir) if model_dir else None, text)
     if len(ids) < 2:
         raise InputError(f"--data {spec!r}: fewer than 2 calibration tokens")
     limit = getattr(model.config, "max_position_embeddings", None) or DEFAULT_WINDOW

@@ -105,16 +105,29 @@ def load_model(model_dir: str | Path):
     return load(path) if is_compressed(path) else load_pretrained(path)
 
 
-def _tokenize(model_dir: Path | None, text: str) -> tuple[list[int], bool, Any]:
-    """Token ids of ``text``, whether the tokenizer is bytes, and the HF tokenizer (or None)."""
+def load_tokenizer(model_dir: Path | None) -> Any | None:
+    """The transformers tokenizer of ``model_dir``; None for a byte-tokenizer model (or no directory)."""
     if model_dir is None or is_byte_model(model_dir):
-        return list(text.encode("utf-8")), True, None
+        return None
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(model_dir)
+        return AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:
-        raise EvalError(f"{model_dir} has no byte_tokenizer.json and no loadable tokenizer: {exc}") from exc
+        raise EvalError(f"{model_dir} has no byte_tokenizer.json and no loadable tokenizer: {exc}") from None
+
+
+def tokenize(model_dir: Path | None, text: str) -> list[int]:
+    """Token ids of ``text``: its UTF-8 bytes for a byte-tokenizer model, else the directory's tokenizer (no
+    special tokens). The one tokenizer path of evaluation, calibration and profiling."""
+    return _tokenize(model_dir, text)[0]
+
+
+def _tokenize(model_dir: Path | None, text: str) -> tuple[list[int], bool, Any]:
+    """Token ids of ``text``, whether the tokenizer is bytes, and the HF tokenizer (or None)."""
+    tok = load_tokenizer(model_dir)
+    if tok is None:
+        return list(text.encode("utf-8")), True, None
     return tok(text, add_special_tokens=False)["input_ids"], False, tok
 
 

@@ -136,7 +136,8 @@ def test_details_side_file(runs):
 def test_engine_matches_full_forward(tiny):
     """The layer-by-layer engine reproduces the model's own loss, with and without a perturbation."""
     from profiling.engine import Engine, Perturbation
-    from profiling.model_io import Runner, load_text, token_windows, tokenize
+    from profiling.model_io import Runner, load_text, token_windows
+    from runtime.evaluate import tokenize
     from runtime.moe import mask_experts
 
     model_dir = tiny["deepseek_v3"]
