@@ -1,9 +1,8 @@
 """Where each profile block lives in a loaded transformers model, and quantizing blocks in place.
 
-A profile block is a tensor of the checkpoint's per-expert layout (``optimizer.architectures``); in memory,
-transformers fuses a layer's routed experts into ``experts.gate_up_proj`` ``[E, 2I, H]`` (gate = rows
-``0..I-1``, up = rows ``I..2I-1``) and ``experts.down_proj`` ``[E, H, I]``, and Mixtral's
-``block_sparse_moe`` is ``mlp``. :class:`BlockRef` names the parameter and the slice holding a block.
+A profile block is a tensor of the checkpoint's per-expert layout (``optimizer.architectures``); where it lives
+in memory is :mod:`runtime.layout`'s answer. :class:`BlockRef` names the parameter and the slice holding a
+block, so the profiling passes can address it without looking it up again.
 """
 from __future__ import annotations
 
@@ -16,6 +15,8 @@ from torch import nn
 
 from optimizer.architecture import Architecture, Block, BlockKind
 from optimizer.formats import get_format
+from runtime.layout import fused_slot, in_memory_name
+from runtime.moe import get_layer
 
 from .model_io import ProfilingError
 
@@ -54,20 +55,8 @@ class BlockRef:
         return t
 
 
-def _fused_rows(proj: str, inter: int) -> tuple[str, tuple[int, int] | None]:
-    if proj == "gate_proj":
-        return "gate_up_proj", (0, inter)
-    if proj == "up_proj":
-        return "gate_up_proj", (inter, 2 * inter)
-    if proj == "down_proj":
-        return "down_proj", None
-    raise ProfilingError(f"unknown expert projection {proj!r}")
-
-
 def resolve_blocks(arch: Architecture, model: nn.Module) -> list[BlockRef]:
     """A :class:`BlockRef` for every quantizable block of ``arch`` in ``model`` (shapes checked)."""
-    from runtime.moe import get_layer
-
     refs = []
     experts_of: dict[int, tuple[str, nn.Module]] = {}
     for i, b in enumerate(arch.blocks):
@@ -84,11 +73,11 @@ def resolve_blocks(arch: Architecture, model: nn.Module) -> list[BlockRef]:
                 experts_of[b.layer] = (h.name + ".experts", h.experts)
             path, experts = experts_of[b.layer]
             inter = int(experts.down_proj.shape[-1])
-            attr, rows = _fused_rows(b.projection, inter)
+            attr, rows = fused_slot(b.projection, inter)
             ref = BlockRef(i, b, path, attr, b.expert, rows, step)
         else:
             ref = None
-            for cand in (b.name, b.name.replace(".block_sparse_moe.", ".mlp.")):
+            for cand in (b.name, in_memory_name(b.name)):
                 path, _, attr = cand.rpartition(".")
                 try:
                     mod = model.get_submodule(path)

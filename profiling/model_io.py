@@ -29,6 +29,7 @@ from torch import nn
 
 from optimizer.errors import InputError
 from runtime.checkpoint import checkpoint_files, load_pretrained
+from runtime.layout import checkpoint_names
 
 
 class ProfilingError(InputError):
@@ -112,7 +113,7 @@ class Checkpoint:
 
     def find(self, model_name: str) -> str | None:
         """The checkpoint name of an in-memory tensor name (Mixtral keeps ``block_sparse_moe`` on disk)."""
-        for cand in (model_name, model_name.replace(".mlp.", ".block_sparse_moe.")):
+        for cand in checkpoint_names(model_name):
             if cand in self.weight_map:
                 return cand
         return None
@@ -124,7 +125,7 @@ _EXPERT_FILES = {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": (
 def _expert_tensor(ckpt: Checkpoint, prefix: str, num: int, which: str) -> torch.Tensor:
     """``[E, out, in]`` stack of one projection of every expert under ``prefix`` (``...mlp.experts``)."""
     for name in _EXPERT_FILES[which]:
-        for pre in (prefix, prefix.replace(".mlp.", ".block_sparse_moe.")):
+        for pre in checkpoint_names(prefix):
             if f"{pre}.0.{name}.weight" in ckpt:
                 return torch.stack([ckpt.get(f"{pre}.{e}.{name}.weight") for e in range(num)])
     raise ProfilingError(f"{ckpt.dir}: no checkpoint tensors for {prefix}.*.{which} projection")

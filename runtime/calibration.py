@@ -38,6 +38,8 @@ from optimizer.architecture import Block, BlockKind
 from optimizer.errors import InputError
 
 from .evaluate import DEFAULT_WINDOW, tokenize
+from .layout import expert_view, fused_slot, in_memory_name
+from .moe import get_layer
 from .quant.gptq import DEFAULT_PERCDAMP
 
 __all__ = ["DEFAULT_DATA", "DEFAULT_CALIB_TOKENS", "GPTQ_KINDS", "Calibration", "Hessians", "parse_data",
@@ -168,15 +170,12 @@ def _expert_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]
 
 def _block_key(block: Block, model: nn.Module) -> tuple[str, int | None] | None:
     """(Hessian key, expert index) of a checkpoint block in ``model``; None if it is no linear input."""
-    from .moe import get_layer
-
     if block.kind not in GPTQ_KINDS or len(block.shape) != 2:
         return None
     if block.is_routed_expert:
-        h = get_layer(model, block.layer)
-        attr = "down_proj" if block.projection == "down_proj" else "gate_up_proj"
-        return f"{h.name}.experts.{attr}", block.expert
-    path = block.name.replace(".block_sparse_moe.", ".mlp.")
+        attr, _ = fused_slot(block.projection, 0)
+        return f"{get_layer(model, block.layer).name}.experts.{attr}", block.expert
+    path = in_memory_name(block.name)
     module_path, _, attr = path.rpartition(".")
     try:
         module = model.get_submodule(module_path)
@@ -285,10 +284,8 @@ def _block_tensor(model: nn.Module, block: Block, params: Mapping[str, torch.Ten
     """The in-memory view of a checkpoint block (a routed expert's slice of the fused tensors); None if absent
     (a tied lm_head)."""
     if block.is_routed_expert:
-        from .inmemory import expert_view
-
         return expert_view(model, block.layer, block.expert, block.projection)
-    return params.get(block.name.replace(".block_sparse_moe.", ".mlp."))
+    return params.get(in_memory_name(block.name))
 
 
 @torch.no_grad()

@@ -14,25 +14,14 @@ from optimizer.architectures import architecture_from_config
 from optimizer.errors import InputError
 from optimizer.plan import Plan
 
+from .layout import expert_view, in_memory_name
 from .moe import drop_experts, get_layer, set_top_k
 from .quant import fake_quantize
-
-_WHICH = {"gate_proj": 0, "up_proj": 1, "down_proj": 2}
 
 
 def model_architecture(model: nn.Module) -> Architecture:
     """The optimizer's architecture of a loaded transformers model (from its config)."""
     return architecture_from_config(model.config.to_dict(), type(model).__name__)
-
-
-def expert_view(model: nn.Module, layer: int, expert: int, projection: str) -> torch.Tensor:
-    """The ``[out, in]`` view of one expert's projection inside the fused tensors (current expert index)."""
-    h = get_layer(model, layer)
-    if projection == "down_proj":
-        return h.experts.down_proj[expert]
-    inter = h.experts.gate_up_proj.shape[1] // 2
-    which = _WHICH[projection]
-    return h.experts.gate_up_proj[expert, which * inter:(which + 1) * inter]
 
 
 @torch.no_grad()
@@ -64,7 +53,7 @@ def compress_in_memory(model: nn.Module, plan: Plan, method: str = "rtn", check_
             view = expert_view(model, block.layer, index, block.projection)
             view.copy_(fake_quantize(view, fmt, method))
             continue
-        name = block.name.replace(".block_sparse_moe.", ".mlp.")
+        name = in_memory_name(block.name)
         if name not in params:
             if name == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False):
                 continue

@@ -17,10 +17,9 @@ from optimizer.architectures import architecture_from_config
 from optimizer.errors import InputError
 
 from .checkpoint import MANIFEST
+from .layout import expert_view, fused_slot, in_memory_name
 from .moe import drop_experts, get_layer, set_top_k
 from .quant import dequantize_parts
-
-_EXPERT_TENSOR = {"gate_proj": 0, "up_proj": 1, "down_proj": 2}
 
 
 def is_compressed(path: str | Path) -> bool:
@@ -56,11 +55,6 @@ def _build(config: dict, dtype: torch.dtype) -> nn.Module:
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=False)
     return model
-
-
-def _target_name(name: str) -> str:
-    """Checkpoint name -> in-memory name (Mixtral's ``block_sparse_moe`` lives at ``mlp``)."""
-    return name.replace(".block_sparse_moe.", ".mlp.")
 
 
 def resize_layer(model: nn.Module, layer: int, experts: int, k: int) -> None:
@@ -106,18 +100,12 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
             if block is None:
                 raise InputError(f"{path}: manifest tensor {name} is not in the model's architecture")
             if block.is_routed_expert:
-                h = get_layer(model, block.layer)
                 j = kept[block.layer].index(block.expert)
-                which = _EXPERT_TENSOR[block.projection]
-                if which == 2:
-                    h.experts.down_proj[j].copy_(value)
-                    filled.add(f"{h.name}.experts.down_proj")
-                else:
-                    inter = value.shape[0]
-                    h.experts.gate_up_proj[j, which * inter:(which + 1) * inter].copy_(value)
-                    filled.add(f"{h.name}.experts.gate_up_proj")
+                expert_view(model, block.layer, j, block.projection).copy_(value)
+                attr, _ = fused_slot(block.projection, 0)
+                filled.add(f"{get_layer(model, block.layer).name}.experts.{attr}")
                 continue
-            target = _target_name(name)
+            target = in_memory_name(name)
             if target not in params:
                 raise InputError(f"{path}: no model tensor for {name}")
             if tuple(params[target].shape) != tuple(value.shape):
