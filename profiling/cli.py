@@ -1,4 +1,5 @@
-"""Command line: ``python -m profiling run | validate | refine | compare-domains | memory | inspect | refit``
+"""Command line: ``python -m profiling run | validate | calibrate | refine | compare-domains | memory | inspect |
+refit``
 (docs/profiling.md).
 
 Bad input (not a supported MoE directory, an empty corpus, a format the model's shapes cannot take, a
@@ -135,6 +136,23 @@ def _add_refine(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="price formats from measured whole plans (uniform, per group, per layer) "
+                       "and write the calibrated profile")
+    p.add_argument("profile", type=Path)
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("-o", "--output", type=Path, required=True, help="the calibrated profile (+ its details file)")
+    p.add_argument("--max-tokens", type=int, default=None, help="calibration tokens (default: the profile's)")
+    p.add_argument("--layer-probe", default="auto",
+                   help="format each decoder layer is measured alone in (default auto: the 3-bit candidate, else the "
+                   "second smallest; 'none': no layer factors)")
+    p.add_argument("--no-format-correction", action="store_true",
+                   help="no per-format factors (uniform plans then need not be predicted exactly)")
+    p.add_argument("--resume", action="store_true", help="reuse the measurements journaled by an interrupted run")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def _add_memory(sub) -> None:
     p = sub.add_parser("memory", help="peak RSS of the reference pass, in memory vs streamed (two child processes)")
     p.add_argument("--model", type=Path, required=True)
@@ -153,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub)
     _add_refit(sub)
     _add_refine(sub)
+    _add_calibrate(sub)
     return parser
 
 
@@ -214,8 +233,15 @@ def _cmd_refine(args) -> int:
     return 0
 
 
+def _cmd_calibrate(args) -> int:
+    from .calibrate import run_calibrate
+
+    run_calibrate(args)
+    return 0
+
+
 def _cmd_inspect(args) -> int:
-    from .inspect import inspect_profile, print_inspection
+    from .proxy_check import inspect_profile, print_inspection
 
     print_inspection(inspect_profile(args.profile))
     return 0
@@ -261,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": _cmd_run, "validate": _cmd_validate, "compare-domains": _cmd_domains,
                 "memory": _cmd_memory, "inspect": _cmd_inspect,
-                "refit": _cmd_refit, "refine": _cmd_refine}[args.command](args)
+                "refit": _cmd_refit, "refine": _cmd_refine, "calibrate": _cmd_calibrate}[args.command](args)
     except (InputError, CorpusError, InfeasibleError) as exc:
         print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2
