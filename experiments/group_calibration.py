@@ -1,0 +1,108 @@
+"""Format costs calibrated on whole plans: do they make the ILP's mixed-precision plans beat uniform?
+
+    python -m experiments.group_calibration --model cache/r3 --profile experiments/profiles/r3/english.json \
+        --budgets 95MB,110MB,130MB,160MB --out experiments/results/group_calibration_r3.json   # ~25 min, one core
+
+:mod:`profiling.calibrate` measures uniform, per-group and per-layer plans on the profile's calibration windows
+and fits ``KL ~ S^p``, ``S = sum_b w_g v_l r_f P(b, f)``. This study solves the ILP with mixed precision alone
+(every expert kept, original k) at each budget under four cost models: the profile's own costs, and S with
+group weights only (``w``), with layer factors (``w v``), and with format factors too (``w v r``, the
+calibrated profile's). Each plan is measured on the same calibration windows (KL to the original), beside the
+uniform plans. One row per plan in ``--out`` (JSON), with the fit. ``--resume`` reuses the measurements
+journaled in ``OUT.calibration.jsonl`` by an interrupted run.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from experiments.entry import run_main
+from optimizer.budget import make_budget
+from optimizer.errors import InfeasibleError, InputError
+from optimizer.formulation.instance import FormulationOptions
+from optimizer.jsonio import read_json, write_json
+from optimizer.plan import Plan
+from optimizer.profile import Profile, load_profile
+from optimizer.solve import SolveOptions, optimize
+from profiling.calibrate import Calibration, Calibrator, calibrated_profile
+from profiling.run import details_path
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str
+    profile: str
+    budgets: tuple[str, ...]
+    out: str
+    max_tokens: int | None = None  # default: the profile's calibration tokens
+    resume: bool = False
+
+
+def quantize_only(profile: Profile, budget: str) -> Plan | None:
+    """The ILP with every expert kept and the original k at ``budget`` (None: nothing fits)."""
+    arch = profile.architecture
+    options = FormulationOptions(objective="predicted_loss",
+                                 min_experts=float(min(m.num_experts for m in arch.moe_layers)),
+                                 min_top_k=min(m.top_k for m in arch.moe_layers))
+    try:
+        return optimize(profile, make_budget(arch, budget, 0, 0), options,
+                        SolveOptions(solver="highs", time_limit=60.0, reproducible=True))
+    except InfeasibleError:
+        return None
+
+
+def cost_models(profile: Profile, cal: Calibration, details: dict) -> list[tuple[str, Profile]]:
+    link = cal.link
+    variants = [("w", replace(link, layers={}, formats={})), ("w v", replace(link, formats={})), ("w v r", link)]
+    raw, groups = details["proxy_raw"], details["groups"]
+    return [("profile costs", profile)] + [
+        (f"S = sum {name} P", calibrated_profile(profile, replace(cal, link=lk), raw, groups)) for name, lk in variants]
+
+
+def run(cfg: Config) -> dict:
+    profile = load_profile(cfg.profile)
+    dpath = details_path(Path(cfg.profile))
+    if not dpath.is_file():
+        raise InputError(f"--profile: {dpath} is missing; this study needs the raw proxy tables of the details "
+                         "file that `python -m profiling run` writes")
+    details = read_json(dpath)[0]
+    out = Path(cfg.out)
+    calibrator = Calibrator(profile, details, Path(cfg.model), cfg.max_tokens, resume=cfg.resume,
+                            journal=out.with_name(out.name + ".calibration.jsonl"), say=print)
+    cal = calibrator.run()
+    rows = list(cal.rows)
+    for budget in cfg.budgets:
+        for name, costs in cost_models(profile, cal, details):
+            plan = quantize_only(costs, budget)
+            if plan is None:
+                rows.append({"plan": f"quantize_only, {name}", "budget": budget, "status": "does not fit"})
+                continue
+            formats = {n: f for n, f in plan.formats.items() if n in calibrator.admits}
+            kl = calibrator.measured(f"quantize_only at {budget}, {name}", formats)
+            rows.append({"plan": f"quantize_only, {name}", "budget": budget, "bytes": plan.bytes.total,
+                         "measured_kl": kl})
+    return {"model": cfg.model, "profile": cfg.profile, "tokens": cal.tokens, "seconds": cal.seconds,
+            "link": cal.link.to_json(), "reference_format": cal.reference, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.group_calibration", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--profile", required=True)
+    ap.add_argument("--budgets", required=True, help="comma-separated weight budgets, e.g. 95MB,110MB")
+    ap.add_argument("--max-tokens", type=int, default=None)
+    ap.add_argument("--out", required=True, help="JSON file for the rows and the fit")
+    ap.add_argument("--resume", action="store_true")
+    a = ap.parse_args(argv)
+    result = run(Config(a.model, a.profile, tuple(b for b in a.budgets.split(",") if b), a.out, a.max_tokens,
+                        a.resume))
+    write_json(a.out, result)
+    Path(a.out).with_name(Path(a.out).name + ".calibration.jsonl").unlink(missing_ok=True)
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
