@@ -1,7 +1,8 @@
 """Format costs calibrated on whole plans: do they make the ILP's mixed-precision plans beat uniform?
 
     python -m experiments.group_calibration --model cache/r3 --profile experiments/profiles/r3/english.json \
-        --budgets 95MB,110MB,130MB,160MB --out experiments/results/group_calibration_r3.json   # ~25 min, one core
+        --budgets 95MB,110MB,130MB,160MB --out experiments/results/group_calibration_r3.json \
+        --calibrated experiments/profiles/r3/english-calibrated.json    # ~5 min; without --calibrated ~25 min
 
 :mod:`profiling.calibrate` measures uniform, per-group and per-layer plans on the profile's calibration windows
 and fits ``KL ~ S^p``, ``S = sum_b w_g v_l r_f P(b, f)``. This study solves the ILP with mixed precision alone
@@ -38,6 +39,7 @@ class Config:
     out: str
     max_tokens: int | None = None  # default: the profile's calibration tokens
     resume: bool = False
+    calibrated: str | None = None  # a profile written by `profiling calibrate` from --profile: reuse its measurements
 
 
 def quantize_only(profile: Profile, budget: str) -> Plan | None:
@@ -61,6 +63,17 @@ def cost_models(profile: Profile, cal: Calibration, details: dict) -> list[tuple
         (f"S = sum {name} P", calibrated_profile(profile, replace(cal, link=lk), raw, groups)) for name, lk in variants]
 
 
+def known_measurements(calibrated: str | None) -> dict[str, float]:
+    """label -> KL of the plans ``profiling calibrate`` measured for the profile ``calibrated``."""
+    if calibrated is None:
+        return {}
+    dpath = details_path(Path(calibrated))
+    details = read_json(dpath)[0] if dpath.is_file() else {}
+    if "calibration" not in details:
+        raise InputError(f"--calibrated: {dpath} holds no calibration (write it with `python -m profiling calibrate`)")
+    return {r["plan"]: r["measured_kl"] for r in details["calibration"]["rows"]}
+
+
 def run(cfg: Config) -> dict:
     profile = load_profile(cfg.profile)
     dpath = details_path(Path(cfg.profile))
@@ -70,7 +83,11 @@ def run(cfg: Config) -> dict:
     details = read_json(dpath)[0]
     out = Path(cfg.out)
     calibrator = Calibrator(profile, details, Path(cfg.model), cfg.max_tokens, resume=cfg.resume,
-                            journal=out.with_name(out.name + ".calibration.jsonl"), say=print)
+                            journal=out.with_name(out.name + ".calibration.jsonl"), say=print,
+                            known=known_measurements(cfg.calibrated))
+    if cfg.calibrated and calibrator.meter.engine.tokens != read_json(details_path(Path(cfg.calibrated)))[0][
+            "calibration"]["tokens"]:
+        raise InputError(f"--calibrated: {cfg.calibrated} was measured on another number of tokens")
     cal = calibrator.run()
     rows = list(cal.rows)
     for budget in cfg.budgets:
@@ -95,9 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--out", required=True, help="JSON file for the rows and the fit")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--calibrated", default=None,
+                    help="a profile `profiling calibrate` wrote from --profile: its measured plans are reused")
     a = ap.parse_args(argv)
     result = run(Config(a.model, a.profile, tuple(b for b in a.budgets.split(",") if b), a.out, a.max_tokens,
-                        a.resume))
+                        a.resume, a.calibrated))
     write_json(a.out, result)
     Path(a.out).with_name(Path(a.out).name + ".calibration.jsonl").unlink(missing_ok=True)
     print(f"wrote {a.out}")

@@ -105,7 +105,7 @@ class Calibrator:
 
     def __init__(self, profile: Profile, details: dict, model_dir: Path, tokens: int | None = None,
                  journal: Path | None = None, resume: bool = False, progress: bool = False,
-                 say: Callable[[str], None] = lambda s: None):
+                 say: Callable[[str], None] = lambda s: None, known: dict[str, float] | None = None):
         self.profile, self.say = profile, say
         self.raw, self.groups = details["proxy_raw"], details["groups"]
         self.meter = PlanMeter(profile, model_dir, details["data"], tokens or details["tokens"],
@@ -119,7 +119,7 @@ class Calibrator:
                        for i, b in enumerate(profile.architecture.blocks)
                        if b.quantizable and b.name in self.groups and b.name in self.meter.refs}
         self.layer_of = {b.name: b.layer for b in profile.architecture.blocks}
-        self.journal, self.cache = journal, {}
+        self.journal, self.cache = journal, dict(known or {})  # known: label -> KL measured before
         if journal is not None and resume and journal.is_file():
             for line in journal.read_text(encoding="utf-8").splitlines():
                 entry = json.loads(line)

@@ -52,7 +52,7 @@ def profiled(tmp_path_factory):
     root = tmp_path_factory.mktemp("calibrate")
     model = make_tiny_model("qwen3_moe", root / "qwen3_moe")
     res = run_profile(RunOptions(model=model, max_tokens=128, window=64, formats=FORMATS, output=root / "p.json",
-                                 measure=[], progress=False))
+                                 measure=["prune", "topk"], progress=False))
     return model, res.profile_path
 
 
@@ -108,3 +108,20 @@ def test_link_json_names_every_factor() -> None:
                               "format_factors": {"int4_g32": 0.25}}
     assert link.factor("a", 3, "int4_g32") == pytest.approx(2.0 * 1.5 * 0.25)
     assert link.factor("a", 4, "int8_g32") == pytest.approx(2.0)
+
+
+def test_group_calibration_study_reuses_a_calibrated_profiles_measurements(profiled, tmp_path) -> None:
+    from experiments.group_calibration import main as study
+
+    model, path = profiled
+    cal = tmp_path / "cal.json"
+    assert main(["calibrate", str(path), "--model", str(model), "-o", str(cal), "--no-progress"]) == 0
+    out = tmp_path / "study.json"
+    assert study(["--model", str(model), "--profile", str(path), "--budgets", "1GB", "--out", str(out),
+                  "--calibrated", str(cal)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    measured = json.loads(details_path(cal).read_text())["calibration"]["rows"]
+    assert [r for r in rows if not r["plan"].startswith("quantize_only")] == measured
+    assert [r["plan"] for r in rows if r["plan"].startswith("quantize_only")] == [
+        "quantize_only, profile costs", "quantize_only, S = sum w P", "quantize_only, S = sum w v P",
+        "quantize_only, S = sum w v r P"]
