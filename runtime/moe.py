@@ -224,8 +224,32 @@ def _masked_grouped_forward(router: nn.Module, hidden_states: torch.Tensor, mask
     return router_logits, top_weight * router.routed_scaling_factor, top_index
 
 
+def _masked_v2_forward(router: nn.Module, hidden_states: torch.Tensor, mask: torch.Tensor):
+    """DeepSeek-V2 routing with ``mask``ed experts never chosen: softmax over the unmasked experts (as over the
+    experts a dropped model keeps), group-limited greedy on each group's best unmasked score, the top-k scores
+    *not* renormalised, times ``routed_scaling_factor`` -- the router's own forward on the masked logits."""
+    hidden_states = hidden_states.view(-1, router.hidden_dim)
+    router_logits = F.linear(hidden_states.type(torch.float32), router.weight.type(torch.float32))
+    masked = router_logits.masked_fill(mask.to(router_logits.device), float("-inf"))
+    scores = masked.softmax(dim=-1, dtype=torch.float32)
+    if router.topk_method == "group_limited_greedy":
+        groups = int(router.num_group)
+        group_scores = scores.view(-1, groups, router.num_experts // groups).max(dim=-1).values
+        group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, groups, router.num_experts // groups)
+        scores = scores.masked_fill(~score_mask.reshape(-1, router.num_experts).bool(), 0.0)
+    top_weight, top_index = torch.topk(scores, k=router.top_k, dim=-1, sorted=False)
+    return router_logits, top_weight * router.routed_scaling_factor, top_index
+
+
 def _masked_forward(router: nn.Module, mask: torch.Tensor):
-    fn = _masked_grouped_forward if hasattr(router, "e_score_correction_bias") else _masked_softmax_forward
+    if hasattr(router, "topk_method"):  # DeepSeek-V2
+        fn = _masked_v2_forward
+    elif hasattr(router, "e_score_correction_bias"):  # DeepSeek-V3
+        fn = _masked_grouped_forward
+    else:
+        fn = _masked_softmax_forward
 
     def forward(self: nn.Module, hidden_states: torch.Tensor):
         return fn(self, hidden_states, mask)

@@ -17,7 +17,7 @@ import torch
 
 from .byte_tokenizer import BOS_ID, PAD_ID, VOCAB_SIZE, save_byte_tokenizer
 
-FAMILIES = ("deepseek_v3", "qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+FAMILIES = ("deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
 
 _COMMON: dict[str, Any] = dict(
     vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
@@ -37,6 +37,15 @@ def tiny_config(family: str):
             first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=1.0,
             q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
             head_dim=8, rope_interleave=True)
+    if family == "deepseek_v2":  # softmax scores, group-limited greedy, no renormalisation, scaled weights
+        from transformers import DeepseekV2Config
+
+        return DeepseekV2Config(
+            **{**_COMMON, "num_key_value_heads": 4}, intermediate_size=64, moe_intermediate_size=16,
+            n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+            topk_method="group_limited_greedy", first_k_dense_replace=1, norm_topk_prob=False,
+            routed_scaling_factor=16.0, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=8,
+            v_head_dim=8, head_dim=8)
     if family == "qwen3_moe":
         from transformers import Qwen3MoeConfig
 

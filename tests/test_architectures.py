@@ -152,6 +152,16 @@ def test_deepseek_v3_transformers_config_equals_reference_format() -> None:
     assert hf.extra["routed_scaling_factor"] == 2.5 and hf.extra["moe_intermediate_size"] == 2048
 
 
+def test_reference_format_with_groups_and_softmax_is_deepseek_v2() -> None:
+    """DeepSeek-V2 (236B) routes group-limited with softmax scores: expert groups alone do not make a V3."""
+    config = json.loads((DATA / "config_16B.json").read_text())
+    config.update(n_routed_experts=64, n_expert_groups=8, n_limited_groups=3)
+    arch = architecture_from_config(config)
+    assert arch.family == "deepseek_v2" and (arch.expert_groups, arch.topk_groups) == (8, 3)
+    assert not any(b.name.endswith("e_score_correction_bias") for b in arch.blocks)
+    assert architecture_from_config({**config, "score_func": "sigmoid"}).family == "deepseek_v3"
+
+
 def test_deepseek_v2_lite_is_15_7b() -> None:
     arch = load_architecture(DATA / "config_16B.json")
     assert arch.family == "deepseek_v2"

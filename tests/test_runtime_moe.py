@@ -41,6 +41,18 @@ def test_mask_equals_drop(models: dict, family: str) -> None:
     assert [h.num_experts for h in moe.moe_layers(dropped)] == [h.num_experts - len(masked[h.index]) for h in layers]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_masking_no_expert_is_the_model_itself(models: dict, family: str) -> None:
+    """The masked forward is the family's own routing (DeepSeek-V2: no renormalisation, scaled weights, groups by
+    their best score), so masking nothing changes no logit."""
+    model = models[family]
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
+    ref = model(x).logits
+    with moe.mask_experts(model, {h.index: [] for h in moe.moe_layers(model)}):
+        assert torch.allclose(model(x).logits, ref, atol=1e-6, rtol=0)
+
+
 @torch.no_grad()
 def test_set_top_k_and_routing_never_reaches_masked(models: dict) -> None:
     model = copy.deepcopy(models["qwen3_moe"])

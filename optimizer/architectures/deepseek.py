@@ -117,14 +117,15 @@ def is_reference_config(config: dict) -> bool:
 def reference_to_hf(config: dict, where: str = "config") -> dict:
     """Translate DeepSeek's reference-inference config (``inference/configs/*.json``) to transformers keys.
 
-    The family is ``deepseek_v3`` when the config uses sigmoid scoring or expert groups, else ``deepseek_v2``;
+    The family is ``deepseek_v3`` when the config scores experts with a sigmoid, else ``deepseek_v2`` (softmax;
+    DeepSeek-V2 has expert groups too: ``config_236B.json`` sets 8 groups, 3 routed to, and no score bias);
     missing ``n_expert_groups`` / ``n_limited_groups`` mean 1 and ``q_lora_rank`` 0 means no query LoRA.
     """
     r = ConfigReader(config, f"{where} (DeepSeek reference format)")
     score = r.get("score_func", "softmax")
     if score not in ("softmax", "sigmoid"):
         raise InputError(f"{r.where}: 'score_func' must be 'softmax' or 'sigmoid', got {score!r}")
-    v3 = score == "sigmoid" or "n_expert_groups" in config
+    v3 = score == "sigmoid"
     q_lora = r.int("q_lora_rank", 0, minimum=0)
     return {
         "model_type": "deepseek_v3" if v3 else "deepseek_v2",
