@@ -22,6 +22,7 @@ from pathlib import Path
 from experiments.entry import run_main
 from optimizer.budget import make_budget
 from optimizer.errors import InfeasibleError, InputError
+from optimizer.formats import get_format
 from optimizer.formulation.instance import FormulationOptions
 from optimizer.jsonio import read_json, write_json
 from optimizer.plan import Plan
@@ -96,7 +97,8 @@ def run(cfg: Config) -> dict:
             if plan is None:
                 rows.append({"plan": f"quantize_only, {name}", "budget": budget, "status": "does not fit"})
                 continue
-            formats = {n: f for n, f in plan.formats.items() if n in calibrator.admits}
+            formats = {n: f for n, f in plan.formats.items()  # as refine measures: float formats left as they are
+                       if n in calibrator.admits and get_format(f).quantized}
             kl = calibrator.measured(f"quantize_only at {budget}, {name}", formats)
             rows.append({"plan": f"quantize_only, {name}", "budget": budget, "bytes": plan.bytes.total,
                          "measured_kl": kl})
