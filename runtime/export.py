@@ -30,7 +30,15 @@ from optimizer.plan import Plan, load_plan
 from .checkpoint import checkpoint_files
 from .outdir import check_output_dir, output_dir
 from .plan_check import check_plan
-from .prune_checkpoint import is_tied, plan_digest, plan_prunes, uniform_layers, write_pruned_checkpoint
+from .prune_checkpoint import (
+    ZERO_GATE_NUDGE,
+    is_tied,
+    plan_digest,
+    plan_prunes,
+    uniform_layers,
+    write_pruned_checkpoint,
+    zero_gate_names,
+)
 from .quant import FLOAT_DTYPES, storage_format
 
 TARGETS = ("llamacpp", "gptqmodel", "torchao")
@@ -93,7 +101,7 @@ def parse_tensor_types(text: str) -> dict[str, str]:
 
 
 def llamacpp_recipe(plan: Plan, arch: Architecture | None = None, model: Path | None = None,
-                    checkpoint: str | None = None) -> dict[str, str]:
+                    checkpoint: str | None = None, nudged_gates: int = 0) -> dict[str, str]:
     """Files of the llama.cpp recipe; raises InputError for plans llama.cpp cannot express.
 
     Without ``arch`` the tensors are classified from the plan's names (norms, biases, routers are skipped).
@@ -138,7 +146,8 @@ def llamacpp_recipe(plan: Plan, arch: Architecture | None = None, model: Path | 
     return {"tensor-types.txt": "".join(_types_line(t, ty) for t, ty in sorted(types.items(), key=_natural)),
             "override-kv.txt": "".join(line + "\n" for line in kv),
             "kept-experts.json": json.dumps(kept, indent=1) + "\n",
-            "README.md": _readme(plan, arch, n, k, kv[0], set(types.values()), model, checkpoint, untie)}
+            "README.md": _readme(plan, arch, n, k, kv[0], set(types.values()), model, checkpoint, untie,
+                                 nudged_gates)}
 
 
 def untie_needed(plan: Plan, family: str) -> bool:
@@ -147,7 +156,7 @@ def untie_needed(plan: Plan, family: str) -> bool:
 
 
 def _readme(plan: Plan, arch: Architecture | None, n: int, k: int, kv: str, used: set[str],
-            model: Path | None, checkpoint: str | None, untie: bool = False) -> str:
+            model: Path | None, checkpoint: str | None, untie: bool = False, nudged_gates: int = 0) -> str:
     """The recipe's README: the converter and llama-quantize commands, in order."""
     sizes = {m.num_experts for m in arch.moe_layers} if arch is not None else set()
     ks = {m.top_k for m in arch.moe_layers} if arch is not None else set()
@@ -163,6 +172,10 @@ def _readme(plan: Plan, arch: Architecture | None, n: int, k: int, kv: str, used
         lines += [f"`{checkpoint}/` is the original checkpoint with the pruned experts removed (kept-experts.json, "
                   f"renumbered 0..{n - 1}), routers sliced and config.json set to {n} experts, top-k {k}; "
                   "weights in their original dtype, not quantized.", ""]
+        if nudged_gates:
+            lines += [f"Its {nudged_gates} all-zero `shared_expert_gate` weights are set to {ZERO_GATE_NUDGE:g}: "
+                      "llama.cpp computes that gate as silu(x)/x, NaN for a zero row; sigmoid(1e-20 x) is the same "
+                      "0.5 in float32.", ""]
     elif prunes:
         lines += ["llama-quantize cannot remove experts. Write the pruned checkpoint first (it becomes "
                   "`hf-pruned/` in this directory):", "",
@@ -285,12 +298,19 @@ def export(plan_path: str | Path, to: str, out: str | Path, model: str | Path | 
         if pruned_checkpoint and (model is None or not model.is_dir()):
             raise InputError("--pruned-checkpoint: --model must be the checkpoint directory")
         untie = arch is not None and untie_needed(plan, arch.family)
+        zero_gates = zero_gate_names(model) if arch is not None and model.is_dir() else []
+        if zero_gates and pruned_checkpoint is False:
+            raise InputError(f"--no-pruned-checkpoint: {len(zero_gates)} shared_expert_gate weights of {model} are "
+                             f"all zero ({zero_gates[0]}, ...); llama.cpp computes that gate as silu(x)/x, which is "
+                             f"NaN for them. Drop --no-pruned-checkpoint: {CHECKPOINT_DIR}/ then sets them to "
+                             f"{ZERO_GATE_NUDGE:g}, the same function in float32")
         write = pruned_checkpoint if pruned_checkpoint is not None else (
-            arch is not None and model.is_dir() and (plan_prunes(plan, arch) or (untie and is_tied(model))))
+            arch is not None and model.is_dir()
+            and (plan_prunes(plan, arch) or (untie and is_tied(model)) or bool(zero_gates)))
         if write:
             uniform_layers(plan, arch)  # refuse before any file is written
             checkpoint = CHECKPOINT_DIR
-        files = llamacpp_recipe(plan, arch, model, checkpoint)
+        files = llamacpp_recipe(plan, arch, model, checkpoint, len(zero_gates))
     else:
         arch = _architecture(plan, model)
         config = gptqmodel_config(plan, arch) if to == "gptqmodel" else torchao_config(plan, arch)

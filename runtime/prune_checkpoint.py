@@ -10,6 +10,9 @@ quantization (``llama-quantize`` does that):
 * with ``untie_embeddings``, for a tied checkpoint without ``lm_head.weight``: ``lm_head.weight`` as a copy
   of the token embedding and ``tie_word_embeddings: false`` (llama.cpp's qwen2moe and olmoe loaders require
   an ``output.weight`` and never fall back to the embedding);
+* all-zero ``shared_expert_gate`` rows (Qwen2-MoE; R3's, from its zero init) set to 1e-20: llama.cpp computes
+  that gate as ``silu(x) / x``, which is 0/0 = NaN for a zero row, while ``sigmoid(1e-20 h)`` is exactly the
+  0.5 of a zero row in float32 (``zero_gate_names``);
 * ``config.json`` with the expert count (``n_routed_experts`` / ``num_experts`` / ``num_local_experts``,
   whichever the family uses) and the top-k (``num_experts_per_tok``) of the plan, plus a ``moecc_pruned``
   provenance section; tokenizer and other side files copied.
@@ -41,13 +44,16 @@ from .outdir import check_output_dir, output_dir
 from .plan_check import validate_layers
 
 __all__ = ["EXPERT_COUNT_KEYS", "TOP_K_KEY", "PrunedCheckpoint", "uniform_layers", "plan_prunes",
-           "write_pruned_checkpoint", "is_tied", "plan_digest"]
+           "write_pruned_checkpoint", "is_tied", "plan_digest", "zero_gate_names", "ZERO_GATE_NUDGE"]
 
 #: config keys that hold the routed-expert count, by family (any present one is updated)
 EXPERT_COUNT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts")
 TOP_K_KEY = "num_experts_per_tok"
 LM_HEAD = "lm_head.weight"
 DEFAULT_SHARD_BYTES = 4 * 1024 ** 3
+#: what an all-zero shared-expert gate row becomes (see the module docstring)
+ZERO_GATE_NUDGE = 1e-20
+_GATE_SUFFIX = "shared_expert_gate.weight"
 _EXPERT_RE = re.compile(r"^(.*\blayers\.(\d+)\..*\.experts\.)(\d+)(\..+)$")
 _HINT = "solve with `python -m optimizer solve ... --target llamacpp`"
 
@@ -63,6 +69,7 @@ class PrunedCheckpoint:
     dropped: int  # tensors of pruned experts left out
     bytes: int  # tensor data written
     shards: int
+    nudged_gates: int = 0  # all-zero shared-expert gate rows set to ZERO_GATE_NUDGE
 
 
 def uniform_layers(plan: Plan, arch: Architecture) -> tuple[dict[int, list[int]], int, int]:
@@ -172,6 +179,7 @@ def write_pruned_checkpoint(plan: Plan, arch: Architecture, model_dir: str | Pat
     headers = read_headers(model_dir)
     untie = untie_embeddings and is_tied(model_dir, headers)
     jobs, dropped = _jobs(arch, headers, kept, untie)
+    nudge = set(zero_gate_names(model_dir, headers))
     provenance = {"version": 1, "source_architecture_hash": plan.architecture_hash, "plan_sha256": plan_sha256,
                   "kept_experts": {str(layer): keep for layer, keep in sorted(kept.items())}, "top_k": k,
                   "untied_embeddings": untie}
@@ -190,14 +198,14 @@ def write_pruned_checkpoint(plan: Plan, arch: Architecture, model_dir: str | Pat
              [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)])
 
     with output_dir(out, overwrite, (model_dir,), "runtime export --to llamacpp (pruned checkpoint)") as tmp:
-        _write_tensors(tmp, jobs, planned, shard_of, files)
+        _write_tensors(tmp, jobs, planned, shard_of, files, nudge)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         copy_side_files(model_dir, tmp)
-    return PrunedCheckpoint(out, n, k, len(planned), dropped, sum(p.nbytes for p in planned), n_shards)
+    return PrunedCheckpoint(out, n, k, len(planned), dropped, sum(p.nbytes for p in planned), n_shards, len(nudge))
 
 
-def _write_tensors(tmp: Path, jobs: list, planned: list[PlannedTensor], shard_of: list[int], files: list[str]
-                   ) -> None:
+def _write_tensors(tmp: Path, jobs: list, planned: list[PlannedTensor], shard_of: list[int], files: list[str],
+                   nudge: set[str] = frozenset()) -> None:
     """Stream every kept tensor into its shard (and the index when there are several shards)."""
     from safetensors import safe_open
 
@@ -212,6 +220,8 @@ def _write_tensors(tmp: Path, jobs: list, planned: list[PlannedTensor], shard_of
                 tensor = handle.get_tensor(info.name)
                 if rows:
                     tensor = tensor.index_select(0, torch.tensor(rows, dtype=torch.long))
+                if info.name in nudge:
+                    tensor = torch.full_like(tensor, ZERO_GATE_NUDGE)
                 writer.write(name, tensor)
                 del tensor
     handle = None
@@ -228,6 +238,20 @@ def is_tied(model_dir: str | Path, headers: list[TensorInfo] | None = None) -> b
         return False
     headers = read_headers(Path(model_dir)) if headers is None else headers
     return all(t.name != LM_HEAD for t in headers)
+
+
+def zero_gate_names(model_dir: str | Path, headers: list[TensorInfo] | None = None) -> list[str]:
+    """The checkpoint's ``shared_expert_gate`` weights that are all zero (llama.cpp turns them into NaN)."""
+    from safetensors import safe_open
+
+    headers = read_headers(Path(model_dir)) if headers is None else headers
+    out = []
+    for info in headers:
+        if info.name.endswith(_GATE_SUFFIX):
+            with safe_open(str(info.file), framework="pt", device="cpu") as fh:
+                if not fh.get_tensor(info.name).any():
+                    out.append(info.name)
+    return out
 
 
 def plan_digest(path: str | Path) -> str:

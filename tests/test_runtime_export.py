@@ -190,3 +190,35 @@ def test_tied_qwen2_moe_gets_an_output_head(tmp_path: Path) -> None:
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(untied(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=1e-6)
+
+
+def test_zero_shared_expert_gates_are_nudged_for_llamacpp(tmp_path: Path) -> None:
+    """R3's shared-expert gates are zero; llama.cpp's silu(x)/x gate makes them NaN. The export writes hf-pruned
+    (even when nothing is pruned) with those gates at 1e-20: sigmoid(1e-20 h) is 0.5 in float32, as for 0."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    model_dir = make_tiny_model("qwen2_moe", tmp_path / "model")
+    weights = load_file(str(model_dir / "model.safetensors"))
+    gates = sorted(n for n in weights if n.endswith("shared_expert_gate.weight"))
+    assert gates
+    for n in gates:
+        weights[n] = torch.zeros_like(weights[n])
+    save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    arch = load_architecture(model_dir)
+    plan = made_up_plan(model_dir, formats=GGUF_FORMATS, target="llamacpp", fraction=0.9)
+    plan = restrict_plan(plan, arch, {m.index: (list(range(m.num_experts)), m.top_k) for m in arch.moe_layers})
+    save_plan(plan, tmp_path / "plan.json")
+    paths = export(tmp_path / "plan.json", "llamacpp", tmp_path / "r", model_dir)
+    out = tmp_path / "r" / "hf-pruned"
+    assert out in paths and "1e-20" in (tmp_path / "r" / "README.md").read_text()
+    written = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(written[n], torch.full_like(weights[n], 1e-20)) for n in gates)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()(input_ids=ids).logits
+        new = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(input_ids=ids).logits
+    assert torch.equal(new, ref)
+    with pytest.raises(InputError, match="shared_expert_gate weights .* are all zero"):
+        export(tmp_path / "plan.json", "llamacpp", tmp_path / "r2", model_dir, pruned_checkpoint=False)
