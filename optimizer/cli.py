@@ -165,6 +165,8 @@ def _solve(args: argparse.Namespace) -> int:
     out = check_output_path(args.output, "-o")
     started = time.perf_counter()  # --time-limit covers reading the profile too
     profile = load_profile(args.profile)
+    if args.target == "llamacpp":
+        _check_llamacpp_formats(formats or profile.sensitivity.formats)
     budget = make_budget(profile.architecture, total, args.context, overhead)
     formulation = FormulationOptions(
         objective=args.formulation,
@@ -185,6 +187,22 @@ def _solve(args: argparse.Namespace) -> int:
         print(report.render_plan(plan))
         print(f"wrote {out}")
     return 0
+
+
+def _check_llamacpp_formats(candidates: tuple[str, ...]) -> None:
+    """``--target llamacpp`` plans must be storable by llama.cpp: no moecc runtime (int) format among the
+    candidates; the message names the command that gives a profile GGUF types."""
+    from .formats import GGUF_FAMILY, INT_FAMILY, get_format
+
+    runtime_only = [f for f in candidates if get_format(f).family == INT_FAMILY]
+    if not runtime_only:
+        return
+    gguf = [f for f in candidates if get_format(f).family == GGUF_FAMILY]
+    hint = (f"restrict this solve to them with --formats {','.join(gguf)}" if any(get_format(f).quantized for f in gguf)
+            else "profile with GGUF types, e.g. `python -m profiling run --model DIR --formats Q4_0,Q5_0,Q8_0,BF16 "
+                 "-o profile.json` (K-quants such as Q4_K where rows divide by 256)")
+    raise InputError(f"--target llamacpp: {', '.join(runtime_only)} are moecc runtime formats that llama.cpp cannot "
+                     f"store; {hint}")
 
 
 def _check_solve_flags(args: argparse.Namespace) -> tuple[int, int, tuple[str, ...] | None]:
