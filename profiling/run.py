@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -150,18 +150,39 @@ def _measured_rows(arch, effects, attr, default=math.nan) -> list[np.ndarray]:
     return rows
 
 
+@dataclass
+class Effects:
+    """What the perturbation passes measured (empty where ``--measure`` left a section out)."""
+
+    prune: dict = field(default_factory=dict)
+    prune_note: str = ""
+    topk: dict = field(default_factory=dict)
+    sens: dict = field(default_factory=dict)
+    measured_refs: list[BlockRef] = field(default_factory=list)
+
+
+@dataclass
+class Table:
+    """The sensitivity table and the fits behind its proxy cells."""
+
+    values: np.ndarray
+    fit: object
+    wfit: object
+    fitted: dict
+    meas_nll: dict
+    meas_kl: dict
+    group_of: dict
+
+
 def run_profile(opts: RunOptions) -> RunResult:
+    """Profile ``opts.model``: inputs, reference pass, measured effects, sensitivity table, device, files."""
     from optimizer.architectures import load_architecture
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     torch.manual_seed(opts.seed)
     rng = np.random.default_rng(opts.seed)
-    if opts.cost not in COST_TEXT:
-        raise ProfilingError(f"--cost: {opts.cost!r} is not one of {', '.join(COST_TEXT)}")
-    unknown = [s for s in opts.measure if s not in SECTIONS]
-    if unknown:
-        raise ProfilingError(f"--measure: unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)} or none")
+    _check_options(opts)
     arch = load_architecture(opts.model)
     formats = check_formats(arch, opts.formats or default_formats(arch))
     text, source = load_text(opts.data)
@@ -176,89 +197,121 @@ def run_profile(opts: RunOptions) -> RunResult:
     refs = resolve_blocks(arch, runner.model)
     timings["load"] = time.perf_counter() - t
 
-    # ---- reference pass: routing statistics, input moments, proxies
     t = time.perf_counter()
+    engine, collector, qcache = _reference_pass(opts, arch, runner, refs, formats, inputs, targets, source, ntok)
+    timings["reference_pass"] = time.perf_counter() - t
+    stats = [collector.layer_stats[m.index] for m in arch.moe_layers]
+    effects = _measure_effects(opts, arch, engine, refs, formats, [s.routing_mass() for s in stats], rng, qcache,
+                               timings)
+    collector.cache = None
+    table = _sensitivity_table(opts, arch, refs, formats, effects, collector)
+    t = time.perf_counter()
+    device = _device(opts, formats)
+    timings["device"] = time.perf_counter() - t
+
+    profile = _assemble(opts, arch, formats, source, ntok, stats, effects.prune, effects.prune_note, effects.topk,
+                        table.values, effects.measured_refs, refs, table.fit, device)
+    out = Path(opts.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    digest = save_profile(profile, out)
+    load_profile(out)  # the contract's own checks
+    timings["total"] = time.perf_counter() - t_start
+    details = _details(opts, arch, out, digest, source, ntok, int(inputs.shape[1]), formats, engine, timings, refs,
+                       effects, table, collector)
+    dpath = details_path(out)
+    from optimizer.jsonio import write_json
+
+    write_json(dpath, details, indent=None)
+    if engine.journal is not None:
+        engine.journal.close(delete=True)
+    return RunResult(profile, details, out, dpath, timings)
+
+
+def _check_options(opts: RunOptions) -> None:
+    if opts.cost not in COST_TEXT:
+        raise ProfilingError(f"--cost: {opts.cost!r} is not one of {', '.join(COST_TEXT)}")
+    unknown = [s for s in opts.measure if s not in SECTIONS]
+    if unknown:
+        raise ProfilingError(f"--measure: unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)} or none")
+
+
+def _reference_pass(opts: RunOptions, arch: Architecture, runner: Runner, refs: list[BlockRef], formats: list[str],
+                    inputs: torch.Tensor, targets: torch.Tensor, source: str, ntok: int
+                    ) -> tuple[Engine, Collector, dict | None]:
+    """The unchanged model over every window with hooks: routing statistics, input moments, proxies.
+
+    Returns the engine (hidden states cached, journal attached), the collector and the quantized-weight cache
+    the sensitivity pass may reuse (None when off)."""
     cache_bytes = 4 * sum(r.block.numel for r in refs) * len(formats)
     qcache = {} if not opts.streamed and "sensitivity" in opts.measure and cache_bytes <= QCACHE_LIMIT else None
     collector = Collector(arch, refs, formats, ntok, opts.method, qcache)
     budget = opts.state_budget_mib or (512 if opts.streamed else 128)
     engine = Engine(runner, inputs, targets, opts.batch_size, state_budget_bytes=budget << 20, progress=opts.progress)
-    journal = _open_journal(opts, formats, source, ntok) if opts.measure else None
-    engine.journal = journal
+    engine.journal = _open_journal(opts, formats, source, ntok) if opts.measure else None
     collector.embedding_moments(inputs, arch.vocab_size)
     collector.finish(runner.model, -1)
     release_freed_memory()
 
-    def on_layer(layer, mod):
+    def hooks(layer: int, release: bool) -> Callable[[], None]:
         handles = collector.attach(runner.model, layer)
 
-        def done():
+        def done() -> None:
             for h in handles:
                 h.remove()
             collector.finish(runner.model, layer)
-            release_freed_memory()  # the proxies' quantized copies of this layer's blocks
+            if release:
+                release_freed_memory()  # the proxies' quantized copies of this layer's blocks
         return done
 
-    def on_head():
-        handles = collector.attach(runner.model, arch.num_layers)
+    engine.reference(lambda layer, mod: hooks(layer, True), lambda: hooks(arch.num_layers, False))
+    if engine.journal is not None:
+        engine.journal.check_reference(engine.ref_nll)
+    return engine, collector, qcache
 
-        def done():
-            for h in handles:
-                h.remove()
-            collector.finish(runner.model, arch.num_layers)
-        return done
 
-    engine.reference(on_layer, on_head)
-    if journal is not None:
-        journal.check_reference(engine.ref_nll)
-    timings["reference_pass"] = time.perf_counter() - t
-    stats = [collector.layer_stats[m.index] for m in arch.moe_layers]
-    mass = [s.routing_mass() for s in stats]
+def _measure_effects(opts: RunOptions, arch: Architecture, engine: Engine, refs: list[BlockRef], formats: list[str],
+                     mass: list, rng: np.random.Generator, qcache: dict | None, timings: dict[str, float]) -> Effects:
+    """Prune cost of (sampled) single experts, top-k cost per layer, sensitivity of (sampled) single blocks."""
+    from .measure import block_sensitivities, prune_costs, sample_blocks, sample_experts, topk_costs
 
-    # ---- measured effects
-    prune, topk, sens = {}, {}, {}
-    prune_note = ""
+    out = Effects()
     if "prune" in opts.measure:
         t = time.perf_counter()
-        from .measure import prune_costs, sample_experts
-
         per_layer = opts.prune_per_layer
         total = sum(m.num_experts for m in arch.moe_layers)
         if per_layer is None and total > AUTO_PRUNE_ALL:
             per_layer = AUTO_PRUNE_PER_LAYER
         targets_pc = sample_experts(arch, mass, per_layer, rng)
-        prune = prune_costs(engine, arch, targets_pc)
-        prune_note = ("every expert" if len(targets_pc) == total else
-                      f"{len(targets_pc)} of {total} experts ({per_layer} per layer, one per routing-mass rank "
-                      f"stratum, seed {opts.seed}); unmeasured experts are null")
+        out.prune = prune_costs(engine, arch, targets_pc)
+        out.prune_note = ("every expert" if len(targets_pc) == total else
+                          f"{len(targets_pc)} of {total} experts ({per_layer} per layer, one per routing-mass rank "
+                          f"stratum, seed {opts.seed}); unmeasured experts are null")
         timings["prune_cost"] = time.perf_counter() - t
     if "topk" in opts.measure:
         t = time.perf_counter()
-        from .measure import topk_costs
-
-        topk = topk_costs(engine, arch)
+        out.topk = topk_costs(engine, arch)
         timings["topk_cost"] = time.perf_counter() - t
-    measured_refs: list[BlockRef] = []
     if "sensitivity" in opts.measure:
         t = time.perf_counter()
-        from .measure import block_sensitivities, sample_blocks
-
         limit = opts.measure_blocks
         if limit is None and len(refs) > AUTO_BLOCKS_ALL:
             limit = AUTO_BLOCKS_SAMPLE
-        measured_refs = sample_blocks(refs, limit, rng)
-        sens = block_sensitivities(engine, measured_refs, formats, opts.method, qcache)
-        qcache = collector.cache = None
+        out.measured_refs = sample_blocks(refs, limit, rng)
+        out.sens = block_sensitivities(engine, out.measured_refs, formats, opts.method, qcache)
         timings["sensitivity"] = time.perf_counter() - t
+    return out
 
-    # ---- proxy fit and the sensitivity table
+
+def _sensitivity_table(opts: RunOptions, arch: Architecture, refs: list[BlockRef], formats: list[str],
+                       effects: Effects, collector: Collector) -> Table:
+    """Measured cells where measured (the ``--cost`` measure, clipped at 0), the fitted proxy elsewhere."""
     group_of = {r.name: r.group for r in refs}
     meas_nll: dict[str, dict[str, float]] = {}
     meas_kl: dict[str, dict[str, float]] = {}
-    for (name, f), eff in sens.items():
+    for (name, f), eff in effects.sens.items():
         meas_nll.setdefault(name, {})[f] = eff.dnll
         meas_kl.setdefault(name, {})[f] = eff.kl
-    for r in measured_refs:  # exact formats (F32) are not run: their effect is 0
+    for r in effects.measured_refs:  # exact formats (F32) are not run: their effect is 0
         for f in formats:
             if get_format(f).name == "F32" and get_format(f).admits(r.block.shape):
                 meas_nll.setdefault(r.name, {})[f] = meas_kl.setdefault(r.name, {})[f] = 0.0
@@ -274,47 +327,47 @@ def run_profile(opts: RunOptions) -> RunResult:
             m = chosen.get(r.name, {}).get(f)
             values[r.index, j] = max(0.0, m) if m is not None else (
                 fitted[r.name][f] if chosen else collector.proxy[r.name][f])
+    return Table(values, fit, wfit, fitted, meas_nll, meas_kl, group_of)
 
-    # ---- device
-    t = time.perf_counter()
-    if "device" in opts.measure:
-        from .device import format_throughput, memory_bandwidth
 
-        bw = memory_bandwidth(repeats=opts.device_repeats)
-        tp = format_throughput(formats, repeats=opts.device_repeats, seed=opts.seed)
-        dev_meas = Measurement(
-            method=f"memory bandwidth: median of {opts.device_repeats} numpy copies of 256 MiB, 2 x bytes / s; "
-                   f"format_throughput: stored bytes / median time of runtime.quant dequantize() + matmul of a "
-                   f"1024x4096 weight with a batch-1 vector, {torch.get_num_threads()} torch threads",
-            seed=opts.seed)
-        device = Device(bw, dev_meas, tp)
-    else:
-        device = Device(50e9, Measurement(method="not measured (--measure without device): 50 GB/s placeholder",
-                                          prior=True))
-    timings["device"] = time.perf_counter() - t
+def _device(opts: RunOptions, formats: list[str]) -> Device:
+    """Memory bandwidth and per-format throughput of this machine, or a marked placeholder."""
+    if "device" not in opts.measure:
+        return Device(50e9, Measurement(method="not measured (--measure without device): 50 GB/s placeholder",
+                                        prior=True))
+    from .device import format_throughput, memory_bandwidth
 
-    profile = _assemble(opts, arch, formats, source, ntok, stats, prune, prune_note, topk, values,
-                        measured_refs, refs, fit, device)
-    out = Path(opts.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    digest = save_profile(profile, out)
-    load_profile(out)  # the contract's own checks
-    timings["total"] = time.perf_counter() - t_start
+    bw = memory_bandwidth(repeats=opts.device_repeats)
+    tp = format_throughput(formats, repeats=opts.device_repeats, seed=opts.seed)
+    dev_meas = Measurement(
+        method=f"memory bandwidth: median of {opts.device_repeats} numpy copies of 256 MiB, 2 x bytes / s; "
+               f"format_throughput: stored bytes / median time of runtime.quant dequantize() + matmul of a "
+               f"1024x4096 weight with a batch-1 vector, {torch.get_num_threads()} torch threads",
+        seed=opts.seed)
+    return Device(bw, dev_meas, tp)
+
+
+def _details(opts: RunOptions, arch: Architecture, out: Path, digest: str, source: str, ntok: int, window: int,
+             formats: list[str], engine: Engine, timings: dict[str, float], refs: list[BlockRef], effects: Effects,
+             table: Table, collector: Collector) -> dict:
+    """The side file: settings, timings and the raw tables behind every profile number."""
     from .device import peak_rss_bytes
 
-    details = {
+    prune, topk = effects.prune, effects.topk
+    return {
         "schema": "moecc.profile-details", "version": 1, "profile": out.name, "profile_hash": digest,
-        "model": str(opts.model), "data": source, "tokens": ntok, "window": int(inputs.shape[1]),
+        "model": str(opts.model), "data": source, "tokens": ntok, "window": window,
         "seed": opts.seed, "streamed": opts.streamed, "quant_method": opts.method, "formats": formats,
         "cost": opts.cost,
         "reference_nll": engine.ref_nll, "timings_s": timings, "peak_rss_bytes": peak_rss_bytes(),
         "torch_threads": torch.get_num_threads(),
-        "blocks": [r.name for r in refs], "block_index": {r.name: r.index for r in refs}, "groups": group_of,
-        "measured_blocks": [r.name for r in measured_refs],
-        "proxy_raw": collector.proxy, "proxy_fitted": fitted, "proxy_fit": fit.to_json(),
-        "weight_error_raw": collector.weight_sq, "weight_error_fitted": apply_fit(collector.weight_sq, wfit, group_of),
-        "weight_error_fit": wfit.to_json(),
-        "measured_nll": meas_nll, "measured_kl": meas_kl,
+        "blocks": [r.name for r in refs], "block_index": {r.name: r.index for r in refs}, "groups": table.group_of,
+        "measured_blocks": [r.name for r in effects.measured_refs],
+        "proxy_raw": collector.proxy, "proxy_fitted": table.fitted, "proxy_fit": table.fit.to_json(),
+        "weight_error_raw": collector.weight_sq,
+        "weight_error_fitted": apply_fit(collector.weight_sq, table.wfit, table.group_of),
+        "weight_error_fit": table.wfit.to_json(),
+        "measured_nll": table.meas_nll, "measured_kl": table.meas_kl,
         "prune_nll": _nan_to_none(_measured_rows(arch, prune, "dnll")),
         "prune_kl": _nan_to_none(_measured_rows(arch, prune, "kl")),
         "topk_nll": [[topk[(i, k)].dnll if (i, k) in topk else 0.0 for k in range(1, m.top_k + 1)]
@@ -322,13 +375,6 @@ def run_profile(opts: RunOptions) -> RunResult:
         "topk_kl": [[topk[(i, k)].kl if (i, k) in topk else 0.0 for k in range(1, m.top_k + 1)]
                     for i, m in enumerate(arch.moe_layers)],
     }
-    dpath = details_path(out)
-    from optimizer.jsonio import write_json
-
-    write_json(dpath, details, indent=None)
-    if journal is not None:
-        journal.close(delete=True)
-    return RunResult(profile, details, out, dpath, timings)
 
 
 def _open_journal(opts: RunOptions, formats: list[str], source: str, ntok: int):
