@@ -115,7 +115,7 @@ def test_cli(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 def test_expert_load(family: str, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from runtime.expert_load import expert_load, load_table
+    from runtime.routing_load import expert_load, load_table
 
     model = AutoModelForCausalLM.from_pretrained(make_tiny_model(family, tmp_path / family))
     loads = expert_load(model, list(range(256)) * 4, window=64)

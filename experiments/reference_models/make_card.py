@@ -17,7 +17,7 @@ from pathlib import Path
 
 from runtime.corpora import load_corpus_bytes
 from runtime.evaluate import evaluate, load_model
-from runtime.expert_load import expert_load, load_table
+from runtime.routing_load import expert_load, load_table
 
 from .baselines import baselines
 
