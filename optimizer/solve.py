@@ -37,7 +37,7 @@ from .formulation.instance import FormulationOptions, Instance, build_instance
 from .formulation.llamacpp import llamacpp_plan
 from .plan import LayerPlan, Plan, PlanBytes, SolveRecord, SolveStatus, Target
 from .profile import Profile
-from .solvers.base import SolverOptions, relative_gap
+from .solvers.base import SolverOptions, Termination, relative_gap
 from .solvers.registry import get_backend
 
 _FINISH_SECONDS = 0.5  # most of the time limit kept for checking and writing the plan after the search
@@ -160,11 +160,11 @@ def _solve_exact(inst: Instance, model, variables, options: SolveOptions, info: 
     if result.bound is not None:
         result = replace(result, bound=result.bound / scale)
     info["backend_seconds"] = result.seconds
-    if result.status == SolveStatus.INFEASIBLE:
+    if result.status == Termination.INFEASIBLE:
         _raise_infeasible(inst, f"{backend.name} proved the constraints infeasible")
-    stopped = result.status in (SolveStatus.FEASIBLE, SolveStatus.NO_SOLUTION)  # the only limit set is time
+    stopped = result.status in (Termination.FEASIBLE, Termination.NO_SOLUTION)  # the only limit set is time
     candidates: list[tuple[float, Decisions]] = []
-    if result.status.has_plan and result.x is not None:
+    if result.status.has_solution and result.x is not None:
         candidates.append((model.objective_value(result.x), from_vector(inst, variables, result.x)))
     if warm is not None:
         candidates.append((warm.objective(inst), warm))

@@ -13,8 +13,7 @@ import pytest
 
 from optimizer.errors import InputError, SolverError
 from optimizer.milp import MilpBuilder, MilpModel
-from optimizer.plan import SolveStatus
-from optimizer.solvers.base import SolverBackend, SolverOptions, SolverResult
+from optimizer.solvers.base import SolverBackend, SolverOptions, SolverResult, Termination
 from optimizer.solvers.registry import BACKENDS, available_backends, get_backend
 
 INF = float("inf")
@@ -28,11 +27,11 @@ def backend(request: pytest.FixtureRequest) -> SolverBackend:
     return get_backend(request.param)
 
 
-def check(model: MilpModel, res: SolverResult, status: SolveStatus, objective: float | None = None) -> None:
+def check(model: MilpModel, res: SolverResult, status: Termination, objective: float | None = None) -> None:
     """The invariants every result must meet, plus the expected status and optimum."""
     assert res.status == status, res.message
     assert res.seconds > 0
-    if not status.has_plan:
+    if not status.has_solution:
         assert res.x is None and res.objective is None
         return
     assert res.x is not None and res.x.shape == (model.num_vars,)
@@ -42,7 +41,7 @@ def check(model: MilpModel, res: SolverResult, status: SolveStatus, objective: f
         assert res.bound <= res.objective + 1e-6
     if objective is not None:
         assert res.objective == pytest.approx(objective, abs=1e-6)
-    if status == SolveStatus.OPTIMAL:
+    if status == Termination.OPTIMAL:
         assert res.bound is not None
 
 
@@ -107,14 +106,14 @@ def random_mck(blocks: int, seed: int, formats: int = 6) -> MilpModel:
 def test_knapsack(backend: SolverBackend) -> None:
     model = knapsack()
     res = backend.solve(model, EXACT)
-    check(model, res, SolveStatus.OPTIMAL, -90)
+    check(model, res, Termination.OPTIMAL, -90)
     assert res.x.tolist() == [0, 1, 0, 1]
 
 
 def test_multiple_choice_knapsack(backend: SolverBackend) -> None:
     model = mck()
     res = backend.solve(model, EXACT)
-    check(model, res, SolveStatus.OPTIMAL, 3)
+    check(model, res, Termination.OPTIMAL, 3)
     np.testing.assert_array_equal(res.x, MCK_OPT)
     assert res.bound == pytest.approx(3, abs=1e-2)
 
@@ -122,21 +121,21 @@ def test_multiple_choice_knapsack(backend: SolverBackend) -> None:
 def test_equality_general_integer_and_row_lower_bound(backend: SolverBackend) -> None:
     model = topk_layer()
     res = backend.solve(model, EXACT)
-    check(model, res, SolveStatus.OPTIMAL, 6)
+    check(model, res, Termination.OPTIMAL, 6)
     np.testing.assert_array_equal(res.x, [1, 1, 0, 1, 0, 0, 1, 3])
 
 
 # (d) The smallest bytes are 2 + 2 + 4 = 8 > 7: no format choice fits.
 def test_infeasible(backend: SolverBackend) -> None:
     model = mck(budget=7)
-    check(model, backend.solve(model, EXACT), SolveStatus.INFEASIBLE)
+    check(model, backend.solve(model, EXACT), Termination.INFEASIBLE)
 
 
 # (e) The knapsack with offset 100: optimum -90 + 100 = 10, and the bound carries the offset too.
 def test_objective_offset(backend: SolverBackend) -> None:
     model = knapsack(offset=100.0)
     res = backend.solve(model, EXACT)
-    check(model, res, SolveStatus.OPTIMAL, 10)
+    check(model, res, Termination.OPTIMAL, 10)
     assert res.bound == pytest.approx(10, abs=1e-2)
 
 
@@ -150,15 +149,15 @@ def test_warm_start_keeps_optimum(backend: SolverBackend, start: str) -> None:
     warm = np.array([0, 0, 1] * 3, float) if start == "poor" else MCK_OPT
     assert model.violation(warm) == 0
     res = backend.solve(model, EXACT, warm_start=warm)
-    check(model, res, SolveStatus.OPTIMAL, 3)
+    check(model, res, Termination.OPTIMAL, 3)
 
 
 # (g) Same model, same options: the same x, bit for bit.
 def test_deterministic(backend: SolverBackend) -> None:
     model = random_mck(60, seed=3)
     first, second = backend.solve(model, EXACT), backend.solve(model, EXACT)
-    check(model, first, SolveStatus.OPTIMAL)
-    check(model, second, SolveStatus.OPTIMAL)
+    check(model, first, Termination.OPTIMAL)
+    check(model, second, Termination.OPTIMAL)
     np.testing.assert_array_equal(first.x, second.x)
 
 
@@ -168,7 +167,7 @@ def test_deterministic(backend: SolverBackend) -> None:
 def test_time_limit(backend: SolverBackend) -> None:
     model = random_mck(300, seed=0)
     res = backend.solve(model, SolverOptions(time_limit=1.0, rel_gap=0.0))
-    assert res.status in (SolveStatus.OPTIMAL, SolveStatus.FEASIBLE), res.message
+    assert res.status in (Termination.OPTIMAL, Termination.FEASIBLE), res.message
     check(model, res, res.status)
     if res.bound is not None:
         assert res.objective >= res.bound - 1e-9
@@ -187,7 +186,7 @@ def test_continuous_lp(backend: SolverBackend) -> None:
             backend.solve(model, EXACT)
         return
     res = backend.solve(model, EXACT)
-    check(model, res, SolveStatus.OPTIMAL, -2.8)
+    check(model, res, Termination.OPTIMAL, -2.8)
     np.testing.assert_allclose(res.x, [1.6, 1.2], atol=1e-6)
     assert res.bound == pytest.approx(-2.8, abs=1e-6)
 
@@ -196,7 +195,7 @@ def test_continuous_lp(backend: SolverBackend) -> None:
 def test_threads_option(backend: SolverBackend) -> None:
     model = mck()
     for threads in (2, 1):
-        check(model, backend.solve(model, SolverOptions(rel_gap=0.0, threads=threads)), SolveStatus.OPTIMAL, 3)
+        check(model, backend.solve(model, SolverOptions(rel_gap=0.0, threads=threads)), Termination.OPTIMAL, 3)
 
 
 def test_warm_start_of_wrong_length_is_an_input_error(backend: SolverBackend) -> None:

@@ -30,7 +30,7 @@ from optimizer.milp import MilpBuilder, MilpModel
 from optimizer.plan import SolveStatus, Target
 from optimizer.solve import SolveOptions, optimize
 from optimizer.solvers import cbc
-from optimizer.solvers.base import SolverBackend, SolverOptions
+from optimizer.solvers.base import SolverBackend, SolverOptions, Termination
 from optimizer.solvers.process import (
     _incumbent_result,
     isolated,
@@ -95,7 +95,7 @@ def test_backend_stops_when_the_limit_has_passed(backend: SolverBackend) -> None
     model = random_mck(200)
     res = backend.solve(model, SolverOptions(time_limit=PASSED, rel_gap=0.0),
                         warm_start=np.tile([0, 0, 1, 0, 0, 0], 200))
-    assert res.status == SolveStatus.NO_SOLUTION and res.x is None, res.message
+    assert res.status == Termination.NO_SOLUTION and res.x is None, res.message
     assert "not run" in res.message and "time limit" in res.message
 
 
@@ -121,7 +121,7 @@ def test_isolated_solve_matches_the_in_process_one(name: str) -> None:
     here = get_backend(name).solve(model, SolverOptions(rel_gap=0.0))
     there = get_backend(name).solve(model, SolverOptions(time_limit=60, rel_gap=0.0, isolate=True),
                                     warm_start=np.tile([1.0, 0, 0, 0, 0, 0], 40))
-    assert here.status == there.status == SolveStatus.OPTIMAL, there.message
+    assert here.status == there.status == Termination.OPTIMAL, there.message
     assert there.objective == pytest.approx(here.objective) and model.violation(there.x) == 0
     assert there.bound == pytest.approx(here.bound, rel=1e-6)
     assert not isolated(model, SolverOptions(time_limit=60)) and not isolated(random_mck(20_000), SolverOptions())
@@ -130,14 +130,14 @@ def test_isolated_solve_matches_the_in_process_one(name: str) -> None:
 
 def test_a_killed_worker_leaves_its_last_feasible_incumbent(tmp_path: Path) -> None:
     model = random_mck(3)
-    assert _incumbent_result(str(tmp_path), model, "highs", 1.0).status == SolveStatus.NO_SOLUTION  # none written
+    assert _incumbent_result(str(tmp_path), model, "highs", 1.0).status == Termination.NO_SOLUTION  # none written
     good = np.tile([0, 0, 1, 0, 0, 0], 3).astype(float)
     (tmp_path / "incumbent.npy").write_bytes(npy_bytes(good + 1e-9))
     res = _incumbent_result(str(tmp_path), model, "highs", 1.0)
-    assert res.status == SolveStatus.FEASIBLE and res.bound is None and "killed at the time limit" in res.message
+    assert res.status == Termination.FEASIBLE and res.bound is None and "killed at the time limit" in res.message
     np.testing.assert_array_equal(res.x, good)
     (tmp_path / "incumbent.npy").write_bytes(npy_bytes(np.zeros(18)))  # no format chosen: violates one_format
-    assert _incumbent_result(str(tmp_path), model, "highs", 1.0).status == SolveStatus.NO_SOLUTION
+    assert _incumbent_result(str(tmp_path), model, "highs", 1.0).status == Termination.NO_SOLUTION
 
 
 def test_highs_reports_each_improving_solution() -> None:
@@ -146,7 +146,7 @@ def test_highs_reports_each_improving_solution() -> None:
     model = random_mck(300)
     seen: list[np.ndarray] = []
     res = get_backend("highs").solve(model, SolverOptions(time_limit=60, rel_gap=0.0, on_solution=seen.append))
-    assert res.status == SolveStatus.OPTIMAL and seen
+    assert res.status == Termination.OPTIMAL and seen
     values = [model.objective_value(np.round(x)) for x in seen]
     assert all(x.shape == (model.num_vars,) and model.violation(np.round(x)) <= 1e-6 for x in seen)
     assert values == sorted(values, reverse=True) and values[-1] == pytest.approx(res.objective)

@@ -1,7 +1,9 @@
 """The one small interface every solver backend implements, and the result it returns.
 
 Backends import their solver library lazily (inside :meth:`SolverBackend.solve`), declare what they
-support, and map their own statuses onto :class:`~optimizer.plan.SolveStatus`.
+support, and map their own statuses onto :class:`Termination`: how the *solver* stopped. The plan's own status
+(:class:`~optimizer.plan.Termination`: optimal within the requested gap or not) is decided by
+:mod:`optimizer.solve` from the returned objective and bound, not by the backend.
 """
 
 from __future__ import annotations
@@ -9,11 +11,25 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 
 from ..milp import MilpModel
-from ..plan import SolveStatus
+
+
+class Termination(str, Enum):
+    """How a backend stopped, the same for every backend."""
+
+    OPTIMAL = "optimal"  # proven optimal within SolverOptions.rel_gap
+    FEASIBLE = "feasible"  # a feasible point, optimality not proven (time limit)
+    INFEASIBLE = "infeasible"
+    NO_SOLUTION = "no_solution"  # stopped (time limit) before any feasible point
+    ERROR = "error"
+
+    @property
+    def has_solution(self) -> bool:
+        return self in (Termination.OPTIMAL, Termination.FEASIBLE)
 
 
 @dataclass(frozen=True)
@@ -31,7 +47,7 @@ class SolverOptions:
 
 @dataclass(frozen=True, eq=False)
 class SolverResult:
-    status: SolveStatus
+    status: Termination
     x: np.ndarray | None
     objective: float | None  # c^T x + offset of the returned point
     bound: float | None  # proven lower bound on the optimum

@@ -28,8 +28,7 @@ import scipy.sparse as sp
 
 from ..errors import InputError, SolverError
 from ..milp import MilpModel
-from ..plan import SolveStatus
-from .base import SolverBackend, SolverOptions, SolverResult
+from .base import SolverBackend, SolverOptions, SolverResult, Termination
 from .process import feasible, read_text, run_process
 
 _BOUND_RE = re.compile(r"^Lower bound:\s*(\S+)", re.MULTILINE)
@@ -81,7 +80,7 @@ class CbcBackend(SolverBackend):
             files = {k: os.path.join(tmp, f"moecc.{k}") for k in ("mps", "mst", "sol", "log")}
             mps = _Mps.of(model)
             if mps is None:  # an empty row that excludes 0
-                return SolverResult(SolveStatus.INFEASIBLE, None, None, None, time.perf_counter() - start,
+                return SolverResult(Termination.INFEASIBLE, None, None, None, time.perf_counter() - start,
                                     "CBC: not run, a row without coefficients excludes 0")
             if not mps.write(files["mps"], deadline):
                 return _stopped(start, "CBC: not run, the time limit was reached while writing the model")
@@ -100,7 +99,7 @@ class CbcBackend(SolverBackend):
 
 
 def _stopped(start: float, message: str) -> SolverResult:
-    return SolverResult(SolveStatus.NO_SOLUTION, None, None, None, time.perf_counter() - start, message)
+    return SolverResult(Termination.NO_SOLUTION, None, None, None, time.perf_counter() - start, message)
 
 
 def _arguments(path: str, files: dict[str, str], options: SolverOptions, remaining: float | None,
@@ -124,36 +123,36 @@ def _result(model: MilpModel, mps: _Mps, sol: str, log: str, stopped: str, code:
     """Map CBC's solution file and log onto a :class:`SolverResult`."""
     if not sol:
         if stopped:
-            return SolverResult(SolveStatus.NO_SOLUTION, None, None, None, seconds, f"CBC: {stopped}, no solution")
-        return SolverResult(SolveStatus.ERROR, None, None, None, seconds,
+            return SolverResult(Termination.NO_SOLUTION, None, None, None, seconds, f"CBC: {stopped}, no solution")
+        return SolverResult(Termination.ERROR, None, None, None, seconds,
                             f"CBC: exited with code {code} and wrote no solution")
     status, x = mps.read_solution(sol)
     first_line = sol.partition("\n")[0].strip()
     message = f"CBC: {_result_line(log) or first_line}" + (f" ({stopped})" if stopped else "")
-    if status == SolveStatus.FEASIBLE and not feasible(model, x):  # stopped without an integer solution
-        status = SolveStatus.NO_SOLUTION
-    if not status.has_plan:
+    if status == Termination.FEASIBLE and not feasible(model, x):  # stopped without an integer solution
+        status = Termination.NO_SOLUTION
+    if not status.has_solution:
         return SolverResult(status, None, None, None, seconds, message)
     objective = model.objective_value(x)
     match = _BOUND_RE.search(log)
     if match:  # CBC's own bound, without the offset (the MPS carries no objective constant)
         bound: float | None = min(float(match.group(1)) + model.offset - _LOG_DECIMALS, objective)
-    elif status == SolveStatus.OPTIMAL:
+    elif status == Termination.OPTIMAL:
         bound = objective  # CBC proved optimality outright and printed no separate bound
     else:
         bound = None
     return SolverResult(status, x, objective, bound, seconds, message)
 
 
-def _solution_status(first_line: str) -> SolveStatus:
+def _solution_status(first_line: str) -> Termination:
     """PuLP's reading of the first line of CBC's solution file (``COIN_CMD.get_status``)."""
     words = first_line.split()
     if not words:
-        return SolveStatus.ERROR
+        return Termination.ERROR
     if words[0] == "Stopped":  # "Stopped on time - objective value ...": stopped holding an integer solution
-        return SolveStatus.FEASIBLE if len(words) >= 5 and words[4] == "objective" else SolveStatus.NO_SOLUTION
-    return {"Optimal": SolveStatus.OPTIMAL, "Infeasible": SolveStatus.INFEASIBLE,
-            "Integer": SolveStatus.INFEASIBLE}.get(words[0], SolveStatus.ERROR)
+        return Termination.FEASIBLE if len(words) >= 5 and words[4] == "objective" else Termination.NO_SOLUTION
+    return {"Optimal": Termination.OPTIMAL, "Infeasible": Termination.INFEASIBLE,
+            "Integer": Termination.INFEASIBLE}.get(words[0], Termination.ERROR)
 
 
 @dataclass(frozen=True, eq=False)
@@ -269,7 +268,7 @@ class _Mps:
             f.write("Stopped on time - objective value 0\n")
             f.write("".join(["%7s X%07d %15s %23s\n" % (n, n, v, 0) for n, v in enumerate(values)]))
 
-    def read_solution(self, text: str) -> tuple[SolveStatus, np.ndarray]:
+    def read_solution(self, text: str) -> tuple[Termination, np.ndarray]:
         """Status and x from CBC's solution file (``printingOptions normal``: nonzero column values only)."""
         lines = text.splitlines()
         status = _solution_status(lines[0] if lines else "")

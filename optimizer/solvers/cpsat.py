@@ -22,17 +22,16 @@ import numpy as np
 
 from ..errors import InputError, SolverError
 from ..milp import MilpModel
-from ..plan import SolveStatus
-from .base import SolverBackend, SolverOptions, SolverResult
+from .base import SolverBackend, SolverOptions, SolverResult, Termination
 from .process import isolated, solve_in_child
 
-# CpSolverStatus name -> SolveStatus. CP-SAT reports OPTIMAL also when it stops at relative_gap_limit.
-_STATUS: dict[str, SolveStatus] = {
-    "OPTIMAL": SolveStatus.OPTIMAL,
-    "FEASIBLE": SolveStatus.FEASIBLE,
-    "INFEASIBLE": SolveStatus.INFEASIBLE,
-    "UNKNOWN": SolveStatus.NO_SOLUTION,  # stopped on a limit before any solution
-    "MODEL_INVALID": SolveStatus.ERROR,
+# CpSolverStatus name -> Termination. CP-SAT reports OPTIMAL also when it stops at relative_gap_limit.
+_STATUS: dict[str, Termination] = {
+    "OPTIMAL": Termination.OPTIMAL,
+    "FEASIBLE": Termination.FEASIBLE,
+    "INFEASIBLE": Termination.INFEASIBLE,
+    "UNKNOWN": Termination.NO_SOLUTION,  # stopped on a limit before any solution
+    "MODEL_INVALID": Termination.ERROR,
 }
 _LIMIT = 2**62  # CP-SAT values live in int64; keep well clear of overflow
 _CHUNK = 4096  # columns or rows added between two looks at the clock
@@ -74,10 +73,10 @@ class CpSatBackend(SolverBackend):
         xs = _new_vars(cp, col_lo, col_hi, deadline)
         why = _LATE if xs is None else _add_rows(cp_model, cp, xs, model, deadline)
         if why == _LATE or (not why and _late(deadline)):
-            return SolverResult(SolveStatus.NO_SOLUTION, None, None, None, time.perf_counter() - start,
+            return SolverResult(Termination.NO_SOLUTION, None, None, None, time.perf_counter() - start,
                                 "CP-SAT: not run, the time limit was reached while building the model")
         if why:
-            return SolverResult(SolveStatus.INFEASIBLE, None, None, None, time.perf_counter() - start,
+            return SolverResult(Termination.INFEASIBLE, None, None, None, time.perf_counter() - start,
                                 f"CP-SAT: not run, {why}")
         nz = np.flatnonzero(model.c)
         costs = model.c[nz]
@@ -98,17 +97,17 @@ class CpSatBackend(SolverBackend):
         if deadline is not None:
             left = deadline - time.perf_counter()
             if left <= 0:
-                return SolverResult(SolveStatus.NO_SOLUTION, None, None, None, time.perf_counter() - start,
+                return SolverResult(Termination.NO_SOLUTION, None, None, None, time.perf_counter() - start,
                                     "CP-SAT: not run, the time limit was reached while building the model")
             params.max_time_in_seconds = left
         code = _solve_until(solver, cp, deadline)
         seconds = time.perf_counter() - start
         name = solver.status_name(code)
-        status = _STATUS.get(name, SolveStatus.ERROR)
+        status = _STATUS.get(name, Termination.ERROR)
         message = f"CP-SAT: {name}"
         if name == "MODEL_INVALID":
             message += f" ({cp.validate()})"
-        if not status.has_plan:
+        if not status.has_solution:
             return SolverResult(status, None, None, None, seconds, message)
 
         x = np.array(list(solver.response_proto.solution)[: model.num_vars], dtype=float)

@@ -21,17 +21,16 @@ import numpy as np
 
 from ..errors import InputError, SolverError
 from ..milp import MilpModel
-from ..plan import SolveStatus
-from .base import SolverBackend, SolverOptions, SolverResult
+from .base import SolverBackend, SolverOptions, SolverResult, Termination
 from .process import isolated, solve_in_child
 
 _STOPPED = "stopped"  # a limit was hit: FEASIBLE when HiGHS holds a primal solution, else NO_SOLUTION
 _BOUNDED_INFEASIBLE = "unbounded_or_infeasible"  # INFEASIBLE when every column is bounded, else ERROR
 
-# HighsModelStatus name -> SolveStatus (or one of the two markers above); unlisted statuses are errors.
-_STATUS: dict[str, SolveStatus | str] = {
-    "kOptimal": SolveStatus.OPTIMAL,
-    "kInfeasible": SolveStatus.INFEASIBLE,
+# HighsModelStatus name -> Termination (or one of the two markers above); unlisted statuses are errors.
+_STATUS: dict[str, Termination | str] = {
+    "kOptimal": Termination.OPTIMAL,
+    "kInfeasible": Termination.INFEASIBLE,
     "kUnboundedOrInfeasible": _BOUNDED_INFEASIBLE,
     "kTimeLimit": _STOPPED,
     "kIterationLimit": _STOPPED,
@@ -41,7 +40,7 @@ _STATUS: dict[str, SolveStatus | str] = {
     "kObjectiveBound": _STOPPED,
     "kObjectiveTarget": _STOPPED,
     "kMemoryLimit": _STOPPED,
-    "kModelEmpty": SolveStatus.OPTIMAL,
+    "kModelEmpty": Termination.OPTIMAL,
 }
 
 _header_silenced = False
@@ -114,7 +113,7 @@ class HighsBackend(SolverBackend):
         if options.time_limit is not None:
             left = float(options.time_limit) - (time.perf_counter() - start)
             if left <= 0:
-                return SolverResult(SolveStatus.NO_SOLUTION, None, None, None, time.perf_counter() - start,
+                return SolverResult(Termination.NO_SOLUTION, None, None, None, time.perf_counter() - start,
                                     "HiGHS: not run, the time limit was reached while loading the model")
             _set(h, "time_limit", left)
         if options.on_solution is not None:
@@ -127,13 +126,13 @@ class HighsBackend(SolverBackend):
         seconds = time.perf_counter() - start
         message = f"HiGHS: {h.modelStatusToString(model_status)}"
         if run_status == highspy.HighsStatus.kError and model_status == highspy.HighsModelStatus.kNotset:
-            return SolverResult(SolveStatus.ERROR, None, None, None, seconds, message)
+            return SolverResult(Termination.ERROR, None, None, None, seconds, message)
 
         info = h.getInfo()
         has_x = info.primal_solution_status == int(highspy.SolutionStatus.kSolutionStatusFeasible) or (
             model_status == highspy.HighsModelStatus.kOptimal)
         status_ = _map_status(model_status.name, has_x, model)
-        if not status_.has_plan:
+        if not status_.has_solution:
             return SolverResult(status_, None, None, None, seconds, message)
 
         x = np.array(h.getSolution().col_value, dtype=np.float64)
@@ -141,21 +140,21 @@ class HighsBackend(SolverBackend):
         objective = model.objective_value(x)
         bound: float | None
         if not model.integer.any():
-            bound = objective if status_ == SolveStatus.OPTIMAL else None  # an LP solved to optimality
+            bound = objective if status_ == Termination.OPTIMAL else None  # an LP solved to optimality
         else:
             bound = float(info.mip_dual_bound)  # includes the offset, as the objective does
             bound = min(bound, objective) if np.isfinite(bound) else None
         return SolverResult(status_, x, objective, bound, seconds, message)
 
 
-def _map_status(name: str, has_x: bool, model: MilpModel) -> SolveStatus:
-    mapped = _STATUS.get(name, SolveStatus.ERROR)
+def _map_status(name: str, has_x: bool, model: MilpModel) -> Termination:
+    mapped = _STATUS.get(name, Termination.ERROR)
     if mapped == _STOPPED:
-        return SolveStatus.FEASIBLE if has_x else SolveStatus.NO_SOLUTION
+        return Termination.FEASIBLE if has_x else Termination.NO_SOLUTION
     if mapped == _BOUNDED_INFEASIBLE:  # an all-bounded model cannot be unbounded
         bounded = bool(np.isfinite(model.col_lower).all() and np.isfinite(model.col_upper).all())
-        return SolveStatus.INFEASIBLE if bounded else SolveStatus.ERROR
-    return SolveStatus(mapped)
+        return Termination.INFEASIBLE if bounded else Termination.ERROR
+    return Termination(mapped)
 
 
 def _size_thread_pool(highspy, threads: int) -> None:  # noqa: ANN001

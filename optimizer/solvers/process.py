@@ -34,8 +34,7 @@ import scipy.sparse as sp
 
 from ..errors import SolverError
 from ..milp import MilpModel
-from ..plan import SolveStatus
-from .base import SolverOptions, SolverResult
+from .base import SolverOptions, SolverResult, Termination
 
 ISOLATE_SIZE = 100_000  # columns + nonzeros from which a time-limited solve runs in a child process
 
@@ -81,7 +80,7 @@ def solve_in_child(name: str, model: MilpModel, options: SolverOptions, warm_sta
     deadline = start + float(options.time_limit)
     margin = min(1.0, 0.1 * float(options.time_limit))  # the worker's own stop comes this much earlier
     if time.perf_counter() >= deadline:
-        return SolverResult(SolveStatus.NO_SOLUTION, None, None, None, time.perf_counter() - start,
+        return SolverResult(Termination.NO_SOLUTION, None, None, None, time.perf_counter() - start,
                             f"{name}: not run, the time limit was reached before it started")
     with tempfile.TemporaryDirectory(prefix=f"moecc-{name}-") as tmp:
         save_model(os.path.join(tmp, "model.npz"), model, warm_start)
@@ -120,9 +119,9 @@ def _incumbent_result(tmp: str, model: MilpModel, name: str, seconds: float) -> 
         if x.shape == (model.num_vars,):
             x[model.integer] = np.round(x[model.integer]) + 0.0
             if feasible(model, x):
-                return SolverResult(SolveStatus.FEASIBLE, x, model.objective_value(x), None, seconds,
+                return SolverResult(Termination.FEASIBLE, x, model.objective_value(x), None, seconds,
                                     f"{name}: killed at the time limit, best solution so far")
-    return SolverResult(SolveStatus.NO_SOLUTION, None, None, None, seconds,
+    return SolverResult(Termination.NO_SOLUTION, None, None, None, seconds,
                         f"{name}: killed at the time limit, no solution")
 
 
@@ -192,8 +191,8 @@ def _read_result(tmp: str, seconds: float) -> SolverResult | None:
         return None
     if "error" in meta:
         raise SolverError(meta["error"])
-    status = SolveStatus(meta["status"])
-    x = np.load(os.path.join(tmp, "result.npy")) if status.has_plan else None
+    status = Termination(meta["status"])
+    x = np.load(os.path.join(tmp, "result.npy")) if status.has_solution else None
     return SolverResult(status, x, meta["objective"], meta["bound"], seconds, meta["message"])
 
 
