@@ -9,6 +9,9 @@
 * ``sequential`` (CC-MoE's recipe): keep the top ceil(r E) experts of each layer by I_e = a f_e + (1-a) s_e
   (per group, so groups stay equal), set k = ceil(r K), store everything in the largest format that fits,
   then upgrade the most sensitive blocks one format step at a time while the budget allows.
+* ``llamacpp_mix`` (a recipe, not a budget-filling search): no pruning, original top-k, every block in the type
+  llama.cpp's standard mix gives it (``--mix Q4_K_M`` etc., :mod:`optimizer.llamacpp_mixes`); it fits the
+  budget or it does not.
 
 Under ``--target llamacpp`` format choices are made per (layer, projection) for all experts at once and
 pruning removes the same number of experts from every layer, so the plans stay expressible.
@@ -32,9 +35,13 @@ from .errors import InputError
 from .formats import get_format
 from .formulation.decisions import Decisions
 from .formulation.instance import Instance
+from .llamacpp_mixes import check_mix, mix_types
 from .plan import Target
 
 BASELINES = ("uniform", "greedy", "sequential")
+#: Baselines with a fixed size (a recipe): they cannot trade bytes for quality under a budget.
+RECIPES = ("llamacpp_mix",)
+ALL_BASELINES = BASELINES + RECIPES
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,7 @@ class BaselineOptions:
     # uniform: this format only (blocks it cannot store take the next larger candidate), instead of the
     # largest candidate format that fits
     uniform_format: str | None = None
+    mix: str = "Q4_K_M"  # llamacpp_mix: llama.cpp's standard mix (optimizer.llamacpp_mixes.MIXES)
 
 
 @dataclass(frozen=True, eq=False)
@@ -218,6 +226,37 @@ def uniform(inst: Instance, options: BaselineOptions | None = None, deadline: fl
             raise InputError(f"uniform format {fmt!r} is not among the candidate formats ({', '.join(inst.formats)})")
         only = inst.formats.index(fmt)
     return _largest_fitting(inst, keep, inst.layer_top_k.copy(), deadline, only)
+
+
+def llamacpp_mix(inst: Instance, options: BaselineOptions | None = None,
+                 deadline: float | None = None) -> BaselineRun:
+    """Every expert kept at the original top-k, every block in the type llama.cpp's mix gives it.
+
+    Raises :class:`InputError` when the mix uses types that are not candidate formats (it names them).
+    """
+    mix = check_mix((options or BaselineOptions()).mix)
+    arch = inst.profile.architecture
+    types = mix_types(arch, mix)
+    keep = np.ones(inst.num_experts, dtype=bool)
+    blocks = np.flatnonzero(_present(inst, keep)).tolist()
+    missing = sorted({types[arch.blocks[b].name] for b in blocks} - set(inst.formats))
+    if missing:
+        raise InputError(f"llama.cpp mix {mix} uses {', '.join(missing)}, which "
+                         f"{'is' if len(missing) == 1 else 'are'} not among the candidate formats "
+                         f"({', '.join(inst.formats)}); add them to --formats (the profile needs their sensitivity)")
+    index = {name: i for i, name in enumerate(inst.formats)}
+    chosen = np.zeros(len(inst.pair_block), dtype=bool)
+    for b in blocks:
+        pairs = inst.pairs_of(b)
+        hit = np.flatnonzero(inst.pair_format[pairs] == index[types[arch.blocks[b].name]])
+        if not hit.size:  # the format was presolved away or cannot store the block
+            raise InputError(f"llama.cpp mix {mix}: block {arch.blocks[b].name} has no candidate "
+                             f"{types[arch.blocks[b].name]} (run the baseline without presolve)")
+        chosen[pairs.start + int(hit[0])] = True
+    nbytes = _bytes(inst, keep, chosen)
+    if nbytes > inst.capacity:
+        return BaselineRun(None, smallest=(f"llama.cpp {mix}", nbytes + inst.fixed_bytes))
+    return BaselineRun(Decisions(keep, inst.layer_top_k.copy(), chosen))
 
 
 def _importance(inst: Instance, alpha: float) -> np.ndarray:
@@ -409,7 +448,7 @@ class _Greedy:
         return Decisions(self.keep, self.top_k, chosen)
 
 
-_BASELINE_FUNCTIONS = {"uniform": uniform, "greedy": greedy, "sequential": sequential}
+_BASELINE_FUNCTIONS = {"uniform": uniform, "greedy": greedy, "sequential": sequential, "llamacpp_mix": llamacpp_mix}
 
 
 def run_baseline_until(name: str, inst: Instance, options: BaselineOptions | None = None,

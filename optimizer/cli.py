@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
                         "one expert count, one k")
     s.add_argument("--formulation", default="importance", help="objective (see `python -m optimizer objectives`)")
     s.add_argument("--solver", default="highs",
-                   help="highs (default), cbc, cpsat, or a baseline: uniform, greedy, sequential")
+                   help="highs (default), cbc, cpsat, or a baseline: uniform, greedy, sequential, llamacpp_mix")
     s.add_argument("--formats", default=None, help="comma-separated candidate formats (default: the profile's)")
     s.add_argument("--min-experts", type=float, default=0.0,
                    help="minimum kept experts per layer: a count, or a fraction (< 1) of the layer's experts")
@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--importance-alpha", type=float, default=0.5, help="a in I = a f + (1-a) s (default 0.5)")
     s.add_argument("--retain-ratio", type=float, default=0.75,
                    help="sequential baseline: fraction of experts and k kept")
+    s.add_argument("--mix", default="Q4_K_M",
+                   help="llamacpp_mix baseline: llama-quantize's mix, Q4_K_M (default), Q3_K_M, Q2_K, IQ2_XXS, IQ1_M "
+                        "or IQ1_S (its types must be among the candidate formats)")
     s.add_argument("--time-limit", type=float, default=60.0, help="seconds (default 60)")
     s.add_argument("--gap", type=float, default=1e-4, help="relative optimality gap to prove (default 1e-4 = 0.01%%)")
     s.add_argument("--threads", type=int, default=1)
@@ -154,6 +157,7 @@ def _solve(args: argparse.Namespace) -> int:
     from .budget import make_budget
     from .formulation.instance import FormulationOptions
     from .formulation.objectives import ObjectiveOptions, get_objective
+    from .llamacpp_mixes import check_mix
     from .plan import Target, save_plan
     from .profile import load_profile
     from .solve import SolveOptions, optimize, solver_names
@@ -161,6 +165,7 @@ def _solve(args: argparse.Namespace) -> int:
     if args.solver not in solver_names():
         raise InputError(f"--solver: unknown {args.solver!r}; choose from {', '.join(solver_names())}")
     get_objective(args.formulation)
+    mix = check_mix(args.mix)
     total, overhead, formats = _check_solve_flags(args)  # all before the profile is read
     out = check_output_path(args.output, "-o")
     started = time.perf_counter()  # --time-limit covers reading the profile too
@@ -177,7 +182,7 @@ def _solve(args: argparse.Namespace) -> int:
     options = SolveOptions(
         started=started, solver=args.solver, time_limit=args.time_limit, rel_gap=args.gap, threads=args.threads,
         seed=args.seed, accelerate=not args.no_accelerate, reproducible=args.reproducible,
-        baseline=BaselineOptions(retain_ratio=args.retain_ratio, importance_alpha=args.importance_alpha),
+        baseline=BaselineOptions(retain_ratio=args.retain_ratio, importance_alpha=args.importance_alpha, mix=mix),
     )
     plan = optimize(profile, budget, formulation, options)
     save_plan(plan, out)

@@ -4,8 +4,8 @@
 
 1. :func:`build_instance` validates everything cheap first (formats, top-k bounds, minimum experts), then
    builds the arrays; :func:`build_milp` turns them into the solver-agnostic model.
-2. A baseline (``uniform``, ``greedy``, ``sequential``) answers directly. A MILP backend is, by default,
-   *accelerated*: the Lagrangian decomposition gives a plan and a proven bound in milliseconds; if their
+2. A baseline (``uniform``, ``greedy``, ``sequential``, ``llamacpp_mix``) answers directly. A MILP backend
+   is, by default, *accelerated*: the Lagrangian decomposition gives a plan and a proven bound in milliseconds; if their
    gap is within ``rel_gap`` the plan is certified without calling the backend, otherwise the backend runs
    warm-started from that plan and the better bound of the two is reported.
 3. The decisions are checked against every row of the model and written out as a plan whose bytes are
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from .baselines import BASELINES, BaselineOptions, run_baseline_until
+from .baselines import ALL_BASELINES, BaselineOptions, run_baseline_until
 from .budget import Budget, format_bytes
 from .byte_model import block_bytes
 from .errors import InfeasibleError, SolverError
@@ -61,7 +61,7 @@ class SolveOptions:
 def solver_names() -> list[str]:
     from .solvers.registry import BACKENDS
 
-    return sorted(BACKENDS) + list(BASELINES)
+    return sorted(BACKENDS) + list(ALL_BASELINES)
 
 
 def optimize(profile: Profile, budget: Budget, formulation: FormulationOptions | None = None,
@@ -76,7 +76,7 @@ def optimize(profile: Profile, budget: Budget, formulation: FormulationOptions |
     options = options or SolveOptions()
     t0 = time.perf_counter()
     deadline = _deadline(options, t0)
-    is_baseline = options.solver in BASELINES
+    is_baseline = options.solver in ALL_BASELINES
     if not is_baseline:
         get_backend(options.solver)  # unknown or missing solver: fail before the heavy work
     # baselines reason about every format; dominance presolve only helps the exact methods
@@ -117,6 +117,12 @@ def _solve_baseline(inst: Instance, options: SolveOptions, deadline: float | Non
         raise _no_plan_in_time(options, f"baseline {options.solver} was stopped before it held a plan")
     if run.decisions is None and run.smallest is not None and options.solver == "uniform":
         _raise_uniform_infeasible(inst, *run.smallest)
+    if run.decisions is None and run.smallest is not None:  # a recipe: its one plan does not fit
+        name, weight_bytes = run.smallest
+        need = weight_bytes + sum(inst.budget.reserves.values())
+        _raise_infeasible(inst, f"baseline {options.solver} cannot fit the budget with its fixed rules: {name} "
+                                f"needs {format_bytes(need)} ({need} bytes) including reserves "
+                                f"(a joint solver can prune further)")
     if run.decisions is None:
         _raise_infeasible(inst, f"baseline {options.solver} cannot fit the budget with its fixed rules "
                                 f"(a joint solver can prune further)")
