@@ -16,6 +16,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
 from .architecture import MAX_EXPERTS
 from .budget import MAX_CONTEXT, parse_bytes
@@ -100,8 +101,15 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("objectives", help="list the registered objectives")
 
     x = sub.add_parser("example",
-                       help="build the bundled DeepSeek-V3 profile (real routing statistics, prior sensitivities)")
+                       help="build the bundled DeepSeek-V3 profile (real routing statistics, prior sensitivities), "
+                            "or a prior profile of any supported MoE config (--config)")
     x.add_argument("-o", "--output", default="examples/deepseek-v3/profile.json.gz")
+    x.add_argument("--config", default=None,
+                   help="a model's config.json (transformers or DeepSeek's reference format): a profile from the "
+                        "documented prior, to plan and size the model before downloading it")
+    x.add_argument("--scores", default=None, help="with --config: per-layer routing statistics (JSON, as "
+                   "optimizer/data/deepseek_v3/expert_scores_seqlen_8k.json); default: equal shares")
+    x.add_argument("--name", default=None, help="with --config: the model name recorded in the profile")
     return p
 
 
@@ -141,13 +149,7 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(report.plan_summary(plan), indent=1) if args.json else report.render_plan(plan))
         return 0
     if args.command == "example":
-        from .examples.deepseek_v3 import build_deepseek_v3_profile
-        from .profile import save_profile
-
-        check_output_path(args.output, "-o")
-        digest = save_profile(build_deepseek_v3_profile(), args.output)
-        print(f"wrote {args.output} ({digest})")
-        return 0
+        return _example(args)
     return _solve(args)
 
 
@@ -191,6 +193,31 @@ def _solve(args: argparse.Namespace) -> int:
     else:
         print(report.render_plan(plan))
         print(f"wrote {out}")
+    return 0
+
+
+def _example(args: argparse.Namespace) -> int:
+    from .examples.deepseek_v3 import build_deepseek_v3_profile, build_prior_profile
+    from .jsonio import read_json
+    from .profile import save_profile
+
+    check_output_path(args.output, "-o")
+    if args.config is None:
+        if args.scores or args.name:
+            raise InputError("--scores and --name need --config (without it the bundled DeepSeek-V3 profile is built)")
+        profile = build_deepseek_v3_profile()
+    else:
+        config = read_json(args.config)[0]
+        if not isinstance(config, dict):
+            raise InputError(f"--config: {args.config} is not a JSON object")
+        scores = read_json(args.scores)[0] if args.scores else None
+        name = args.name or config.get("_name_or_path") or Path(args.config).parent.name or "model"
+        profile = build_prior_profile(config, str(name), scores, source=f"config {args.config}",
+                                      where=str(args.config))
+    digest = save_profile(profile, args.output)
+    print(f"wrote {args.output} ({digest}): {profile.architecture.family}, "
+          f"{profile.architecture.num_parameters / 1e9:.2f}B parameters, {len(profile.architecture.moe_layers)} MoE "
+          f"layers; costs are a documented prior, not measured")
     return 0
 
 

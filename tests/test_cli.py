@@ -335,3 +335,24 @@ def test_llamacpp_target_refuses_runtime_formats_and_names_the_way_out(tmp_path,
     assert main(solve_args(mixed, tmp_path / "p.json", "--target", "llamacpp", "--formats", "Q4_K,Q8_0,BF16",
                            budget="1TB")) == 0
     assert set(load_plan(tmp_path / "p.json").formats.values()) <= {"Q4_K", "Q8_0", "BF16", "F32"}
+
+
+def test_example_from_a_config_alone_plans_a_model_before_download(tmp_path, capsys) -> None:
+    """DeepSeek-V2-Lite's reference config (no weights, no routing statistics): a prior profile that solves."""
+    out = tmp_path / "v2lite.json"
+    config = ROOT / "optimizer" / "data" / "deepseek_v3" / "config_16B.json"
+    assert main(["example", "--config", str(config), "--name", "DeepSeek-V2-Lite", "-o", str(out)]) == 0
+    assert "deepseek_v2, 15.71B parameters, 26 MoE layers" in capsys.readouterr().out
+    profile = load_profile(out)
+    assert profile.model.name == "DeepSeek-V2-Lite" and profile.experts.measurement.prior
+    assert all(np.allclose(m, 1 / 64) for m in profile.experts.routing_mass)  # equal shares without --scores
+    plan_path = tmp_path / "plan.json"
+    assert main(["solve", str(out), "--budget", "8GB", "-o", str(plan_path)]) == 0
+    assert load_plan(plan_path).bytes.total <= 8e9
+    bad = tmp_path / "scores.json"
+    bad.write_text(json.dumps({"layer_1": {"scores": [1.0], "activations": [1.0]}}))
+    capsys.readouterr()
+    assert main(["example", "--config", str(config), "--scores", str(bad), "-o", str(tmp_path / "x.json")]) == 2
+    assert_one_line_error(capsys, "--scores: layer_1 needs 64 nonnegative scores")
+    assert main(["example", "--name", "x", "-o", str(tmp_path / "y.json")]) == 2
+    assert_one_line_error(capsys, "--scores and --name need --config")

@@ -1,6 +1,11 @@
-"""A full-scale DeepSeek-V3 (671B) profile from real routing statistics and a documented prior.
+"""A full-scale DeepSeek-V3 (671B) profile from real routing statistics and a documented prior; the same prior
+for any supported MoE config, so a model can be planned and sized before its weights are downloaded.
 
 Reproduce: ``python -m optimizer example -o examples/deepseek-v3/profile.json.gz``
+Any model: ``python -m optimizer example --config config.json [--scores SCORES.json] -o profile.json``
+(``SCORES``: per layer ``{"layer_N": {"scores": [...], "activations": [...]}}`` as DeepSeek's release; without
+it every expert gets an equal share of routing: frequency 1/E, routing mass 1/E, mean score 1/k, all marked
+``prior``).
 
 What is real: the architecture (``data/deepseek_v3/config_671B.json``: 61 layers, 58 MoE layers of 256
 routed + 1 shared experts, top-8, 8 groups / 4 selected, MLA) and the per-expert routing statistics of
@@ -33,6 +38,7 @@ import numpy as np
 
 from ..architecture import BlockKind
 from ..architectures import architecture_from_config
+from ..errors import InputError
 from ..formats import get_format
 from ..profile import Device, ExpertStats, Measurement, ModelInfo, Profile, Sensitivity, TopkCost
 
@@ -59,33 +65,40 @@ def format_noise(name: str) -> float:
 
 
 def build_deepseek_v3_profile(formats: tuple[str, ...] = FORMATS) -> Profile:
-    arch = architecture_from_config(_data("config_671B.json"), where="config_671B.json")
-    stats = _data("expert_scores_seqlen_8k.json")
-    freq, score, mass = [], [], []
-    tokens = None
-    for m in arch.moe_layers:
-        layer = stats[f"layer_{m.index}"]
-        s = np.asarray(layer["scores"], float)
-        a = np.asarray(layer["activations"], float)
-        n_tokens = a.sum() / m.top_k
-        tokens = int(round(n_tokens)) if tokens is None else tokens
-        freq.append(a / (n_tokens * m.top_k))
-        score.append(np.where(a > 0, s / np.maximum(a, 1), 0.0))
-        mass.append(s / s.sum())
+    return build_prior_profile(_data("config_671B.json"), "DeepSeek-V3-671B", _data("expert_scores_seqlen_8k.json"),
+                               formats, source=SOURCE, where="config_671B.json")
+
+
+def build_prior_profile(config: dict, name: str, scores: dict | None = None, formats: tuple[str, ...] = FORMATS,
+                        source: str = "", where: str = "config") -> Profile:
+    """A profile of ``config``'s architecture: routing statistics from ``scores`` (or equal shares, marked
+    prior), and the documented prior for sensitivity, prune and top-k costs (module docstring)."""
+    arch = architecture_from_config(config, where=where)
+    if scores is not None:
+        freq, score, mass, tokens = _routing_from_scores(arch, scores)
+        real = Measurement(method="router statistics of DeepSeek-V3-0324 on MMLU test prompts in 8k-token chunks"
+                           if source == SOURCE else "router statistics from --scores (per layer scores, activations)",
+                           tokens=tokens, source=source)
+    else:
+        freq = tuple(np.full(m.num_experts, 1.0 / m.num_experts) for m in arch.moe_layers)
+        score = tuple(np.full(m.num_experts, 1.0 / m.top_k) for m in arch.moe_layers)
+        mass = tuple(np.full(m.num_experts, 1.0 / m.num_experts) for m in arch.moe_layers)
+        real = Measurement(method="prior: no routing statistics; every expert an equal share (frequency and routing "
+                                  "mass 1/E, mean score 1/k)", prior=True)
     mass_of = {(m.index, e): mass[i][e] for i, m in enumerate(arch.moe_layers) for e in range(m.num_experts)}
     values = _prior_sensitivity(arch, formats, mass_of)
-    real = Measurement(method="router statistics of DeepSeek-V3-0324 on MMLU test prompts in 8k-token chunks",
-                       tokens=tokens, source=SOURCE)
     prune_prior = Measurement(method=f"prior: {GAMMA} nats x routing-mass share (not measured)", prior=True)
     sens_prior = Measurement(method="prior: w_b * 4^-(bpw-0.5), w_b by kind/projection/layer/routing mass "
                                     "(see optimizer/examples/deepseek_v3.py; not measured)", prior=True)
-    ranks = RHO ** np.arange(8)
-    ranks /= ranks.sum()
-    topk = [np.array([GAMMA * ranks[k:].sum() for k in range(1, m.top_k + 1)]) for m in arch.moe_layers]
+    topk = []
+    for m in arch.moe_layers:
+        ranks = RHO ** np.arange(m.top_k)
+        ranks /= ranks.sum()
+        topk.append(np.array([GAMMA * ranks[k:].sum() for k in range(1, m.top_k + 1)]))
     topk_prior = Measurement(method=f"prior: {GAMMA} nats x routing mass beyond rank k, geometric ranks rho={RHO}",
                              prior=True)
     return Profile(
-        model=ModelInfo(name="DeepSeek-V3-671B", source=SOURCE), architecture=arch,
+        model=ModelInfo(name=name, source=source), architecture=arch,
         formats=tuple(get_format(f).name for f in formats),
         experts=ExpertStats(tuple(freq), tuple(score), tuple(mass), None,
                             tuple(GAMMA * m for m in mass), real, prune_prior),
@@ -93,6 +106,26 @@ def build_deepseek_v3_profile(formats: tuple[str, ...] = FORMATS) -> Profile:
         topk_cost=TopkCost(tuple(topk), topk_prior),
         device=Device(BANDWIDTH, Measurement(method="prior: 256 GB/s laptop-class memory bandwidth", prior=True)),
     )
+
+
+def _routing_from_scores(arch, stats: dict) -> tuple[tuple, tuple, tuple, int | None]:
+    """(frequency, mean score, routing mass per MoE layer, tokens) from per-layer summed scores and counts."""
+    freq, score, mass = [], [], []
+    tokens = None
+    for m in arch.moe_layers:
+        layer = stats.get(f"layer_{m.index}")
+        if not isinstance(layer, dict) or "scores" not in layer or "activations" not in layer:
+            raise InputError(f"--scores: no 'layer_{m.index}' entry with 'scores' and 'activations'")
+        s = np.asarray(layer["scores"], float)
+        a = np.asarray(layer["activations"], float)
+        if s.shape != (m.num_experts,) or a.shape != (m.num_experts,) or not (s >= 0).all() or s.sum() <= 0:
+            raise InputError(f"--scores: layer_{m.index} needs {m.num_experts} nonnegative scores and activations")
+        n_tokens = a.sum() / m.top_k
+        tokens = int(round(n_tokens)) if tokens is None else tokens
+        freq.append(a / max(n_tokens * m.top_k, 1.0))
+        score.append(np.where(a > 0, s / np.maximum(a, 1), 0.0))
+        mass.append(s / s.sum())
+    return tuple(freq), tuple(score), tuple(mass), tokens
 
 
 def _prior_sensitivity(arch, formats, mass_of) -> np.ndarray:
