@@ -246,3 +246,33 @@ def test_deepseek_moe_layer_freq() -> None:
                                          moe_layer_freq=2))
     assert [m.index for m in arch.moe_layers] == [2, 4, 6]
     assert "model.layers.3.mlp.gate_proj.weight" in {b.name for b in arch.blocks}
+
+
+def _transformers_moe_types() -> list[str]:
+    """Causal-LM model types of the installed transformers whose config takes an expert count (its own registry)."""
+    import inspect
+
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    out = []
+    for model_type in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        try:
+            params = inspect.signature(CONFIG_MAPPING[model_type].__init__).parameters
+        except (KeyError, ValueError):
+            continue
+        if any("expert" in p for p in params):
+            out.append(model_type)
+    return out
+
+
+def test_every_transformers_moe_type_is_supported_or_refused_by_name() -> None:
+    """Enumerated from transformers' registry, not a hand list: each MoE type is one of ours, or a config of it
+    is refused in one line naming it and what is supported (README lists both)."""
+    from optimizer.architectures import supported_model_types
+
+    moe = _transformers_moe_types()
+    assert set(supported_model_types()) <= set(moe), set(supported_model_types()) - set(moe)
+    for model_type in sorted(set(moe) - set(supported_model_types())):
+        with pytest.raises(InputError, match=f"unsupported model_type '{model_type}'; supported: deepseek_v2, "):
+            architecture_from_config({"model_type": model_type})
