@@ -26,9 +26,9 @@ from optimizer.formats import get_format
 from optimizer.formulation.instance import FormulationOptions
 from optimizer.jsonio import read_json, write_json
 from optimizer.plan import Plan
-from optimizer.profile import Profile, load_profile
+from optimizer.profile import Profile
 from optimizer.solve import SolveOptions, optimize
-from profiling.calibrate import Calibration, Calibrator, calibrated_profile
+from profiling.calibrate import Calibration, Calibrator, calibrated_profile, read_profile_details
 from profiling.run import details_path
 
 
@@ -64,30 +64,25 @@ def cost_models(profile: Profile, cal: Calibration, details: dict) -> list[tuple
         (f"S = sum {name} P", calibrated_profile(profile, replace(cal, link=lk), raw, groups)) for name, lk in variants]
 
 
-def known_measurements(calibrated: str | None) -> dict[str, float]:
-    """label -> KL of the plans ``profiling calibrate`` measured for the profile ``calibrated``."""
+def known_measurements(calibrated: str | None) -> tuple[dict[str, float], int | None]:
+    """(label -> KL, calibration tokens) of the plans ``profiling calibrate`` measured for ``calibrated``."""
     if calibrated is None:
-        return {}
+        return {}, None
     dpath = details_path(Path(calibrated))
     details = read_json(dpath)[0] if dpath.is_file() else {}
     if "calibration" not in details:
         raise InputError(f"--calibrated: {dpath} holds no calibration (write it with `python -m profiling calibrate`)")
-    return {r["plan"]: r["measured_kl"] for r in details["calibration"]["rows"]}
+    cal = details["calibration"]
+    return {r["plan"]: r["measured_kl"] for r in cal["rows"]}, cal["tokens"]
 
 
 def run(cfg: Config) -> dict:
-    profile = load_profile(cfg.profile)
-    dpath = details_path(Path(cfg.profile))
-    if not dpath.is_file():
-        raise InputError(f"--profile: {dpath} is missing; this study needs the raw proxy tables of the details "
-                         "file that `python -m profiling run` writes")
-    details = read_json(dpath)[0]
+    profile, details = read_profile_details(cfg.profile)
+    known, known_tokens = known_measurements(cfg.calibrated)
     out = Path(cfg.out)
     calibrator = Calibrator(profile, details, Path(cfg.model), cfg.max_tokens, resume=cfg.resume,
-                            journal=out.with_name(out.name + ".calibration.jsonl"), say=print,
-                            known=known_measurements(cfg.calibrated))
-    if cfg.calibrated and calibrator.meter.engine.tokens != read_json(details_path(Path(cfg.calibrated)))[0][
-            "calibration"]["tokens"]:
+                            journal=out.with_name(out.name + ".calibration.jsonl"), say=print, known=known)
+    if known_tokens is not None and calibrator.meter.engine.tokens != known_tokens:
         raise InputError(f"--calibrated: {cfg.calibrated} was measured on another number of tokens")
     cal = calibrator.run()
     rows = list(cal.rows)

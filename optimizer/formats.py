@@ -55,6 +55,9 @@ INT_PARTS = ("qcodes", "qscale", "qzero")
 #: code width of GGUF's 32-element legacy types (the rest of each block is its scale and minimum)
 GGUF_CODE_BITS = {"Q4_0": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8}
 FLOAT_NAMES = ("F32", "F16", "BF16")
+#: bytes per element of each safetensors dtype (a stored part's, a checkpoint tensor's)
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ class StoredPart:
 
     @property
     def nbytes(self) -> int:
-        return num_elements(self.shape) * (1 if self.dtype == "U8" else 2 if self.dtype in ("F16", "BF16") else 4)
+        return num_elements(self.shape) * DTYPE_BYTES[self.dtype]
 
 
 @dataclass(frozen=True)

@@ -250,16 +250,22 @@ def calibrated_profile(profile: Profile, cal: Calibration, raw: dict, groups: di
     return replace(profile, sensitivity=Sensitivity(sens.formats, values, measurement), hash="")
 
 
-def run_calibrate(args) -> Calibration:  # noqa: ANN001 - the argparse namespace of ``python -m profiling calibrate``
-    """The CLI: calibrate, write OUT and OUT's details file (the input's, plus ``calibration``)."""
-    profile = load_profile(args.profile)
-    dpath = details_path(Path(args.profile))
+def read_profile_details(profile_path: str | Path) -> tuple[Profile, dict]:
+    """The profile and its details file, which must hold the raw proxy tables a calibration reads."""
+    profile = load_profile(profile_path)
+    dpath = details_path(Path(profile_path))
     if not dpath.is_file():
-        raise InputError(f"{args.profile}: no details file {dpath.name}; calibrate needs the raw proxy tables "
+        raise InputError(f"{profile_path}: no details file {dpath.name}; calibration needs the raw proxy tables "
                          "that `python -m profiling run` writes beside the profile")
     details = read_json(dpath)[0]
     if not isinstance(details.get("proxy_raw"), dict) or not isinstance(details.get("groups"), dict):
         raise InputError(f"{dpath}: not a profiling details file (no proxy_raw / groups)")
+    return profile, details
+
+
+def run_calibrate(args) -> Calibration:  # noqa: ANN001 - the argparse namespace of ``python -m profiling calibrate``
+    """The CLI: calibrate, write OUT and OUT's details file (the input's, plus ``calibration``)."""
+    profile, details = read_profile_details(args.profile)
     probe = {"none": None, "auto": default_probe(profile)}.get(args.layer_probe, args.layer_probe)
     check_probe(probe, profile)
     out = Path(args.output)

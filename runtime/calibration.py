@@ -38,7 +38,7 @@ from optimizer.architecture import Block, BlockKind
 from optimizer.errors import InputError
 
 from .evaluate import DEFAULT_WINDOW, tokenize
-from .layout import expert_view, fused_slot, in_memory_name
+from .layout import expert_view, fused_param, in_memory_name
 from .moe import get_layer
 from .quant.gptq import DEFAULT_PERCDAMP
 
@@ -173,8 +173,7 @@ def _block_key(block: Block, model: nn.Module) -> tuple[str, int | None] | None:
     if block.kind not in GPTQ_KINDS or len(block.shape) != 2:
         return None
     if block.is_routed_expert:
-        attr, _ = fused_slot(block.projection, 0)
-        return f"{get_layer(model, block.layer).name}.experts.{attr}", block.expert
+        return f"{get_layer(model, block.layer).name}.experts.{fused_param(block.projection)}", block.expert
     path = in_memory_name(block.name)
     module_path, _, attr = path.rpartition(".")
     try:

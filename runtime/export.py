@@ -322,7 +322,7 @@ def export(plan_path: str | Path, to: str, out: str | Path, model: str | Path | 
             (tmp / name).write_text(text, encoding="utf-8")
         if checkpoint:
             write_pruned_checkpoint(plan, arch, model, tmp / checkpoint, plan_digest(plan_path),
-                                    untie_embeddings=untie)
+                                    untie_embeddings=untie, zero_gates=zero_gates)
     return [out / name for name in files] + ([out / checkpoint] if checkpoint else [])
 
 

@@ -33,11 +33,16 @@ def checkpoint_names(name: str) -> tuple[str, str]:
     return name, name.replace(".mlp.", ".block_sparse_moe.")
 
 
-def fused_slot(projection: str, inter: int) -> tuple[str, tuple[int, int] | None]:
-    """(fused parameter of ``experts``, rows of one expert's slice holding ``projection``; None: all of it)."""
+def fused_param(projection: str) -> str:
+    """The fused parameter of ``experts`` that holds ``projection`` (``gate_up_proj`` or ``down_proj``)."""
     if projection not in _FUSED:
         raise InputError(f"unknown expert projection {projection!r}")
-    attr, half = _FUSED[projection]
+    return _FUSED[projection][0]
+
+
+def fused_slot(projection: str, inter: int) -> tuple[str, tuple[int, int] | None]:
+    """(fused parameter of ``experts``, rows of one expert's slice holding ``projection``; None: all of it)."""
+    attr, half = fused_param(projection), _FUSED[projection][1]
     return attr, (None if half is None else (half * inter, (half + 1) * inter))
 
 

@@ -17,7 +17,7 @@ from optimizer.architectures import architecture_from_config
 from optimizer.errors import InputError
 
 from .checkpoint import MANIFEST
-from .layout import expert_view, fused_slot, in_memory_name
+from .layout import expert_view, fused_param, in_memory_name
 from .moe import drop_experts, get_layer, set_top_k
 from .quant import dequantize_parts
 
@@ -102,8 +102,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
             if block.is_routed_expert:
                 j = kept[block.layer].index(block.expert)
                 expert_view(model, block.layer, j, block.projection).copy_(value)
-                attr, _ = fused_slot(block.projection, 0)
-                filled.add(f"{get_layer(model, block.layer).name}.experts.{attr}")
+                filled.add(f"{get_layer(model, block.layer).name}.experts.{fused_param(block.projection)}")
                 continue
             target = in_memory_name(name)
             if target not in params:

@@ -32,6 +32,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -167,11 +168,13 @@ def _pruned_config(model_dir: Path, n: int, k: int, provenance: dict, untie: boo
 
 def write_pruned_checkpoint(plan: Plan, arch: Architecture, model_dir: str | Path, out: str | Path,
                             plan_sha256: str = "", shard_bytes: int = DEFAULT_SHARD_BYTES,
-                            untie_embeddings: bool = False, overwrite: bool = False) -> PrunedCheckpoint:
+                            untie_embeddings: bool = False, overwrite: bool = False,
+                            zero_gates: Sequence[str] | None = None) -> PrunedCheckpoint:
     """Write ``out``: ``model_dir`` with the plan's pruned experts removed (see the module docstring).
 
     ``arch`` must be ``model_dir``'s architecture (the caller checks the plan's hash against it). An
     existing ``out`` that moecc wrote is replaced, once the new checkpoint is complete, only with ``overwrite``.
+    ``zero_gates``: :func:`zero_gate_names` of ``model_dir`` when the caller has them already (else read here).
     """
     model_dir, out = Path(model_dir), Path(out)
     check_output_dir(out, overwrite, (model_dir,))
@@ -179,7 +182,7 @@ def write_pruned_checkpoint(plan: Plan, arch: Architecture, model_dir: str | Pat
     headers = read_headers(model_dir)
     untie = untie_embeddings and is_tied(model_dir, headers)
     jobs, dropped = _jobs(arch, headers, kept, untie)
-    nudge = set(zero_gate_names(model_dir, headers))
+    nudge = set(zero_gate_names(model_dir, headers) if zero_gates is None else zero_gates)
     provenance = {"version": 1, "source_architecture_hash": plan.architecture_hash, "plan_sha256": plan_sha256,
                   "kept_experts": {str(layer): keep for layer, keep in sorted(kept.items())}, "top_k": k,
                   "untied_embeddings": untie}
