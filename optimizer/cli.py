@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--expert-weight", type=float, default=None,
                    help="nats for dropping a layer's whole proxy mass (default: fitted to the profile's prune costs)")
     s.add_argument("--importance-alpha", type=float, default=0.5, help="a in I = a f + (1-a) s (default 0.5)")
+    s.add_argument("--no-prune-curve", dest="prune_curve", action="store_false",
+                   help="ignore the profile's prune curves (experts.prune_curve) and price pruning by single-expert "
+                        "costs alone (ablation)")
     s.add_argument("--retain-ratio", type=float, default=0.75,
                    help="sequential baseline: fraction of experts and k kept")
     s.add_argument("--mix", default="Q4_K_M",
@@ -177,7 +180,8 @@ def _solve(args: argparse.Namespace) -> int:
     budget = make_budget(profile.architecture, total, args.context, overhead)
     formulation = FormulationOptions(
         objective=args.formulation,
-        objective_options=ObjectiveOptions(importance_alpha=args.importance_alpha, expert_weight=args.expert_weight),
+        objective_options=ObjectiveOptions(importance_alpha=args.importance_alpha, expert_weight=args.expert_weight,
+                                           prune_curve=args.prune_curve),
         target=Target(args.target), formats=formats, min_experts=args.min_experts, min_top_k=args.min_top_k,
         min_tokens_per_s=args.min_tokens_per_s, presolve=not args.no_presolve,
     )

@@ -84,6 +84,8 @@ class ExpertStats:
     * ``routing_mass``: sum over tokens of the routing weight, normalised so that a layer sums to 1.
     * ``saliency``: REAP saliency (mean over routed tokens of gate weight x norm of expert output), optional.
     * ``prune_cost``: loss increase (nats/token) when the expert alone is removed; NaN where not measured.
+    * ``prune_curve``: per layer, the measured cost of removing several experts together (:class:`PruneCurve`),
+      or None for a layer not measured; optional.
     """
 
     frequency: tuple[np.ndarray, ...]
@@ -93,6 +95,30 @@ class ExpertStats:
     prune_cost: tuple[np.ndarray, ...] | None
     measurement: Measurement
     prune_cost_measurement: Measurement | None = None
+    prune_curve: tuple[PruneCurve | None, ...] | None = None
+    prune_curve_measurement: Measurement | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class PruneCurve:
+    """Cost of pruning experts of one MoE layer *together* (single-expert costs do not add up).
+
+    ``cost[j]``: loss increase (nats/token) when the first ``counts[j]`` experts of ``order`` are removed at
+    once and the layer routes to :func:`served_top_k` experts. ``order`` is a permutation of the layer's
+    experts (in grouped layers every prefix of a measured length takes equally many experts from each group);
+    ``counts`` ascend within ``[1, num_experts - 1]``.
+    """
+
+    order: np.ndarray
+    counts: np.ndarray
+    cost: np.ndarray
+
+
+def served_top_k(top_k: int, experts: int, groups: int, topk_groups: int, pruned: int) -> int:
+    """The top-k a layer routes to after ``pruned`` of its ``experts`` go: the original ``top_k`` if the rest can
+    serve it, else all that is left (grouped routers: what the ``topk_groups`` selected groups hold)."""
+    left = experts - pruned
+    return min(top_k, left if groups == 1 else topk_groups * (left // groups))
 
 
 @dataclass(frozen=True, eq=False)
@@ -328,9 +354,43 @@ def _experts_from_json(r: Reader, arch: Architecture) -> ExpertStats:
     pc_meas = _measurement(pc_meas_r, f"{p}.prune_cost_measurement") if pc_meas_r is not None else None
     if pc is not None and pc_meas is None:
         raise InputError(f"{p}.prune_cost_measurement: required when prune_cost is given")
+    curve_raw = r.list("prune_curve", required=False)
+    curves = _prune_curves_from_json(curve_raw, f"{p}.prune_curve", arch) if curve_raw is not None else None
+    curve_meas_r = r.child("prune_curve_measurement", required=False)
+    curve_meas = _measurement(curve_meas_r, f"{p}.prune_curve_measurement") if curve_meas_r is not None else None
+    if curves is not None and curve_meas is None:
+        raise InputError(f"{p}.prune_curve_measurement: required when prune_curve is given")
     r.done()
     return ExpertStats(tuple(freq), tuple(score), tuple(mass), None if sal is None else tuple(sal),
-                       None if pc is None else tuple(pc), meas, pc_meas)
+                       None if pc is None else tuple(pc), meas, pc_meas, curves, curve_meas)
+
+
+def _prune_curves_from_json(rows: list, path: str, arch: Architecture) -> tuple[PruneCurve | None, ...]:
+    if len(rows) != len(arch.moe_layers):
+        raise InputError(f"{path}: expected {len(arch.moe_layers)} rows (one per MoE layer, null if not measured), "
+                         f"got {len(rows)}")
+    return tuple(None if row is None else _prune_curve(Reader(row, f"{path}[{i}]"), m.num_experts,
+                                                       arch.expert_groups)
+                 for i, (row, m) in enumerate(zip(rows, arch.moe_layers)))
+
+
+def _prune_curve(r: Reader, experts: int, groups: int) -> PruneCurve:
+    p = r.path
+    order = np.array([as_int(v, f"{p}.order[{j}]", 0, experts - 1) for j, v in enumerate(r.list("order"))], int)
+    if len(order) != experts or len(set(order.tolist())) != experts:
+        raise InputError(f"{p}.order: must list each of the layer's {experts} experts once")
+    counts = np.array([as_int(v, f"{p}.counts[{j}]", 1, experts - 1) for j, v in enumerate(r.list("counts"))], int)
+    if len(counts) == 0 or np.any(np.diff(counts) <= 0):
+        raise InputError(f"{p}.counts: must be a non-empty, strictly ascending list")
+    cost = number_array(r.list("cost"), f"{p}.cost", len(counts), maximum=MAX_COST_NATS)
+    size = experts // groups
+    for n in counts.tolist():
+        per_group = np.bincount(order[:n] // size, minlength=groups)
+        if np.any(per_group != per_group[0]):
+            raise InputError(f"{p}: the first {n} experts of order are not spread equally over the {groups} "
+                             "expert groups (a grouped router prunes the same number from each group)")
+    r.done()
+    return PruneCurve(order, counts, cost)
 
 
 def _sensitivity_from_json(r: Reader, arch: Architecture, formats: tuple[str, ...]) -> Sensitivity:
@@ -401,6 +461,11 @@ def profile_to_json(p: Profile) -> dict:
     if p.experts.prune_cost is not None:
         experts["prune_cost"] = [json_floats(v) for v in p.experts.prune_cost]
         experts["prune_cost_measurement"] = p.experts.prune_cost_measurement.to_json()
+    if p.experts.prune_curve is not None:
+        experts["prune_curve"] = [None if c is None else {"order": c.order.tolist(), "counts": c.counts.tolist(),
+                                                          "cost": json_floats(c.cost)}
+                                  for c in p.experts.prune_curve]
+        experts["prune_curve_measurement"] = p.experts.prune_curve_measurement.to_json()
     experts["measurement"] = p.experts.measurement.to_json()
     device: dict[str, Any] = {"memory_bandwidth_bytes_per_s": p.device.memory_bandwidth_bytes_per_s}
     if p.device.format_throughput:

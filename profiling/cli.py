@@ -1,5 +1,5 @@
-"""Command line: ``python -m profiling run | validate | calibrate | refine | compare-domains | memory | inspect |
-refit``
+"""Command line: ``python -m profiling run | validate | calibrate | prune-curve | refine | compare-domains | memory |
+inspect | refit``
 (docs/profiling.md).
 
 Bad input (not a supported MoE directory, an empty corpus, a format the model's shapes cannot take, a
@@ -153,6 +153,23 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _add_prune_curve(sub) -> None:
+    p = sub.add_parser("prune-curve", help="measure per layer the cost of pruning n experts together (a curve in n) "
+                       "and write the profile with experts.prune_curve")
+    p.add_argument("profile", type=Path)
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("-o", "--output", type=Path, required=True, help="the profile with prune curves (+ details file)")
+    p.add_argument("--counts", type=int, nargs="+", default=None,
+                   help="experts pruned together per measured point (default: E/8, E/4, E/2, 3E/4, E-1 per layer)")
+    p.add_argument("--ranking", default=None,
+                   help="objective whose drop costs rank the experts (default predicted_loss, the measured singles; "
+                   "routing_mass without them)")
+    p.add_argument("--max-tokens", type=int, default=None, help="calibration tokens (default: the profile's)")
+    p.add_argument("--resume", action="store_true", help="reuse the measurements journaled by an interrupted run")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def _add_memory(sub) -> None:
     p = sub.add_parser("memory", help="peak RSS of the reference pass, in memory vs streamed (two child processes)")
     p.add_argument("--model", type=Path, required=True)
@@ -172,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_refit(sub)
     _add_refine(sub)
     _add_calibrate(sub)
+    _add_prune_curve(sub)
     return parser
 
 
@@ -240,6 +258,13 @@ def _cmd_calibrate(args) -> int:
     return 0
 
 
+def _cmd_prune_curve(args) -> int:
+    from .prune_curve import run_prune_curve
+
+    run_prune_curve(args)
+    return 0
+
+
 def _cmd_inspect(args) -> int:
     from .proxy_check import inspect_profile, print_inspection
 
@@ -287,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": _cmd_run, "validate": _cmd_validate, "compare-domains": _cmd_domains,
                 "memory": _cmd_memory, "inspect": _cmd_inspect,
-                "refit": _cmd_refit, "refine": _cmd_refine, "calibrate": _cmd_calibrate}[args.command](args)
+                "refit": _cmd_refit, "refine": _cmd_refine, "calibrate": _cmd_calibrate,
+                "prune-curve": _cmd_prune_curve}[args.command](args)
     except (InputError, CorpusError, InfeasibleError) as exc:
         print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2

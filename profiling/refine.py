@@ -114,14 +114,18 @@ def plan_hash(plan: Plan) -> str:
 
 
 def scaled_profile(profile: Profile, m: Multipliers) -> Profile:
-    """``profile`` with its format, prune and top-k costs multiplied (see the module docstring)."""
+    """``profile`` with its format, prune (singles and curves) and top-k costs multiplied (see the module
+    docstring)."""
     experts = profile.experts
     prune = None if experts.prune_cost is None else tuple(np.asarray(v) * m.prune for v in experts.prune_cost)
+    curves = None if experts.prune_curve is None else tuple(
+        None if c is None else replace(c, cost=np.asarray(c.cost) * m.prune) for c in experts.prune_curve)
     sens = Sensitivity(profile.sensitivity.formats, np.asarray(profile.sensitivity.values) * m.formats,
                        profile.sensitivity.measurement)
     topk = TopkCost(tuple(np.asarray(v) * m.topk for v in profile.topk_cost.values), profile.topk_cost.measurement)
     tag = hashlib.sha256(json.dumps(m.to_json(), sort_keys=True).encode()).hexdigest()[:12]
-    return replace(profile, experts=replace(experts, prune_cost=prune), sensitivity=sens, topk_cost=topk,
+    return replace(profile, experts=replace(experts, prune_cost=prune, prune_curve=curves), sensitivity=sens,
+                   topk_cost=topk,
                    hash=f"{profile.hash}+refined:{tag}" if profile.hash else "")
 
 
@@ -136,6 +140,8 @@ def plan_parts(profile: Profile, plan: Plan) -> tuple[float, float, float]:
         lp = plan.layer(m.index)
         pruned = sorted(set(range(m.num_experts)) - set(lp.kept_experts))
         prune += float(np.sum(np.asarray(terms.drop[i])[pruned])) if pruned else 0.0
+        if terms.prune_count is not None:
+            prune += float(terms.prune_count[i][len(pruned)])
         topk += float(terms.topk[i][lp.top_k - 1])
     fmt = 0.0
     for name, f in plan.formats.items():

@@ -180,7 +180,8 @@ def assert_plan_valid(profile: Profile, budget: Budget, plan: Plan, fo: Formulat
 
 
 def independent_objective(profile: Profile, plan: Plan, fo: FormulationOptions) -> float:
-    """Drop costs of pruned experts + format costs of surviving blocks + top-k costs, from the plan alone."""
+    """Drop costs of pruned experts + format costs of surviving blocks + top-k costs (+ the prune curves' count
+    term), from the plan alone."""
     terms = build_objective(profile, fo.objective, fo.objective_options)
     arch = profile.architecture
     total = 0.0
@@ -188,6 +189,8 @@ def independent_objective(profile: Profile, plan: Plan, fo: FormulationOptions) 
         lp = plan.layer(m.index)
         dropped = sorted(set(range(m.num_experts)) - set(lp.kept_experts))
         total += float(np.sum(terms.drop[i][dropped])) + float(terms.topk[i][lp.top_k - 1])
+        if terms.prune_count is not None:
+            total += float(terms.prune_count[i][len(dropped)])
     columns = list(profile.sensitivity.formats)
     for b, block in enumerate(arch.blocks):
         if block.quantizable and block.name in plan.formats:

@@ -11,9 +11,11 @@ Variables (all binary unless said):
     N     integer    experts kept per layer, the same in all layers            (--target llamacpp only)
     z[i,p,f]         format f for projection p of every expert of layer i      (--target llamacpp only)
     c[i], w[i,k] integer  bytes of layer i's largest kept expert, and c[i]*y[i,k]  (--min-tokens-per-s only)
+    u[i,n]           layer i prunes exactly n experts, n in [0, E_i - min_i]   (one-hot; prune curves only)
 
 Objective (minimise, nats/token, :mod:`.objectives`):
     sum_{i,e} drop[i,e] (1 - keep[i,e]) + sum_{b,f} sens[b,f] x[b,f] + sum_{i,k} topk[i,k] y[i,k]
+    + sum_{i,n} g[i,n] u[i,n]                                         (prune curves' count term, if any)
 
 Constraints:
     (1) bytes:    sum_{b,f} bytes[b,f] x[b,f] + sum_{i,e} router_row_bytes[i] keep[i,e] <= budget - reserves - fixed
@@ -31,6 +33,7 @@ Constraints:
                   k_i times its *largest* kept expert: exact when a layer's experts share formats (llamacpp,
                   uniform plans), otherwise an upper bound, so a plan never breaks the speed target under the
                   bandwidth model. read[b,f] = bytes * bandwidth / measured throughput(f) (>= bytes).
+    (6) count:    sum_n u[i,n] = 1;  sum_e keep[i,e] + sum_n n u[i,n] = E_i   (prices n with any curve g, exactly)
 Every family of rows is built by its own function below.
 """
 
@@ -54,6 +57,7 @@ class Variables:
     m: np.ndarray | None = None
     n_global: np.ndarray | None = None
     z: np.ndarray | None = None
+    u: list[np.ndarray] | None = None  # per MoE layer: columns for n = 0..E_i - min_i experts pruned
 
 
 def build_milp(inst: Instance) -> tuple[MilpModel, Variables]:
@@ -69,6 +73,8 @@ def build_milp(inst: Instance) -> tuple[MilpModel, Variables]:
         llamacpp_ties(mb, inst, v)
     if inst.options.min_tokens_per_s is not None:
         decode_speed(mb, inst, v)
+    if inst.prune_count_cost is not None:
+        prune_count(mb, inst, v)
     return mb.build(), v
 
 
@@ -230,3 +236,18 @@ def decode_speed(mb: MilpBuilder, inst: Instance, v: Variables) -> None:
     kv_read = inst.budget.reserves.get("kv_cache", 0)
     mb.add_rows("(5) bytes read per token <= bandwidth / tokens_per_s", np.zeros(len(cols), int), cols, vals,
                 -INF, limit - inst.fixed_read - kv_read, count=1)
+
+
+def prune_count(mb: MilpBuilder, inst: Instance, v: Variables) -> None:
+    """(6) One pruned count per layer, tied to the kept experts; its column carries the curve's g[i, n]."""
+    counts = [np.arange(int(E) - int(lo) + 1) for E, lo in zip(inst.layer_experts, inst.layer_min_experts)]
+    cols = mb.add_vars("u", sum(len(n) for n in counts),
+                       cost=np.concatenate([np.asarray(g, float)[n] for g, n in zip(inst.prune_count_cost, counts)]))
+    v.u = np.split(cols, np.cumsum([len(n) for n in counts])[:-1])
+    rows = np.concatenate([np.full(len(n), i) for i, n in enumerate(counts)])
+    nl = len(counts)
+    mb.add_rows("(6) one pruned count per layer", rows, cols, 1.0, 1.0, 1.0, count=nl)
+    kr, kc = _keep_rows(inst, v)
+    experts = inst.layer_experts.astype(float)
+    mb.add_rows("(6) kept + pruned = experts", np.concatenate([kr, rows]), np.concatenate([kc, cols]),
+                np.concatenate([np.ones(len(kc))] + [n.astype(float) for n in counts]), experts, experts, count=nl)

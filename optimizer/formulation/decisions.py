@@ -23,11 +23,18 @@ class Decisions:
     chosen: np.ndarray  # bool per candidate pair (exactly one per present block)
 
     def objective(self, inst: Instance) -> float:
-        """Predicted loss increase: sum of drop costs, format costs and top-k costs (nats/token)."""
+        """Predicted loss increase: drop costs, format costs, top-k costs and prune-count costs (nats/token)."""
         drop = float(inst.drop_cost[~self.keep].sum())
         fmt = float(inst.pair_cost[self.chosen].sum())
         topk = float(sum(inst.topk_cost[i][k - 1] for i, k in enumerate(self.top_k)))
-        return drop + fmt + topk
+        return drop + fmt + topk + self.count_cost(inst)
+
+    def count_cost(self, inst: Instance) -> float:
+        """sum_i g_i(experts pruned in layer i): the prune curves' correction (0 without curves)."""
+        if inst.prune_count_cost is None:
+            return 0.0
+        kept = np.bincount(inst.expert_layer[self.keep], minlength=len(inst.layer_top_k))
+        return float(sum(g[E - k] for g, E, k in zip(inst.prune_count_cost, inst.layer_experts, kept)))
 
     def weight_bytes(self, inst: Instance) -> int:
         """Bytes of all weights: chosen formats, router rows of kept experts, fixed tensors."""
@@ -35,15 +42,19 @@ class Decisions:
 
 
 def to_vector(inst: Instance, model: MilpModel, v: Variables, d: Decisions) -> np.ndarray:
-    """The MILP point of ``d`` (auxiliary variables m, N, z, c, w filled consistently)."""
+    """The MILP point of ``d`` (auxiliary variables m, N, z, c, w, u filled consistently)."""
     x = np.zeros(model.num_vars)
     x[v.x] = d.chosen
     x[v.keep] = d.keep
     for i, (cols, ks) in enumerate(zip(v.y, v.k_values)):
         x[cols[ks == d.top_k[i]]] = 1.0
+    kept = np.bincount(inst.expert_layer[d.keep], minlength=len(inst.layer_top_k))
     if v.m is not None:
-        kept = np.bincount(inst.expert_layer[d.keep], minlength=len(inst.layer_top_k))
         x[v.m] = kept // inst.groups
+    if v.u is not None:
+        for cols, E, k in zip(v.u, inst.layer_experts, kept):
+            if E - k < len(cols):
+                x[cols[E - k]] = 1.0
     if v.n_global is not None:
         x[v.n_global] = int(d.keep[inst.layer_first_expert[0]:inst.layer_first_expert[0] + inst.layer_experts[0]].sum())
     if v.z is not None:

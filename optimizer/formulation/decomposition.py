@@ -11,7 +11,8 @@ a lower bound on the optimum for every lam (weak duality). Without the byte row 
   if kept (relative to dropping it);
 * layer i chooses m experts per group (m in [m_lo, E_i/G]) and k in [k_min, min(K_i, TG m, G m)]: for
   each m the best experts are the m smallest delta of every group, and the best k is a prefix minimum of
-  the top-k costs, so the layer is solved exactly by enumerating m.
+  the top-k costs, so the layer is solved exactly by enumerating m (a prune curve's count term
+  g_i(E_i - G m) is a constant of m, added to its value).
 
 ``L`` is concave in lam; bisection on the sign of its subgradient bytes(x(lam)) - cap finds the crossing.
 The solution at the feasible end is a plan satisfying every constraint; spare bytes are then spent by
@@ -81,7 +82,8 @@ class _Relaxation:
             t = inst.topk_cost[i][inst.min_top_k - 1:]
             best_t = np.minimum.accumulate(t)  # best cost for k <= kmin + j
             best_k = np.array([inst.min_top_k + int(np.argmin(t[: j + 1])) for j in range(len(t))])
-            self.layers.append((ids.reshape(G, per_group), ms, best_t[kmax - inst.min_top_k],
+            count = np.zeros(len(ms)) if inst.prune_count_cost is None else inst.prune_count_cost[i][E - G * ms]
+            self.layers.append((ids.reshape(G, per_group), ms, best_t[kmax - inst.min_top_k] + count,
                                 best_k[kmax - inst.min_top_k]))
 
     def solve(self, lam: float, cost_weight: float = 1.0) -> tuple[float, Decisions, int]:

@@ -90,6 +90,11 @@ class Instance:
         return self.budget.available - self.fixed_bytes
 
     @property
+    def prune_count_cost(self) -> tuple[np.ndarray, ...] | None:
+        """g_i(n) for n = 0..E_i experts pruned in MoE layer i (:mod:`.objectives`); None without prune curves."""
+        return self.objective.prune_count
+
+    @property
     def num_experts(self) -> int:
         return int(self.expert_layer.shape[0])
 

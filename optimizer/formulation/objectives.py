@@ -3,12 +3,25 @@
     J = sum_{l,e} drop[l,e] * (1 - keep[l,e])      (pruning)
       + sum_{b,f} sens[b,f] * x[b,f]                 (quantization: profile sensitivities)
       + sum_{l,k} topk[l,k] * y[l,k]                 (routing to fewer experts: profile top-k cost)
+      + sum_l g_l(n_l)                               (pruning n_l experts together: the measured curve)
 
 Objectives differ in how they price dropping an expert. Proxy-based ones (the paper's importance, routing
 mass, REAP saliency) turn an expert's share of the layer's proxy into nats with a per-layer scale
 ``lambda_l``, fitted by least squares through the origin on the experts whose prune cost the profile
 measured (``lambda_l = sum_e c_e p_e / sum_e p_e^2``; layers without measurements use the global fit), or
-given with ``expert_weight``. A researcher adds an objective by writing one function::
+given with ``expert_weight``.
+
+Where the profile measured a prune curve for layer l (``experts.prune_curve``: C_l(n) for removing its first n
+experts in the curve's order together), the count term corrects the sum of single costs to it, for every
+objective: g_l(n) = x_l(n) interpolated linearly between measured counts (x_l(0) = 0, constant past the last),
+
+    x_l(n_j) = C_l(n_j) - S_l(n_j) - topk[l, k_l(n_j)],   S_l(n) = the n smallest drop[l, e],
+
+with k_l(n) the top-k the curve was measured at (:func:`optimizer.profile.served_top_k`: min(K_l, E_l - n) for
+ungrouped routers), so a plan that prunes the objective's n cheapest experts and routes to k_l(n) is priced at the
+measurement, and any other set of n pays its own costs' excess over theirs: an expert's own term still decides
+which experts go, the curve how many. g_l is clamped so that S_l(n) + topk + g_l(n) >= 0.
+A researcher adds an objective by writing one function::
 
     @register_objective("my_objective", "one line on what it prices")
     def my_objective(profile: Profile, options: ObjectiveOptions) -> ObjectiveTerms: ...
@@ -16,31 +29,34 @@ given with ``expert_weight``. A researcher adds an objective by writing one func
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
 
 from ..errors import InputError
-from ..profile import Profile
+from ..profile import Profile, served_top_k
 
 
 @dataclass(frozen=True)
 class ObjectiveOptions:
     importance_alpha: float = 0.5  # a in I_e = a f_e + (1 - a) s_e
     expert_weight: float | None = None  # nats for dropping a whole layer's proxy mass; None = fit to prune_cost
+    prune_curve: bool = True  # price the number pruned per layer by the profile's prune curves, where measured
 
 
 @dataclass(frozen=True, eq=False)
 class ObjectiveTerms:
     """Linear costs: ``drop[i][e]`` per MoE layer i, ``format_cost[b, f]`` over profile.sensitivity.formats
-    (NaN where not applicable), ``topk[i][k-1]``."""
+    (NaN where not applicable), ``topk[i][k-1]``; ``prune_count[i][n]``: g_i(n) for n = 0..E_i pruned
+    (None: no layer has a prune curve, or curves are switched off)."""
 
     name: str
     drop: tuple[np.ndarray, ...]
     format_cost: np.ndarray
     topk: tuple[np.ndarray, ...]
     description: str
+    prune_count: tuple[np.ndarray, ...] | None = None
 
 
 ObjectiveFn = Callable[[Profile, ObjectiveOptions], ObjectiveTerms]
@@ -64,11 +80,36 @@ def get_objective(name: str) -> ObjectiveFn:
 
 
 def build_objective(profile: Profile, name: str, options: ObjectiveOptions | None = None) -> ObjectiveTerms:
-    terms = get_objective(name)(profile, options or ObjectiveOptions())
+    options = options or ObjectiveOptions()
+    terms = get_objective(name)(profile, options)
     for i, d in enumerate(terms.drop):
         if not np.all(np.isfinite(d)) or np.any(d < 0):
             raise InputError(f"objective {name}: drop costs of MoE layer {i} must be finite and >= 0")
+    if options.prune_curve and profile.experts.prune_curve is not None:
+        terms = replace(terms, prune_count=prune_count_costs(profile, terms.drop, terms.topk))
     return terms
+
+
+def prune_count_costs(profile: Profile, drop: tuple[np.ndarray, ...],
+                      topk: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    """g_i(n), n = 0..E_i, of every MoE layer (zeros where no curve was measured; see the module docstring)."""
+    arch = profile.architecture
+    out = []
+    for m, curve, d, t in zip(arch.moe_layers, profile.experts.prune_curve, drop, topk):
+        E = m.num_experts
+        n = np.arange(E + 1)
+        served = [max(1, served_top_k(m.top_k, E, arch.expert_groups, arch.topk_groups, j)) for j in n]
+        floor = np.concatenate([[0.0], np.cumsum(np.sort(np.asarray(d, float)))])  # S(n)
+        floor = floor + np.asarray(t, float)[np.array(served) - 1]  # + topk at k_l(n)
+        if curve is None:
+            out.append(np.zeros(E + 1))
+            continue
+        excess = np.asarray(curve.cost, float) - floor[curve.counts]
+        g = np.interp(n, np.concatenate([[0], curve.counts]), np.concatenate([[0.0], excess]))
+        g = np.maximum(g, -floor)
+        g[0] = 0.0
+        out.append(g)
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------------------------- helpers
