@@ -134,7 +134,7 @@ def run_prune_curve(args) -> dict:  # noqa: ANN001 - the argparse namespace of `
     new = replace(profile, experts=replace(profile.experts, prune_curve=tuple(curves),
                                            prune_curve_measurement=measurement))
     digest = save_profile(new, out)
-    summary = _summary(profile, curves)
+    summary = _summary(profile, curves, objective)
     details.update(profile=out.name, profile_hash=digest,
                    prune_curve={"ranking": objective, "cost": cost, "tokens": meter.engine.tokens,
                                 "seconds": round(seconds, 1), "points": sum(len(ns) for ns in counts),
@@ -147,15 +147,12 @@ def run_prune_curve(args) -> dict:  # noqa: ANN001 - the argparse namespace of `
     return summary
 
 
-def _summary(profile: Profile, curves: list[PruneCurve]) -> dict[str, float]:
-    """Median over layers of C(n) / (sum of the n single prune costs), per count (where singles were measured)."""
-    pc = profile.experts.prune_cost
-    if pc is None:
-        return {}
+def _summary(profile: Profile, curves: list[PruneCurve], objective: str) -> dict[str, float]:
+    """Median over layers of C(n) / (sum of the n pruned experts' single drop costs under ``objective``)."""
     ratios: dict[int, list[float]] = {}
-    for c, single in zip(curves, pc):
+    for c, single in zip(curves, build_objective(profile, objective).drop):
         for n, cost in zip(c.counts.tolist(), c.cost.tolist()):
             s = float(np.sum(np.asarray(single)[c.order[:n]]))
-            if np.isfinite(s) and s > 0:
+            if s > 0:
                 ratios.setdefault(n, []).append(cost / s)
     return {str(n): float(np.median(v)) for n, v in sorted(ratios.items())}
