@@ -264,7 +264,9 @@ def mask_experts(model: nn.Module, masked: Mapping[int, Sequence[int]]) -> Itera
     The masked experts' router logits (softmax routers) or selection scores (DeepSeek) are forced to -inf
     before top-k, so the next-best experts are routed instead and, for softmax routers, the probabilities
     are renormalised over the unmasked experts: the forward pass equals that of :func:`drop_experts` with the
-    complement kept. Nested masks are not combined: the innermost mask of a layer wins.
+    complement kept. Nested masks are not combined: the innermost mask of a layer wins. In grouped routers
+    (DeepSeek) a mask is refused unless any ``topk_groups`` groups the router may pick (those with an unmasked
+    expert) hold ``top_k`` unmasked experts: balanced masks, as plans have, pass.
     """
     patched: list[tuple[nn.Module, object]] = []
     try:
@@ -279,7 +281,9 @@ def mask_experts(model: nn.Module, masked: Mapping[int, Sequence[int]]) -> Itera
             left = n - int(mask.sum())
             if h.num_groups > 1:
                 size = n // h.num_groups
-                reach = sorted((int((~mask[g * size:(g + 1) * size]).sum()) for g in range(h.num_groups)), reverse=True)
+                # the router picks groups by score, not by how many unmasked experts they hold: whichever
+                # topk_groups groups with an unmasked expert it picks must still hold top_k of them
+                reach = sorted(r for g in range(h.num_groups) if (r := int((~mask[g * size:(g + 1) * size]).sum())))
                 left = sum(reach[:h.topk_groups])
             if h.top_k > left:
                 raise InputError(f"layer {layer}: masking {len(experts)} experts leaves {left} routable, "
