@@ -60,8 +60,11 @@ def cost_models(profile: Profile, cal: Calibration, details: dict) -> list[tuple
     link = cal.link
     variants = [("w", replace(link, layers={}, formats={})), ("w v", replace(link, formats={})), ("w v r", link)]
     raw, groups = details["proxy_raw"], details["groups"]
+    # absorb=False: the study's plans keep every expert, so single-candidate cells only shift every prediction
+    # by one constant; keeping them reproduces the committed results exactly
     return [("profile costs", profile)] + [
-        (f"S = sum {name} P", calibrated_profile(profile, replace(cal, link=lk), raw, groups)) for name, lk in variants]
+        (f"S = sum {name} P", calibrated_profile(profile, replace(cal, link=lk), raw, groups, absorb=False))
+        for name, lk in variants]
 
 
 def known_measurements(calibrated: str | None) -> tuple[dict[str, float], int | None]:

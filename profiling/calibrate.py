@@ -229,13 +229,17 @@ def _middle(uniform: dict[str, dict]) -> str:
     return min(kl, key=lambda f: (abs(math.log(kl[f]) - mid), f))
 
 
-def calibrated_profile(profile: Profile, cal: Calibration, raw: dict, groups: dict) -> Profile:
-    """``profile`` with every calibrated block's cells ``scale x w v r P(b, f)`` (the rest unchanged)."""
+def calibrated_profile(profile: Profile, cal: Calibration, raw: dict, groups: dict, absorb: bool = True) -> Profile:
+    """``profile`` with every calibrated block's cells ``scale x w v r P(b, f)``; with ``absorb``, blocks outside
+    the calibrated groups that have a single candidate format cost 0 there (:func:`_absorb_fixed_choice`); the
+    rest unchanged."""
     sens = profile.sensitivity
     values = np.array(sens.values, dtype=float, copy=True)
     link, scale = cal.link, cal.scale
+    absorbed = 0
     for i, b in enumerate(profile.architecture.blocks):
         if groups.get(b.name) not in link.weights:
+            absorbed += _absorb_fixed_choice(values[i]) if b.quantizable and absorb else 0
             continue
         for j, f in enumerate(sens.formats):
             cell = raw.get(b.name, {}).get(f)
@@ -245,9 +249,25 @@ def calibrated_profile(profile: Profile, cal: Calibration, raw: dict, groups: di
               f"KL ~ S^p with p = {link.p:.3g}, S = sum_b w_g v_l r_f P(b, f), P the importance-matrix proxy, "
               f"w_g for the groups {', '.join(sorted(link.weights))}, {len(link.layers)} layer factors, "
               f"{len(link.formats)} format factors; cells p S*^(p-1) w v r P (S* = S of uniform {cal.reference}); "
-              f"other blocks keep the original's values. Original: {sens.measurement.method}")
+              f"{absorbed} blocks outside those groups with a single candidate format are priced 0 (every measured "
+              f"uniform plan holds them so: their effect is inside the fit); other blocks keep the original's values. "
+              f"Original: {sens.measurement.method}")
     measurement = replace(sens.measurement, method=method)
     return replace(profile, sensitivity=Sensitivity(sens.formats, values, measurement), hash="")
+
+
+def _absorb_fixed_choice(row: np.ndarray) -> int:
+    """Set the cell of a block with exactly one candidate format to 0 (in place); 1 if it did.
+
+    Every measured uniform plan holds such a block (R3's routed ``down_proj``, BF16 only) in that format, so
+    the fitted link already explains its effect; its single-block cell (a routing-flip noise floor on R3, up to
+    0.03 nats/token) would count it twice, and make pruning the expert look like a saving at any budget.
+    """
+    finite = np.flatnonzero(np.isfinite(row))
+    if len(finite) != 1 or row[finite[0]] == 0.0:
+        return 0
+    row[finite[0]] = 0.0
+    return 1
 
 
 def read_profile_details(profile_path: str | Path) -> tuple[Profile, dict]:
@@ -272,7 +292,7 @@ def run_calibrate(args) -> Calibration:  # noqa: ANN001 - the argparse namespace
     cal = Calibrator(profile, details, Path(args.model), args.max_tokens,
                      journal=out.with_name(out.name + ".calibration.jsonl"), resume=args.resume,
                      progress=not args.no_progress, say=print).run(probe, not args.no_format_correction)
-    new = calibrated_profile(profile, cal, details["proxy_raw"], details["groups"])
+    new = calibrated_profile(profile, cal, details["proxy_raw"], details["groups"], absorb=not args.keep_fixed_cells)
     digest = save_profile(new, out)
     details.update(profile=out.name, profile_hash=digest,
                    calibration={"link": cal.link.to_json(), "reference_format": cal.reference, "s_ref": cal.s_ref,

@@ -148,6 +148,9 @@ def _add_calibrate(sub) -> None:
                    "second smallest; 'none': no layer factors)")
     p.add_argument("--no-format-correction", action="store_true",
                    help="no per-format factors (uniform plans then need not be predicted exactly)")
+    p.add_argument("--keep-fixed-cells", action="store_true",
+                   help="keep the single-block cells of uncalibrated blocks that have one candidate format (the "
+                   "behaviour before they were priced 0; reproduces profiles calibrated then)")
     p.add_argument("--resume", action="store_true", help="reuse the measurements journaled by an interrupted run")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--no-progress", action="store_true")

@@ -77,6 +77,8 @@ def test_calibration_predicts_every_uniform_plan_and_rewrites_only_calibrated_ce
             if details["groups"].get(b.name) in cal.link.weights and raw is not None and np.isfinite(old[i, j]):
                 want = cal.scale * cal.link.factor(details["groups"][b.name], b.layer, f) * raw
                 assert cells[i, j] == pytest.approx(want, rel=1e-12)
+            elif b.quantizable and np.isfinite(old[i]).sum() == 1 and np.isfinite(old[i, j]):
+                assert cells[i, j] == 0.0  # one candidate: every uniform plan holds it, the fit explains it
             else:
                 assert np.array_equal(cells[i, j], old[i, j], equal_nan=True)
     # cheaper formats cost more in every calibrated block, as the measured plans say
@@ -125,3 +127,14 @@ def test_group_calibration_study_reuses_a_calibrated_profiles_measurements(profi
     assert [r["plan"] for r in rows if r["plan"].startswith("quantize_only")] == [
         "quantize_only, profile costs", "quantize_only, S = sum w P", "quantize_only, S = sum w v P",
         "quantize_only, S = sum w v r P"]
+
+
+def test_single_candidate_cells_are_absorbed_by_hand() -> None:
+    from profiling.calibrate import _absorb_fixed_choice
+
+    row = np.array([np.nan, np.nan, 0.03])  # BF16 only: every uniform plan holds it, the fit explains it
+    assert _absorb_fixed_choice(row) == 1 and row.tolist()[2] == 0.0
+    row = np.array([0.1, 0.03])  # two candidates: the choice matters, the cells stay
+    assert _absorb_fixed_choice(row) == 0 and row.tolist() == [0.1, 0.03]
+    row = np.array([np.nan, 0.0])  # already free: nothing to do
+    assert _absorb_fixed_choice(row) == 0
