@@ -1,6 +1,6 @@
 """R3 with format costs calibrated on whole plans (``profiling calibrate``): the ILP's own plans against uniform.
 
-    python -m profiling calibrate experiments/profiles/r3/english.json --model cache/r3 \\
+    python -m profiling calibrate experiments/profiles/r3/english.json --model cache/r3 --keep-fixed-cells \\
         -o experiments/profiles/r3/english-calibrated.json          # ~20 min on one core (112 plans measured)
     python -m experiments run r3_calibrated --out docs/results/r3_calibrated --resume   # ~80 min on one core
     python -m experiments report docs/results/r3_calibrated
