@@ -4,6 +4,7 @@ For ``--plans`` random mixed plans (seeded) the plan is applied in memory all at
 is measured on the profile's calibration windows; the prediction of each *proxy* is the sum of its terms:
 
     predicted = sum_{pruned (l, e)} drop[l][e] + sum_l topk[l][k_l - 1] + sum_{kept blocks b} sens[b][f_b]
+                (+ sum_l g_l(n_l), the prune curves' count term, for the optimizer's own objectives)
 
 A plan (see :func:`random_plan`) draws a severity s in [0, 1]; per MoE layer it lowers top-k with
 probability 0.6 s, prunes ~0.5 s of the experts it can spare (drawn with probability favouring low routing
@@ -129,18 +130,18 @@ def _correlations(rows: list[dict], names) -> dict:
 
 
 def _term_tables(profile: Profile, details: dict | None) -> dict[str, tuple[list, np.ndarray, list]]:
-    """proxy -> (drop rows, sensitivity table [block, format], top-k rows)."""
+    """proxy -> (drop rows, sensitivity table [block, format], top-k rows[, count-term rows or None])."""
     from optimizer.formulation.objectives import build_objective
 
     out = {}
     base = build_objective(profile, "predicted_loss")
-    out["profile"] = (base.drop, base.format_cost, base.topk)
+    out["profile"] = (base.drop, base.format_cost, base.topk, base.prune_count)
     for name in ("importance", "routing_mass", "saliency"):
         try:
             t = build_objective(profile, name)
         except InputError:
             continue
-        out[name] = (t.drop, t.format_cost, t.topk)
+        out[name] = (t.drop, t.format_cost, t.topk, t.prune_count)
     if details is None:
         return out
     from .fit import apply_fit, fit_proxy
@@ -177,13 +178,16 @@ def _term_tables(profile: Profile, details: dict | None) -> dict[str, tuple[list
 
 
 def predict(profile: Profile, plan: dict, terms: tuple) -> float:
-    drop, sens, topk = terms
+    drop, sens, topk, *rest = terms
+    count = rest[0] if rest else None
     a = profile.architecture
     col = {f: j for j, f in enumerate(profile.sensitivity.formats)}
     total = 0.0
     for i, m in enumerate(a.moe_layers):
         total += float(sum(drop[i][e] for e in plan["pruned"][m.index]))
         total += float(topk[i][plan["top_k"][m.index] - 1])
+        if count is not None:
+            total += float(count[i][len(plan["pruned"][m.index])])
     index = {b.name: i for i, b in enumerate(a.blocks)}
     for name, f in plan["formats"].items():
         total += float(sens[index[name], col[f]])

@@ -167,3 +167,14 @@ def test_grouped_curve_must_prune_groups_equally(tmp_path) -> None:
     path.write_text(json.dumps(doc))
     with pytest.raises(InputError, match="prune_curve_measurement: required"):
         load_profile(path)
+
+
+def test_validate_predicts_with_the_count_term() -> None:
+    """CASE D's plan {e2, e3} in Q8_0 at k = 2: singles 0.02 + 0.03, formats 0, top-k 0, count term g(2) = 0.25."""
+    from profiling.validate import _term_tables, predict
+    from tests.test_formulation import expert_block
+
+    p = with_curves(hand_profile(CASE_D), [CURVE_D])
+    plan = {"pruned": {0: [0, 1]}, "top_k": {0: 2}, "formats": {expert_block(0, 2): "Q8_0", expert_block(0, 3): "Q8_0"}}
+    assert predict(p, plan, _term_tables(p, None)["profile"]) == pytest.approx(0.30, abs=1e-12)
+    assert predict(p, plan, _term_tables(hand_profile(CASE_D), None)["profile"]) == pytest.approx(0.05, abs=1e-12)
