@@ -52,11 +52,13 @@ TESTS: dict[str, list[str]] = {
         "tests/test_prune_curve.py", "tests/test_time_limits.py",
     ],
     "optimizer/byte_model.py": [
-        "tests/test_byte_model.py", "tests/test_formulation.py", "tests/test_baselines.py",
+        "tests/test_byte_model.py", "tests/test_byte_counts_by_hand.py", "tests/test_formulation.py",
+        "tests/test_baselines.py",
         "tests/test_llamacpp_mixes.py", "tests/test_profiling_refine.py",
     ],
     "optimizer/formulation/decomposition.py": [
-        "tests/test_formulation.py", "tests/test_lagrangian_identity.py", "tests/test_baselines.py",
+        "tests/test_decomposition_parts.py", "tests/test_formulation.py", "tests/test_lagrangian_identity.py",
+        "tests/test_baselines.py",
         "tests/test_cli.py", "tests/test_prune_curve.py", "tests/test_time_limits.py",
     ],
     "optimizer/formats.py": [
@@ -65,7 +67,8 @@ TESTS: dict[str, list[str]] = {
         "tests/test_profiling_cli.py", "tests/test_profiling_run.py",
     ],
     "optimizer/budget.py": [
-        "tests/test_budget_units.py", "tests/test_cli.py", "tests/test_bounded_input.py",
+        "tests/test_budget_units.py", "tests/test_byte_counts_by_hand.py", "tests/test_cli.py",
+        "tests/test_bounded_input.py",
         "tests/test_formulation.py", "tests/test_baselines.py", "tests/test_llamacpp_mixes.py",
         "tests/test_prune_curve.py", "tests/test_time_limits.py", "tests/test_profiling_refine.py",
         "tests/test_profiling_run.py", "tests/test_profiling_prune_curve.py",
