@@ -5,7 +5,7 @@ curve, instead of summed single-expert costs, stop the joint ILP from losing to 
         -o experiments/profiles/r3/english-calibrated-absorbed.json    # ~10 min on one core (96 plans)
     python -m profiling prune-curve experiments/profiles/r3/english-calibrated-absorbed.json --model cache/r3 \\
         -o experiments/profiles/r3/english-calibrated-curves.json      # ~17 min on one core (150 points)
-    python -m experiments run r3_curves --out docs/results/r3_curves --resume       # ~30 min on one core
+    python -m experiments run r3_curves --out docs/results/r3_curves --resume       # ~35 min on one core
     python -m experiments report docs/results/r3_curves
 
 Both profiles are calibrated on whole plans with single-candidate cells absorbed (``profiling calibrate``'s
@@ -25,8 +25,9 @@ PROFILE = "experiments/profiles/r3/english-calibrated-curves.json"
 NO_CURVES = "experiments/profiles/r3/english-calibrated-absorbed.json"
 
 _common = dict(model=MODEL, eval_tokens=TOKENS)
-#: 80 and 85 MB: below 90 MB, where the ILP beat uniform int3 (94.7 MB) by a wide margin
-_budgets = tuple(sorted(BUDGETS + BELOW_UNIFORM + ("80MB", "85MB"), key=lambda b: int(b[:-2])))
+#: 80 and 85 MB: below 90 MB, where the ILP beat uniform int3 (94.7 MB) by a wide margin; 115 and 118 MB: below
+#: 120 MB, where it beat uniform int5 (122.8 MB) by 9%
+_budgets = tuple(sorted(BUDGETS + BELOW_UNIFORM + ("80MB", "85MB", "115MB", "118MB"), key=lambda b: int(b[:-2])))
 SWEEP = Sweep(
     name="r3_curves",
     cells=tuple(grid(**_common, profile=PROFILE, budget=_budgets, method="ilp")
