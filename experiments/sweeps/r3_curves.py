@@ -5,7 +5,7 @@ curve, instead of summed single-expert costs, stop the joint ILP from losing to 
         -o experiments/profiles/r3/english-calibrated-absorbed.json    # ~10 min on one core (96 plans)
     python -m profiling prune-curve experiments/profiles/r3/english-calibrated-absorbed.json --model cache/r3 \\
         -o experiments/profiles/r3/english-calibrated-curves.json      # ~17 min on one core (150 points)
-    python -m experiments run r3_curves --out docs/results/r3_curves --resume       # ~45 min on one core
+    python -m experiments run r3_curves --out docs/results/r3_curves --resume       # ~70 min on one core
     python -m experiments report docs/results/r3_curves
 
 Both profiles are calibrated on whole plans with single-candidate cells absorbed (``profiling calibrate``'s
@@ -33,7 +33,7 @@ SWEEP = Sweep(
     cells=tuple(grid(**_common, profile=PROFILE, budget=_budgets, method="ilp")
                 + grid(**_common, profile=NO_CURVES, budget=("90MB", "105MB"), method="ilp")
                 # the closed loop from the curves profile where the ILP alone does not beat uniform int3
-                + grid(**_common, profile=PROFILE, budget="80MB", method="refine")),
+                + grid(**_common, profile=PROFILE, budget=("70MB", "75MB", "80MB"), method="refine")),
     smoke=tuple(with_fields(grid(model=MODEL, profile=PROFILE, budget="110MB", method=("ilp",)), eval_tokens=512)),
     description="R3 (pretrained), calibrated format costs with and without measured prune curves: the joint ILP",
 )
