@@ -33,7 +33,9 @@ SWEEP = Sweep(
     cells=tuple(grid(**_common, profile=PROFILE, budget=_budgets, method="ilp")
                 + grid(**_common, profile=NO_CURVES, budget=("90MB", "105MB"), method="ilp")
                 # the closed loop from the curves profile where the ILP alone does not beat uniform int3
-                + grid(**_common, profile=PROFILE, budget=("70MB", "75MB", "80MB"), method="refine")),
+                + grid(**_common, profile=PROFILE, budget=("70MB", "75MB", "80MB"), method="refine")
+                # refine's baselines at the same budgets, so the report can tell whether it handed one over
+                + grid(**_common, profile=PROFILE, budget=("70MB", "75MB", "80MB"), method=("greedy", "sequential"))),
     smoke=tuple(with_fields(grid(model=MODEL, profile=PROFILE, budget="110MB", method=("ilp",)), eval_tokens=512)),
     description="R3 (pretrained), calibrated format costs with and without measured prune curves: the joint ILP",
 )
