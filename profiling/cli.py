@@ -136,13 +136,23 @@ def _add_refine(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def _add_calibrate(sub) -> None:
-    p = sub.add_parser("calibrate", help="price formats from measured whole plans (uniform, per group, per layer) "
-                       "and write the calibrated profile")
+def _measuring_profile_command(sub, name: str, help_text: str, output_help: str) -> argparse.ArgumentParser:
+    """A command that measures on a profile's own calibration windows and writes a new profile (journaled)."""
+    p = sub.add_parser(name, help=help_text)
     p.add_argument("profile", type=Path)
     p.add_argument("--model", type=Path, required=True)
-    p.add_argument("-o", "--output", type=Path, required=True, help="the calibrated profile (+ its details file)")
+    p.add_argument("-o", "--output", type=Path, required=True, help=output_help)
     p.add_argument("--max-tokens", type=int, default=None, help="calibration tokens (default: the profile's)")
+    p.add_argument("--resume", action="store_true", help="reuse the measurements journaled by an interrupted run")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _add_calibrate(sub) -> None:
+    p = _measuring_profile_command(sub, "calibrate", "price formats from measured whole plans (uniform, per group, "
+                                   "per layer) and write the calibrated profile",
+                                   "the calibrated profile (+ its details file)")
     p.add_argument("--layer-probe", default="auto",
                    help="format each decoder layer is measured alone in (default auto: the 3-bit candidate, else the "
                    "second smallest; 'none': no layer factors)")
@@ -151,26 +161,17 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--keep-fixed-cells", action="store_true",
                    help="keep the single-block cells of uncalibrated blocks that have one candidate format (the "
                    "behaviour before they were priced 0; reproduces profiles calibrated then)")
-    p.add_argument("--resume", action="store_true", help="reuse the measurements journaled by an interrupted run")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--no-progress", action="store_true")
 
 
 def _add_prune_curve(sub) -> None:
-    p = sub.add_parser("prune-curve", help="measure per layer the cost of pruning n experts together (a curve in n) "
-                       "and write the profile with experts.prune_curve")
-    p.add_argument("profile", type=Path)
-    p.add_argument("--model", type=Path, required=True)
-    p.add_argument("-o", "--output", type=Path, required=True, help="the profile with prune curves (+ details file)")
+    p = _measuring_profile_command(sub, "prune-curve", "measure per layer the cost of pruning n experts together "
+                                   "(a curve in n) and write the profile with experts.prune_curve",
+                                   "the profile with prune curves (+ details file)")
     p.add_argument("--counts", type=int, nargs="+", default=None,
                    help="experts pruned together per measured point (default: E/8, E/4, E/2, 3E/4, E-1 per layer)")
     p.add_argument("--ranking", default=None,
                    help="objective whose drop costs rank the experts (default predicted_loss, the measured singles; "
                    "routing_mass without them)")
-    p.add_argument("--max-tokens", type=int, default=None, help="calibration tokens (default: the profile's)")
-    p.add_argument("--resume", action="store_true", help="reuse the measurements journaled by an interrupted run")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--no-progress", action="store_true")
 
 
 def _add_memory(sub) -> None:

@@ -50,15 +50,13 @@ def default_counts(experts: int, groups: int) -> list[int]:
     return sorted({n for n in raw if max(2, groups) <= n <= experts - groups})
 
 
-def ranking(profile: Profile, objective: str) -> list[np.ndarray]:
-    """Per MoE layer: experts by ascending drop cost of ``objective``, interleaved over expert groups."""
-    terms = build_objective(profile, objective)
-    G = profile.architecture.expert_groups
+def ranking(drops: tuple[np.ndarray, ...], groups: int) -> list[np.ndarray]:
+    """Per MoE layer: experts by ascending drop cost (an objective's ``drop``), interleaved over ``groups``."""
     out = []
-    for drop in terms.drop:
+    for drop in drops:
         d = np.asarray(drop, float)
-        size = len(d) // G
-        per_group = [g * size + np.argsort(d[g * size:(g + 1) * size], kind="stable") for g in range(G)]
+        size = len(d) // groups
+        per_group = [g * size + np.argsort(d[g * size:(g + 1) * size], kind="stable") for g in range(groups)]
         order = []
         for rank in range(size):
             ids = np.array([pg[rank] for pg in per_group])
@@ -113,7 +111,8 @@ def run_prune_curve(args) -> dict:  # noqa: ANN001 - the argparse namespace of `
         check_counts(ns, m.num_experts, G)
         counts.append(ns)
     objective = args.ranking or ("predicted_loss" if profile.experts.prune_cost is not None else "routing_mass")
-    orders = ranking(profile, objective)
+    drops = build_objective(profile, objective).drop
+    orders = ranking(drops, G)
     out = Path(args.output)
     cost = details.get("cost", "kl")
     meter = PlanMeter(profile, Path(args.model), details["data"], args.max_tokens or details["tokens"],
@@ -134,7 +133,7 @@ def run_prune_curve(args) -> dict:  # noqa: ANN001 - the argparse namespace of `
     new = replace(profile, experts=replace(profile.experts, prune_curve=tuple(curves),
                                            prune_curve_measurement=measurement))
     digest = save_profile(new, out)
-    summary = _summary(profile, curves, objective)
+    summary = _summary(curves, drops)
     details.update(profile=out.name, profile_hash=digest,
                    prune_curve={"ranking": objective, "cost": cost, "tokens": meter.engine.tokens,
                                 "seconds": round(seconds, 1), "points": sum(len(ns) for ns in counts),
@@ -147,10 +146,10 @@ def run_prune_curve(args) -> dict:  # noqa: ANN001 - the argparse namespace of `
     return summary
 
 
-def _summary(profile: Profile, curves: list[PruneCurve], objective: str) -> dict[str, float]:
-    """Median over layers of C(n) / (sum of the n pruned experts' single drop costs under ``objective``)."""
+def _summary(curves: list[PruneCurve], drops: tuple[np.ndarray, ...]) -> dict[str, float]:
+    """Median over layers of C(n) / (sum of the n pruned experts' single drop costs)."""
     ratios: dict[int, list[float]] = {}
-    for c, single in zip(curves, build_objective(profile, objective).drop):
+    for c, single in zip(curves, drops):
         for n, cost in zip(c.counts.tolist(), c.cost.tolist()):
             s = float(np.sum(np.asarray(single)[c.order[:n]]))
             if s > 0:

@@ -7,7 +7,7 @@ import pytest
 
 from optimizer.budget import Budget
 from optimizer.formulation.instance import FormulationOptions
-from optimizer.formulation.objectives import ObjectiveOptions
+from optimizer.formulation.objectives import ObjectiveOptions, build_objective
 from optimizer.profile import load_profile, served_top_k
 from optimizer.solve import SolveOptions, optimize
 from profiling.cli import main
@@ -37,9 +37,10 @@ def test_served_top_k_by_hand() -> None:
 
 def test_ranking_is_cheapest_first_and_interleaved_over_groups() -> None:
     spec = dict(drop=[0.4, 0.1, 0.3, 0.2, 0.05, 0.5, 0.6, 0.7], sens=[[0.0, 0.0]] * 8, topk=[1.0, 0.0])
-    assert ranking(hand_profile([spec]), "predicted_loss")[0].tolist() == [4, 1, 3, 2, 0, 5, 6, 7]
+    drops = build_objective(hand_profile([spec]), "predicted_loss").drop
+    assert ranking(drops, 1)[0].tolist() == [4, 1, 3, 2, 0, 5, 6, 7]
     # groups e0-e3 | e4-e7: group ranks (1, 3, 2, 0) and (4, 5, 6, 7); rank by rank, the cheaper group first
-    assert ranking(hand_profile([spec], groups=2), "predicted_loss")[0].tolist() == [4, 1, 3, 5, 2, 6, 0, 7]
+    assert ranking(drops, 2)[0].tolist() == [4, 1, 3, 5, 2, 6, 0, 7]
 
 
 @pytest.fixture(scope="module")

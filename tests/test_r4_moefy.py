@@ -11,6 +11,7 @@ from experiments.reference_models.r3.split import expert_weights, random_split
 from experiments.reference_models.r4.build import R4Settings, moefy_distilled, rescale_experts
 from experiments.reference_models.r4.distill import DistillSettings, MoEBlock, balance_loss, distill, relative_error
 from experiments.reference_models.r4.stats import RouterLogitRecorder, routing_stats, summarize
+from tests.test_r3_moefy import _tiny_llama
 
 torch.set_num_threads(1)
 
@@ -127,17 +128,6 @@ def test_routing_stats_hand_computed() -> None:
     summ = summarize([st, uniform])
     assert summ["layers"] == 2 and summ["max_over_mean_load_max"] == pytest.approx(max(2.0, uniform[
         "max_over_mean_load"]))
-
-
-def _tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                      max_position_embeddings=128, initializer_range=0.1,
-                      rope_parameters={"rope_theta": 10000.0, "rope_type": "default"})
-    return LlamaForCausalLM(cfg).eval()
 
 
 def test_moefy_distilled_tiny_model_end_to_end() -> None:

