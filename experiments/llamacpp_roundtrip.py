@@ -68,7 +68,7 @@ class Config:
 def gguf_profile(src: Path, out: Path) -> Path:
     """Write ``src`` with proxy GGUF columns (see the module docstring); returns ``out``."""
     from optimizer.formats import get_format
-    from optimizer.profile import Sensitivity, load_profile, save_profile
+    from optimizer.profile import Sensitivity, load_profile, save_profile, with_costs
 
     p = load_profile(src)
     names, cols = [], []
@@ -96,7 +96,7 @@ def gguf_profile(src: Path, out: Path) -> Path:
     meas = replace(p.sensitivity.measurement, method=p.sensitivity.measurement.method +
                    "; GGUF columns are PROXIES copied from the int format of the same bits (llamacpp_roundtrip)")
     sens = Sensitivity(tuple(names), np.stack(cols, axis=1), meas)
-    save_profile(replace(p, formats=tuple(names), sensitivity=sens), out)
+    save_profile(with_costs(p, formats=tuple(names), sensitivity=sens), out)
     print(f"wrote {out} ({', '.join(names)})")
     return out
 

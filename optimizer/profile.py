@@ -11,7 +11,7 @@ cannot store the block or the block is not quantizable). Every measured section 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -148,6 +148,33 @@ class Device:
 
 
 @dataclass(frozen=True)
+class Prediction:
+    """What a plan's objective means in measured loss, fitted on measured whole plans:
+
+        KL(original || plan) per token ~= scale * O ** exponent
+
+    with O the plan's ``--formulation predicted_loss`` objective (prune curves included). Single-effect costs
+    do not add up, so O itself is not a loss (on R3 it over-predicts 29x); the map is monotone, so it never
+    changes which plan is optimal. ``log_rmse``: root mean square of log(measured / fitted) over the ``plans``
+    plans it was fitted on. Written by ``python -m profiling fit-prediction``.
+    """
+
+    scale: float
+    exponent: float
+    plans: int
+    log_rmse: float
+    measurement: Measurement
+
+    def kl(self, objective: float) -> float:
+        """The predicted KL (nats/token) of a plan whose objective is ``objective``."""
+        return self.scale * max(float(objective), 0.0) ** self.exponent
+
+    def to_json(self) -> dict:
+        return {"scale": self.scale, "exponent": self.exponent, "plans": self.plans, "log_rmse": self.log_rmse,
+                "measurement": self.measurement.to_json()}
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str
     source: str | None = None
@@ -164,9 +191,17 @@ class Profile:
     device: Device
     version: int = PROFILE_VERSION
     hash: str = ""  # sha256 of the canonical JSON, filled by load/save
+    prediction: Prediction | None = None  # objective -> measured KL, optional
 
     def to_json(self) -> dict:
         return profile_to_json(self)
+
+
+def with_costs(profile: Profile, **changes: Any) -> Profile:
+    """``profile`` with some of its sections replaced (costs recalibrated, curves added, formats restricted).
+    The objective -> KL map was fitted to the old costs, so it is dropped; the hash is cleared unless given."""
+    changes.setdefault("hash", "")
+    return replace(profile, prediction=None, **changes)
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -188,8 +223,21 @@ def profile_from_json(doc: Any, digest: str = "") -> Profile:
     sensitivity = _sensitivity_from_json(r.child("sensitivity"), arch, formats)
     topk = _topk_from_json(r.child("topk_cost"), arch)
     device = _device_from_json(r.child("device"))
+    pred_r = r.child("prediction", required=False)
+    prediction = _prediction_from_json(pred_r) if pred_r is not None else None
     r.done()
-    return Profile(model, arch, formats, experts, sensitivity, topk, device, version, digest)
+    return Profile(model, arch, formats, experts, sensitivity, topk, device, version, digest, prediction)
+
+
+def _prediction_from_json(r: Reader) -> Prediction:
+    out = Prediction(scale=r.number("scale", minimum=None), exponent=r.number("exponent", minimum=None),
+                     plans=r.int("plans", minimum=2), log_rmse=r.number("log_rmse"),
+                     measurement=_measurement(r.child("measurement"), f"{r.path}.measurement"))
+    r.done()
+    if not (out.scale > 0 and out.exponent > 0):
+        raise InputError(f"{r.path}: scale and exponent must be > 0 (a map that falls as the objective grows "
+                         f"predicts nothing), got {out.scale} and {out.exponent}")
+    return out
 
 
 def _measurement(r: Reader | None, path: str) -> Measurement:
@@ -495,6 +543,7 @@ def profile_to_json(p: Profile) -> dict:
         "topk_cost": {"values": [json_floats(v) for v in p.topk_cost.values],
                       "measurement": p.topk_cost.measurement.to_json()},
         "device": device,
+        **({"prediction": p.prediction.to_json()} if p.prediction is not None else {}),
     }
 
 

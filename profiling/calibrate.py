@@ -43,10 +43,10 @@ import numpy as np
 from optimizer.errors import InputError
 from optimizer.formats import get_format
 from optimizer.jsonio import read_json, write_json
-from optimizer.profile import Profile, Sensitivity, load_profile, save_profile
+from optimizer.profile import Profile, Sensitivity, load_profile, save_profile, with_costs
 
 from .blocks import quantize_blocks
-from .refine import PlanMeter
+from .meter import PlanMeter
 from .run import details_path
 
 
@@ -253,7 +253,7 @@ def calibrated_profile(profile: Profile, cal: Calibration, raw: dict, groups: di
               f"uniform plan holds them so: their effect is inside the fit); other blocks keep the original's values. "
               f"Original: {sens.measurement.method}")
     measurement = replace(sens.measurement, method=method)
-    return replace(profile, sensitivity=Sensitivity(sens.formats, values, measurement), hash="")
+    return with_costs(profile, sensitivity=Sensitivity(sens.formats, values, measurement))
 
 
 def _absorb_fixed_choice(row: np.ndarray) -> int:

@@ -1,5 +1,5 @@
-"""Command line: ``python -m profiling run | validate | calibrate | prune-curve | refine | compare-domains | memory |
-inspect | refit``
+"""Command line: ``python -m profiling run | validate | calibrate | prune-curve | fit-prediction | refine |
+compare-domains | memory | inspect | refit``
 (docs/profiling.md).
 
 Bad input (not a supported MoE directory, an empty corpus, a format the model's shapes cannot take, a
@@ -36,6 +36,8 @@ INT_FLAGS: dict[str, tuple[int, int]] = {
     "plans": (3, 10**4),
     "rounds": (0, 100),
 }
+#: fit-prediction's random plans and their seed (validate draws its own with seed 0: those stay held out).
+DEFAULT_PLANS, DEFAULT_SEED = 20, 1
 #: argparse destinations of the paths a command writes, with their flags.
 OUTPUT_FLAGS = {"output": "-o", "json": "--json", "profile_out": "--profile-out", "log": "--log"}
 
@@ -174,6 +176,15 @@ def _add_prune_curve(sub) -> None:
                    "routing_mass without them)")
 
 
+def _add_fit_prediction(sub) -> None:
+    p = _measuring_profile_command(sub, "fit-prediction", "measure whole plans and fit what the objective means in "
+                                   "KL (KL ~ a O^q); write the profile with it", "the profile with prediction")
+    p.add_argument("--plans", type=int, default=DEFAULT_PLANS,
+                   help=f"random mixed plans to measure, besides one uniform plan per format (default {DEFAULT_PLANS})")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help=f"seed of the random plans (default {DEFAULT_SEED}; validate's default 0 then stays held out)")
+
+
 def _add_memory(sub) -> None:
     p = sub.add_parser("memory", help="peak RSS of the reference pass, in memory vs streamed (two child processes)")
     p.add_argument("--model", type=Path, required=True)
@@ -194,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_refine(sub)
     _add_calibrate(sub)
     _add_prune_curve(sub)
+    _add_fit_prediction(sub)
     return parser
 
 
@@ -269,6 +281,13 @@ def _cmd_prune_curve(args) -> int:
     return 0
 
 
+def _cmd_fit_prediction(args) -> int:
+    from .prediction import print_fit, run_fit_prediction
+
+    print_fit(run_fit_prediction(args), args.output)
+    return 0
+
+
 def _cmd_inspect(args) -> int:
     from .proxy_check import inspect_profile, print_inspection
 
@@ -317,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"run": _cmd_run, "validate": _cmd_validate, "compare-domains": _cmd_domains,
                 "memory": _cmd_memory, "inspect": _cmd_inspect,
                 "refit": _cmd_refit, "refine": _cmd_refine, "calibrate": _cmd_calibrate,
-                "prune-curve": _cmd_prune_curve}[args.command](args)
+                "prune-curve": _cmd_prune_curve, "fit-prediction": _cmd_fit_prediction}[args.command](args)
     except (InputError, CorpusError, InfeasibleError) as exc:
         print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2

@@ -32,13 +32,13 @@ import numpy as np
 from optimizer.errors import InputError
 from optimizer.formulation.objectives import build_objective
 from optimizer.jsonio import write_json
-from optimizer.profile import Measurement, Profile, PruneCurve, save_profile, served_top_k
+from optimizer.profile import Measurement, Profile, PruneCurve, save_profile, served_top_k, with_costs
 
 from .calibrate import read_profile_details
 from .engine import Perturbation
 from .journal import Journal, model_fingerprint
 from .measure import top_k_set
-from .refine import PlanMeter
+from .meter import PlanMeter
 from .run import details_path
 
 DEFAULT_FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 3 / 4)
@@ -130,7 +130,7 @@ def run_prune_curve(args) -> dict:  # noqa: ANN001 - the argparse namespace of `
                f"{objective} ranking are masked out of a layer together (runtime.moe.mask_experts), the layer routing "
                f"to the largest top-k the rest can serve; counts {sorted({n for ns in counts for n in ns})}",
         tokens=meter.engine.tokens, source=details["data"])
-    new = replace(profile, experts=replace(profile.experts, prune_curve=tuple(curves),
+    new = with_costs(profile, experts=replace(profile.experts, prune_curve=tuple(curves),
                                            prune_curve_measurement=measurement))
     digest = save_profile(new, out)
     summary = _summary(curves, drops)

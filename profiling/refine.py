@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -41,18 +40,13 @@ from scipy.optimize import nnls
 
 from optimizer.budget import Budget
 from optimizer.errors import InfeasibleError, InputError
-from optimizer.formats import get_format
 from optimizer.formulation.instance import FormulationOptions
 from optimizer.formulation.objectives import build_objective
 from optimizer.plan import Plan, Target, plan_to_json
-from optimizer.profile import Profile, Sensitivity, TopkCost
+from optimizer.profile import Profile, Sensitivity, TopkCost, with_costs
 from optimizer.solve import SolveOptions, optimize
-from runtime.evaluate import tokenize
 
-from .blocks import quantize_blocks, resolve_blocks
-from .engine import Engine
-from .measure import top_k_set
-from .model_io import Runner, load_text, token_windows
+from .meter import PlanMeter
 
 DEFAULT_ROUNDS = 3
 PRUNE_PROBES = (2.0, 0.5)  # each round also solves with pruning priced this much up and down
@@ -124,9 +118,8 @@ def scaled_profile(profile: Profile, m: Multipliers) -> Profile:
                        profile.sensitivity.measurement)
     topk = TopkCost(tuple(np.asarray(v) * m.topk for v in profile.topk_cost.values), profile.topk_cost.measurement)
     tag = hashlib.sha256(json.dumps(m.to_json(), sort_keys=True).encode()).hexdigest()[:12]
-    return replace(profile, experts=replace(experts, prune_cost=prune, prune_curve=curves), sensitivity=sens,
-                   topk_cost=topk,
-                   hash=f"{profile.hash}+refined:{tag}" if profile.hash else "")
+    return with_costs(profile, experts=replace(experts, prune_cost=prune, prune_curve=curves), sensitivity=sens,
+                      topk_cost=topk, hash=f"{profile.hash}+refined:{tag}" if profile.hash else "")
 
 
 def plan_parts(profile: Profile, plan: Plan) -> tuple[float, float, float]:
@@ -163,41 +156,6 @@ def fit_multipliers(measured: list[Measured]) -> Multipliers:
         full[j] = c
     scale = [max(float(v), 1e-6) for v in full[1:]]  # a zero scale would make that lever free
     return Multipliers(formats=scale[0], prune=scale[1], topk=scale[2], floor=float(full[0]))
-
-
-class PlanMeter:
-    """Measures a plan's KL on calibration windows, with the model held once in memory."""
-
-    def __init__(self, profile: Profile, model_dir: Path, data: str, tokens: int, window: int, progress: bool):
-        text, self.source = load_text(data)
-        inputs, targets = token_windows(tokenize(model_dir, text), tokens, window)
-        self.runner = Runner(model_dir)
-        self.arch = profile.architecture
-        self.refs = {r.name: r for r in resolve_blocks(self.arch, self.runner.model)}
-        self.engine = Engine(self.runner, inputs, targets, progress=progress)
-        self.engine.reference()
-
-    def measure(self, plan: Plan) -> tuple[float, float]:
-        """(mean KL, mean NLL increase) of ``plan`` applied in memory, nats/token."""
-        from runtime.moe import mask_experts
-
-        model = self.runner.model
-        blocks = {b.name: b for b in self.arch.blocks}
-
-        def apply() -> ExitStack:
-            stack = ExitStack()
-            for lp in plan.layers:
-                stack.enter_context(top_k_set(model, lp.layer, lp.top_k))
-            pruned = {m.index: sorted(set(range(m.num_experts)) - set(plan.layer(m.index).kept_experts))
-                      for m in self.arch.moe_layers}
-            stack.enter_context(mask_experts(model, {layer: e for layer, e in pruned.items() if e}))
-            items = [(self.refs[n], f) for n, f in plan.formats.items()
-                     if blocks[n].quantizable and n in self.refs and get_format(f).quantized]
-            stack.enter_context(quantize_blocks(model, items))
-            return stack
-
-        effect = self.engine.evaluate_full(apply)
-        return effect.kl, effect.dnll
 
 
 def _solve(profile: Profile, budget: Budget, solver: str = "highs", objective: str = "predicted_loss",

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from optimizer.jsonio import write_json
-from optimizer.profile import Profile, load_profile, save_profile
+from optimizer.profile import Profile, load_profile, save_profile, with_costs
 
 from .fit import PROXY_SENTENCE_START, apply_fit, fit_proxy, proxy_sentence
 from .model_io import ProfilingError
@@ -71,7 +71,7 @@ def refit(profile_path: Path, out: Path | None = None, rule: str = "group_format
     sensitivity = dataclasses.replace(
         profile.sensitivity, values=values,
         measurement=dataclasses.replace(profile.sensitivity.measurement, method=method))
-    profile = dataclasses.replace(profile, sensitivity=sensitivity)
+    profile = with_costs(profile, sensitivity=sensitivity)
     digest = save_profile(profile, out)
     load_profile(out)  # the contract's own checks
     details.update(profile=out.name, profile_hash=digest, proxy_fitted=fitted, proxy_fit=fit.to_json(),

@@ -37,7 +37,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -45,12 +44,9 @@ import numpy as np
 from optimizer.errors import InputError
 from optimizer.formats import get_format
 from optimizer.profile import Profile, load_profile
-from runtime.evaluate import tokenize
 
-from .blocks import quantize_blocks, resolve_blocks
-from .engine import Engine
-from .measure import top_k_set
-from .model_io import ProfilingError, Runner, load_text, token_windows
+from .meter import PlanMeter, profile_meter
+from .model_io import ProfilingError
 from .run import details_path
 
 
@@ -133,9 +129,8 @@ def _term_tables(profile: Profile, details: dict | None) -> dict[str, tuple[list
     """proxy -> (drop rows, sensitivity table [block, format], top-k rows[, count-term rows or None])."""
     from optimizer.formulation.objectives import build_objective
 
-    out = {}
+    out = {"profile": objective_terms(profile)}
     base = build_objective(profile, "predicted_loss")
-    out["profile"] = (base.drop, base.format_cost, base.topk, base.prune_count)
     for name in ("importance", "routing_mass", "saliency"):
         try:
             t = build_objective(profile, name)
@@ -194,24 +189,36 @@ def predict(profile: Profile, plan: dict, terms: tuple) -> float:
     return total
 
 
+def objective_terms(profile: Profile) -> tuple:
+    """The terms of the optimizer's ``predicted_loss`` objective, for :func:`predict`."""
+    from optimizer.formulation.objectives import build_objective
+
+    t = build_objective(profile, "predicted_loss")
+    return t.drop, t.format_cost, t.topk, t.prune_count
+
+
+def measure_plan(meter: PlanMeter, plan: dict) -> dict:
+    """A plan of :func:`random_plan` / :func:`uniform_plans` measured: its summary row (no predictions)."""
+    kl, dnll = meter.measure_spec(plan["top_k"], plan["pruned"], plan["formats"])
+    bits = [get_format(f).bits_per_weight for f in plan["formats"].values()]
+    return {"kind": plan.get("kind", "random"), "severity": plan["severity"], "measured_nll": dnll, "measured_kl": kl,
+            "pruned": sum(len(v) for v in plan["pruned"].values()),
+            "mean_top_k": float(np.mean(list(plan["top_k"].values()))),
+            "mean_bits": float(np.mean(bits)) if bits else 0.0}
+
+
+def read_details(profile_path: Path) -> dict | None:
+    dpath = details_path(Path(profile_path))
+    return json.loads(dpath.read_text()) if dpath.is_file() else None
+
+
 def validate(profile_path: Path, model_dir: Path, plans: int = 20, data: str | None = None,
              max_tokens: int | None = None, seed: int = 0, progress: bool = True, uniform: bool = True) -> dict:
-    from runtime.moe import mask_experts
-
     profile = load_profile(profile_path)
-    dpath = details_path(Path(profile_path))
-    details = json.loads(dpath.read_text()) if dpath.is_file() else None
+    details = read_details(profile_path)
     if plans < 3:
         raise ProfilingError("--plans: need at least 3 plans for a correlation")
-    data = data or (details or {}).get("data") or profile.experts.measurement.source or "english:calibration"
-    max_tokens = max_tokens or (details or {}).get("tokens") or profile.experts.measurement.tokens or 4096
-    window = (details or {}).get("window", 256)
-    text, source = load_text(data)
-    inputs, targets = token_windows(tokenize(model_dir, text), max_tokens, window)
-    runner = Runner(model_dir)
-    refs = {r.name: r for r in resolve_blocks(profile.architecture, runner.model)}
-    engine = Engine(runner, inputs, targets, progress=progress)
-    engine.reference()
+    meter = profile_meter(profile, details, model_dir, data, max_tokens, progress)
     terms = _term_tables(profile, details)
     rng = np.random.default_rng(seed)
     rows = []
@@ -220,26 +227,9 @@ def validate(profile_path: Path, model_dir: Path, plans: int = 20, data: str | N
     t0 = time.perf_counter()
     todo = [random_plan(profile, rng) for _ in range(plans)] + (uniform_plans(profile) if uniform else [])
     for p in tqdm(range(len(todo)), desc="plans", disable=not progress, leave=False):
-        plan = todo[p]
-
-        def apply(plan=plan):
-            stack = ExitStack()
-            for layer, k in plan["top_k"].items():
-                stack.enter_context(top_k_set(runner.model, layer, k))
-            stack.enter_context(mask_experts(runner.model, {layer: e for layer, e in plan["pruned"].items() if e}))
-            stack.enter_context(quantize_blocks(runner.model, [(refs[n], f) for n, f in plan["formats"].items()]))
-            return stack
-
-        eff = engine.evaluate_full(apply)
-        bits = [get_format(f).bits_per_weight for f in plan["formats"].values()]
-        rows.append({
-            "plan": p, "kind": plan.get("kind", "random"), "severity": plan["severity"],
-            "measured_nll": eff.dnll, "measured_kl": eff.kl,
-            "pruned": sum(len(v) for v in plan["pruned"].values()),
-            "mean_top_k": float(np.mean(list(plan["top_k"].values()))),
-            "mean_bits": float(np.mean(bits)) if bits else 0.0,
-            "predicted": {name: predict(profile, plan, t) for name, t in terms.items()},
-        })
+        row = {"plan": p, **measure_plan(meter, todo[p])}
+        row["predicted"] = {name: predict(profile, todo[p], t) for name, t in terms.items()}
+        rows.append(row)
     random_rows = [r for r in rows if r["kind"] == "random"]
     corr = _correlations(random_rows, terms)
     corr_all = _correlations(rows, terms) if len(rows) > len(random_rows) else {}
@@ -247,10 +237,22 @@ def validate(profile_path: Path, model_dir: Path, plans: int = 20, data: str | N
     worst = sorted(rows, key=lambda r: -abs(math.log((max(r["predicted"][best], 1e-9)) / max(r["measured_nll"], 1e-9))))
     uniform_rows = [{"kind": r["kind"], "measured_nll": r["measured_nll"], "measured_kl": r["measured_kl"],
                      "predicted_profile": r["predicted"]["profile"]} for r in rows if r["kind"] != "random"]
-    return {"profile": str(profile_path), "model": str(model_dir), "data": source, "tokens": engine.tokens,
-            "plans": plans, "seed": seed, "reference_nll": engine.ref_nll, "seconds": time.perf_counter() - t0,
+    return {"profile": str(profile_path), "model": str(model_dir), "data": meter.source, "tokens": meter.engine.tokens,
+            "plans": plans, "seed": seed, "reference_nll": meter.engine.ref_nll, "seconds": time.perf_counter() - t0,
             "correlation": corr, "correlation_with_uniform": corr_all, "uniform": uniform_rows,
+            "prediction": _prediction_check(profile, random_rows),
             "best_proxy": best, "worst": [r["plan"] for r in worst[:5]], "rows": rows}
+
+
+def _prediction_check(profile: Profile, rows: list[dict]) -> dict | None:
+    """How the profile's objective -> KL map (if any) predicts the measured KL of the random plans."""
+    if profile.prediction is None:
+        return None
+    ratio = np.array([r["measured_kl"] / max(profile.prediction.kl(r["predicted"]["profile"]), 1e-12) for r in rows])
+    return {"scale": profile.prediction.scale, "exponent": profile.prediction.exponent,
+            "fitted_on": profile.prediction.plans, "median_measured_over_predicted_kl": float(np.median(ratio)),
+            "min_ratio": float(ratio.min()), "max_ratio": float(ratio.max()),
+            "within_2x": int(np.sum((ratio >= 0.5) & (ratio <= 2.0))), "plans": len(rows)}
 
 
 def print_validation(res: dict) -> None:
@@ -292,4 +294,10 @@ def print_validation(res: dict) -> None:
                   f"{r['mean_bits']:.2f}",
                   f"{r['predicted'][res['best_proxy']]:.4g}", f"{r['measured_nll']:.4g}", f"{r['measured_kl']:.4g}")
     console.print(w)
+    pred = res.get("prediction")
+    if pred:
+        console.print(f"the profile's objective -> KL map (KL ~ {pred['scale']:.4g} O^{pred['exponent']:.3g}, "
+                      f"fitted on {pred['fitted_on']} other plans): median measured/predicted KL "
+                      f"{pred['median_measured_over_predicted_kl']:.3g} over the {pred['plans']} random plans "
+                      f"(range {pred['min_ratio']:.3g}-{pred['max_ratio']:.3g}; {pred['within_2x']} within 2x)")
     console.print(f"reference NLL {res['reference_nll']:.4f}; {res['seconds']:.1f} s for the plans")
