@@ -6,9 +6,10 @@
 The budget is the weights' (no KV-cache or overhead reserve). The plan is compressed into the original in
 memory (:func:`runtime.inmemory.compress_in_memory`, equal to ``runtime apply`` + ``runtime.load``, tested), or
 written and reloaded when ``cell.apply``. The row holds every cell field, the plan's hash, predicted and
-written bytes, predicted loss, solve status, gap and time, the evaluation (KL mean / median / p99 / p99.9 /
-max, top-1 agreement, perplexity, bits per byte, the original's perplexity on the same tokens), wall time and
-the git commit. A plan that cannot fit the budget is a row with ``status = "does not fit"``; bad input raises.
+written bytes, predicted loss (and predicted KL where the profile maps its objective to KL), solve status,
+gap and time, the evaluation (KL mean / median / p99 / p99.9 / max, top-1 agreement, perplexity, bits per
+byte, the original's perplexity on the same tokens), wall time and the git commit. A plan that cannot fit the
+budget is a row with ``status = "does not fit"``; bad input raises.
 """
 from __future__ import annotations
 
@@ -143,7 +144,8 @@ def _plan_fields(plan: Plan) -> dict[str, Any]:
     s = plan.solve
     doc = json.dumps(plan_to_json(plan), sort_keys=True, separators=(",", ":")).encode()
     return {"plan_sha256": hashlib.sha256(doc).hexdigest()[:16], "plan_bytes": plan.bytes.total,
-            "predicted_loss": s.objective, "solve_status": s.status.value, "gap": s.gap,
+            "predicted_loss": s.objective, "predicted_kl": plan.predicted.get("kl"),
+            "solve_status": s.status.value, "gap": s.gap,
             "kept_experts": sum(len(lp.kept_experts) for lp in plan.layers),
             "mean_top_k": float(np.mean([lp.top_k for lp in plan.layers])) if plan.layers else None,
             "formats": ",".join(sorted(set(plan.formats.values())))}
