@@ -13,6 +13,12 @@
   llama.cpp's standard mix gives it (``--mix Q4_K_M`` etc., :mod:`optimizer.llamacpp_mixes`); it fits the
   budget or it does not.
 
+Each is a :class:`Baseline`, the :class:`~optimizer.solvers.base.Solver` interface of the MILP backends: it
+declares that it is a heuristic (no bound, no gap), which constraints it honours (all but ``--min-tokens-per-s``;
+a solve that sets that is refused) and whether its plan follows the objective; it reports how it stopped as a
+:class:`~optimizer.solvers.base.Termination` (:attr:`BaselineRun.status`). They are registered with the backends
+in :mod:`optimizer.solvers.registry`.
+
 Under ``--target llamacpp`` format choices are made per (layer, projection) for all experts at once and
 pruning removes the same number of experts from every layer, so the plans stay expressible.
 
@@ -26,8 +32,10 @@ from __future__ import annotations
 import heapq
 import math
 import time
+from abc import abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -37,11 +45,7 @@ from .formulation.decisions import Decisions
 from .formulation.instance import Instance
 from .llamacpp_mixes import check_mix, mix_types
 from .plan import Target
-
-BASELINES = ("uniform", "greedy", "sequential")
-#: Baselines with a fixed size (a recipe): they cannot trade bytes for quality under a budget.
-RECIPES = ("llamacpp_mix",)
-ALL_BASELINES = BASELINES + RECIPES
+from .solvers.base import Solver, Termination
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,14 @@ class BaselineRun:
     complete: bool = True
     # no plan fits: the baseline's own smallest plan, (its format, weight bytes with fixed tensors), if known
     smallest: tuple[str, int] | None = None
+
+    @property
+    def status(self) -> Termination:
+        """``feasible`` with a plan (a heuristic proves nothing more), ``infeasible`` when its rules cannot fit the
+        budget, ``no_solution`` when the deadline came before it held a plan."""
+        if self.decisions is not None:
+            return Termination.FEASIBLE
+        return Termination.INFEASIBLE if self.complete else Termination.NO_SOLUTION
 
 
 def _late(deadline: float | None) -> bool:
@@ -448,13 +460,74 @@ class _Greedy:
         return Decisions(self.keep, self.top_k, chosen)
 
 
-_BASELINE_FUNCTIONS = {"uniform": uniform, "greedy": greedy, "sequential": sequential, "llamacpp_mix": llamacpp_mix}
+class Baseline(Solver):
+    """A heuristic behind the solver interface: fixed rules on the instance, no bound, no gap."""
+
+    proves_bound = False
+    presolve = False  # baselines reason about every format
+    #: every constraint but the decode speed: a baseline never looks at bytes read per token
+    honours = frozenset({"budget", "target", "min_experts", "min_top_k"})
+    #: a recipe has one plan of fixed size: it cannot trade bytes for quality under a budget
+    recipe: ClassVar[bool] = False
+
+    @abstractmethod
+    def run(self, inst: Instance, options: BaselineOptions | None = None, deadline: float | None = None,
+            ) -> BaselineRun:
+        """The baseline's plan of ``inst``, stopping at ``deadline`` (a ``time.perf_counter()`` instant);
+        :class:`InputError` for options it cannot follow."""
+
+
+class Uniform(Baseline):
+    name = "uniform"
+    description = "no pruning, original top-k, every block in the largest single format that fits"
+    follows_objective = False
+
+    def run(self, inst: Instance, options: BaselineOptions | None = None, deadline: float | None = None,
+            ) -> BaselineRun:
+        return uniform(inst, options, deadline)
+
+
+class Greedy(Baseline):
+    name = "greedy"
+    description = "value per byte: expert slices and format upgrades, best cost decrease per byte first"
+
+    def run(self, inst: Instance, options: BaselineOptions | None = None, deadline: float | None = None,
+            ) -> BaselineRun:
+        return greedy(inst, options, deadline)
+
+
+class Sequential(Baseline):
+    name = "sequential"
+    description = "CC-MoE's recipe: keep the top experts by importance, k = ceil(r K), then upgrade formats"
+
+    def run(self, inst: Instance, options: BaselineOptions | None = None, deadline: float | None = None,
+            ) -> BaselineRun:
+        return sequential(inst, options, deadline)
+
+
+class LlamacppMix(Baseline):
+    name = "llamacpp_mix"
+    description = "llama-quantize's standard mix (--mix): every expert, original top-k; fits the budget or not"
+    follows_objective = False
+    recipe = True
+
+    def run(self, inst: Instance, options: BaselineOptions | None = None, deadline: float | None = None,
+            ) -> BaselineRun:
+        return llamacpp_mix(inst, options, deadline)
+
+
+#: Every baseline by name, in the order the CLI lists them.
+BASELINE_CLASSES: dict[str, type[Baseline]] = {cls.name: cls for cls in (Uniform, Greedy, Sequential, LlamacppMix)}
+BASELINES = tuple(name for name, cls in BASELINE_CLASSES.items() if not cls.recipe)
+#: Baselines with a fixed size (a recipe): they cannot trade bytes for quality under a budget.
+RECIPES = tuple(name for name, cls in BASELINE_CLASSES.items() if cls.recipe)
+ALL_BASELINES = BASELINES + RECIPES
 
 
 def run_baseline_until(name: str, inst: Instance, options: BaselineOptions | None = None,
                        deadline: float | None = None) -> BaselineRun:
     """Run a baseline by name until it ends or ``deadline`` (a ``time.perf_counter()`` instant) passes."""
-    return _BASELINE_FUNCTIONS[name](inst, options, deadline)
+    return BASELINE_CLASSES[name]().run(inst, options, deadline)
 
 
 def run_baseline(name: str, inst: Instance, options: BaselineOptions | None = None) -> Decisions | None:

@@ -165,7 +165,8 @@ def _solve(args: argparse.Namespace) -> int:
     from .llamacpp_mixes import check_mix
     from .plan import Target, save_plan
     from .profile import load_profile
-    from .solve import SolveOptions, optimize, solver_names
+    from .solve import SolveOptions, optimize
+    from .solvers.registry import solver_names
 
     if args.solver not in solver_names():
         raise InputError(f"--solver: unknown {args.solver!r}; choose from {', '.join(solver_names())}")
@@ -235,7 +236,7 @@ def _check_llamacpp_formats(candidates: tuple[str, ...]) -> None:
         return
     gguf = [f for f in candidates if get_format(f).family == GGUF_FAMILY]
     hint = (f"restrict this solve to them with --formats {','.join(gguf)}" if any(get_format(f).quantized for f in gguf)
-            else "profile with GGUF types, e.g. `python -m profiling run --model DIR --formats Q4_0,Q5_0,Q8_0,BF16 "
+            else "profile with GGUF types, e.g. `python -m profiling run --model DIR --formats Q4_0 Q5_0 Q8_0 BF16 "
                  "-o profile.json` (K-quants such as Q4_K where rows divide by 256)")
     raise InputError(f"--target llamacpp: {', '.join(runtime_only)} are moecc runtime formats that llama.cpp cannot "
                      f"store; {hint}")

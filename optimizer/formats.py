@@ -125,6 +125,7 @@ class Format:
         if self.name in FLOAT_NAMES:
             return (StoredPart("", self.name, shape),)
         if self.family == INT_FAMILY:
+            assert self.bits is not None
             groups = row_len // self.block_elements
             codes, scale, zero = INT_PARTS
             return (StoredPart(codes, "U8", (*lead, math.ceil(row_len * self.bits / 8))),

@@ -16,6 +16,7 @@ Files may be gzip-compressed (``.json.gz``).
 
 from __future__ import annotations
 
+import builtins
 import gzip
 import hashlib
 import json
@@ -25,7 +26,7 @@ import stat
 import sys
 import zlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal, overload
 
 import numpy as np
 
@@ -266,51 +267,89 @@ class Reader:
             return None
         return value
 
-    def child(self, key: str, required: bool = True) -> "Reader | None":
+    # The overloads tell a type checker that a required field is never None (``_take`` raises instead).
+    @overload
+    def child(self, key: builtins.str, required: Literal[True] = ...) -> Reader: ...
+    @overload
+    def child(self, key: builtins.str, required: builtins.bool) -> Reader | None: ...
+
+    def child(self, key: builtins.str, required: builtins.bool = True) -> Reader | None:
         value = self._take(key, required)
         return None if value is None else Reader(value, f"{self.path}.{key}")
 
-    def str(self, key: str, required: bool = True, choices: tuple[str, ...] | None = None) -> str | None:
+    @overload
+    def str(self, key: builtins.str, required: Literal[True] = ...,
+            choices: tuple[builtins.str, ...] | None = None) -> builtins.str: ...
+    @overload
+    def str(self, key: builtins.str, required: builtins.bool,
+            choices: tuple[builtins.str, ...] | None = None) -> builtins.str | None: ...
+
+    def str(self, key: builtins.str, required: builtins.bool = True,
+            choices: tuple[builtins.str, ...] | None = None) -> builtins.str | None:
         value = self._take(key, required)
         if value is None:
             return None
-        if not isinstance(value, str):
+        if not isinstance(value, builtins.str):
             raise InputError(f"{self.path}.{key}: expected a string, got {_show(value)}")
         if choices is not None and value not in choices:
             raise InputError(f"{self.path}.{key}: {value!r} is not one of {', '.join(choices)}")
         return value
 
-    def int(self, key: str, required: bool = True, minimum: int | None = 0,
-            maximum: int = MAX_JSON_NUMBER) -> int | None:
+    @overload
+    def int(self, key: builtins.str, required: Literal[True] = ..., minimum: builtins.int | None = 0,
+            maximum: builtins.int = MAX_JSON_NUMBER) -> builtins.int: ...
+    @overload
+    def int(self, key: builtins.str, required: builtins.bool, minimum: builtins.int | None = 0,
+            maximum: builtins.int = MAX_JSON_NUMBER) -> builtins.int | None: ...
+
+    def int(self, key: builtins.str, required: builtins.bool = True, minimum: builtins.int | None = 0,
+            maximum: builtins.int = MAX_JSON_NUMBER) -> builtins.int | None:
         value = self._take(key, required)
         if value is None:
             return None
         return as_int(value, f"{self.path}.{key}", minimum, maximum)
 
-    def number(self, key: str, required: bool = True, minimum: float | None = 0.0,
+    @overload
+    def number(self, key: builtins.str, required: Literal[True] = ..., minimum: float | None = 0.0,
+               maximum: float = MAX_JSON_NUMBER) -> float: ...
+    @overload
+    def number(self, key: builtins.str, required: builtins.bool, minimum: float | None = 0.0,
+               maximum: float = MAX_JSON_NUMBER) -> float | None: ...
+
+    def number(self, key: builtins.str, required: builtins.bool = True, minimum: float | None = 0.0,
                maximum: float = MAX_JSON_NUMBER) -> float | None:
         value = self._take(key, required)
         if value is None:
             return None
         return as_number(value, f"{self.path}.{key}", minimum, maximum)
 
-    def bool(self, key: str, required: bool = True) -> bool | None:
+    @overload
+    def bool(self, key: builtins.str, required: Literal[True] = ...) -> builtins.bool: ...
+    @overload
+    def bool(self, key: builtins.str, required: builtins.bool) -> builtins.bool | None: ...
+
+    def bool(self, key: builtins.str, required: builtins.bool = True) -> builtins.bool | None:
         value = self._take(key, required)
         if value is None:
             return None
-        if not isinstance(value, bool):
+        if not isinstance(value, builtins.bool):
             raise InputError(f"{self.path}.{key}: expected true or false, got {_show(value)}")
         return value
 
-    def list(self, key: str, required: bool = True) -> list | None:
+    @overload
+    def list(self, key: builtins.str, required: Literal[True] = ...) -> builtins.list: ...
+    @overload
+    def list(self, key: builtins.str, required: builtins.bool) -> builtins.list | None: ...
+
+    def list(self, key: builtins.str, required: builtins.bool = True) -> builtins.list | None:
         value = self._take(key, required)
         if value is None:
             return None
-        if not isinstance(value, list):
+        if not isinstance(value, builtins.list):
             raise InputError(f"{self.path}.{key}: expected a list, got {type(value).__name__}")
         return value
 
-    def any(self, key: str, required: bool = True) -> Any:
+    def any(self, key: builtins.str, required: builtins.bool = True) -> Any:
         return self._take(key, required)
 
     def done(self) -> None:

@@ -146,7 +146,7 @@ def plan_from_json(doc: Any) -> Plan:
     name, family, arch_hash = m.str("name"), m.str("family"), m.str("architecture_hash")
     m.done()
     target = Target(r.str("target", choices=tuple(t.value for t in Target)))
-    layers = []
+    layers: list[LayerPlan] = []
     layers_raw = r.list("layers")
     if len(layers_raw) > MAX_LAYERS:
         raise InputError(f"plan.layers: {len(layers_raw)} entries, more than the limit of {MAX_LAYERS} layers")
@@ -181,7 +181,8 @@ def plan_from_json(doc: Any) -> Plan:
     by_kind_r, reserves_r = br.child("by_kind"), br.child("reserves")
     by_kind = {k: by_kind_r.int(k, maximum=MAX_BYTES) for k in list(by_kind_r.obj)}
     reserves = {k: reserves_r.int(k, maximum=MAX_BYTES) for k in list(reserves_r.obj)}
-    by_kind_r.done(), reserves_r.done()
+    by_kind_r.done()
+    reserves_r.done()
     pbytes = PlanBytes(br.int("total", maximum=MAX_BYTES), by_kind, br.int("budget", minimum=1, maximum=MAX_BYTES),
                        reserves)
     br.int("available", minimum=-MAX_BYTES, maximum=MAX_BYTES)

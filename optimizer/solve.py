@@ -4,12 +4,15 @@
 
 1. :func:`build_instance` validates everything cheap first (formats, top-k bounds, minimum experts), then
    builds the arrays; :func:`build_milp` turns them into the solver-agnostic model.
-2. A baseline (``uniform``, ``greedy``, ``sequential``, ``llamacpp_mix``) answers directly. A MILP backend
-   is, by default, *accelerated*: the Lagrangian decomposition gives a plan and a proven bound in milliseconds; if their
-   gap is within ``rel_gap`` the plan is certified without calling the backend, otherwise the backend runs
-   warm-started from that plan and the better bound of the two is reported.
+2. Every solver comes from one registry (:mod:`optimizer.solvers.registry`) and declares the constraints it
+   honours; a solve that sets another is refused (:class:`InputError`). A baseline (``uniform``, ``greedy``,
+   ``sequential``, ``llamacpp_mix``) answers directly. A MILP backend is, by default, *accelerated*: the
+   Lagrangian decomposition gives a plan and a proven bound in milliseconds; if their gap is within ``rel_gap``
+   the plan is certified without calling the backend, otherwise the backend runs warm-started from that plan
+   and the better bound of the two is reported.
 3. The decisions are checked against every row of the model and written out as a plan whose bytes are
-   recomputed from the exact byte model.
+   recomputed from the exact byte model. The plan's status is derived once, by :func:`plan_status`, from how
+   the search stopped (a :class:`~optimizer.solvers.base.Termination`), the objective and the best proven bound.
 
 ``time_limit`` covers all of it, from ``started`` (the caller's clock, e.g. before loading the profile) or the
 call: every step gets the one deadline (the Lagrangian bisection, the tied heuristic and the baselines look at
@@ -23,13 +26,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, replace
+from typing import NoReturn
 
 import numpy as np
 
-from .baselines import ALL_BASELINES, BaselineOptions, run_baseline_until
+from .baselines import Baseline, BaselineOptions, run_baseline_until
 from .budget import Budget, format_bytes
 from .byte_model import block_bytes
-from .errors import InfeasibleError, SolverError
+from .errors import InfeasibleError, InputError, SolverError
 from .formulation.constraints import build_milp
 from .formulation.decisions import Decisions, check_decisions, from_vector, to_vector
 from .formulation.decomposition import applicable, lagrangian, min_weight_bytes
@@ -37,8 +41,8 @@ from .formulation.instance import FormulationOptions, Instance, build_instance
 from .formulation.llamacpp import llamacpp_plan
 from .plan import LayerPlan, Plan, PlanBytes, SolveRecord, SolveStatus, Target
 from .profile import Profile
-from .solvers.base import SolverOptions, Termination, relative_gap
-from .solvers.registry import get_backend
+from .solvers.base import Solver, SolverOptions, Termination, relative_gap
+from .solvers.registry import BACKENDS, get_backend, get_solver
 
 _FINISH_SECONDS = 0.5  # most of the time limit kept for checking and writing the plan after the search
 
@@ -58,10 +62,46 @@ class SolveOptions:
     started: float | None = None
 
 
-def solver_names() -> list[str]:
-    from .solvers.registry import BACKENDS
+#: Plan status of a search that ended without a plan (no plan.json is written for these; errors are raised).
+_NO_PLAN = {Termination.INFEASIBLE: SolveStatus.INFEASIBLE, Termination.NO_SOLUTION: SolveStatus.NO_SOLUTION,
+            Termination.ERROR: SolveStatus.ERROR}
 
-    return sorted(BACKENDS) + list(ALL_BASELINES)
+
+def plan_status(termination: Termination, objective: float | None, bound: float | None,
+                rel_gap: float) -> SolveStatus:
+    """The plan's status from how the search stopped: ``optimal`` only when a proven bound lies within
+    ``rel_gap`` of the objective (whatever the solver called its stop), ``feasible`` for any other plan, and the
+    matching status when the search ended without a plan."""
+    if not termination.has_solution:
+        return _NO_PLAN[termination]
+    gap = relative_gap(objective, bound)
+    return SolveStatus.OPTIMAL if gap is not None and gap <= rel_gap + 1e-12 else SolveStatus.FEASIBLE
+
+
+def requested_constraints(formulation: FormulationOptions) -> list[str]:
+    """The :data:`~optimizer.solvers.base.CONSTRAINTS` a solve under ``formulation`` must meet."""
+    out = ["budget", "target"]
+    if formulation.min_experts > 0:
+        out.append("min_experts")
+    if formulation.min_top_k > 1:
+        out.append("min_top_k")
+    if formulation.min_tokens_per_s is not None:
+        out.append("min_tokens_per_s")
+    return out
+
+
+def check_supported(solver: Solver, formulation: FormulationOptions) -> None:
+    """:class:`InputError` when ``formulation`` sets a constraint ``solver`` does not honour (a baseline and
+    ``--min-tokens-per-s``), naming the flag and the solvers that honour it."""
+    missing = solver.unhonoured(requested_constraints(formulation))
+    if not missing:
+        return
+    flags = ", ".join("--" + c.replace("_", "-") for c in missing)
+    able = [name for name, cls in BACKENDS.items() if not cls.unhonoured(missing)]
+    kind = "a heuristic baseline" if not solver.proves_bound else "a solver"
+    use = ", ".join(able[:-1]) + " or " + able[-1] if len(able) > 1 else "".join(able)
+    raise InputError(f"--solver {solver.name}: {kind} that does not honour {flags}, so its plan could miss "
+                     f"{'it' if len(missing) == 1 else 'them'}; use {use}")
 
 
 def optimize(profile: Profile, budget: Budget, formulation: FormulationOptions | None = None,
@@ -76,25 +116,25 @@ def optimize(profile: Profile, budget: Budget, formulation: FormulationOptions |
     options = options or SolveOptions()
     t0 = time.perf_counter()
     deadline = _deadline(options, t0)
-    is_baseline = options.solver in ALL_BASELINES
-    if not is_baseline:
-        get_backend(options.solver)  # unknown or missing solver: fail before the heavy work
-    # baselines reason about every format; dominance presolve only helps the exact methods
-    presolve = formulation.presolve and not is_baseline
+    solver = get_solver(options.solver)  # unknown or missing solver: fail before the heavy work
+    check_supported(solver, formulation)
+    # dominance presolve only helps the exact methods
+    presolve = formulation.presolve and solver.presolve
     inst = build_instance(profile, budget, FormulationOptions(**{**formulation.__dict__, "presolve": presolve}))
     model, variables = build_milp(inst)
     build_seconds = time.perf_counter() - t0
     info: dict = {"build_seconds": build_seconds, "variables": model.num_vars, "rows": model.num_rows,
                   "dominated_pairs_removed": inst.removed_pairs}
-    if is_baseline:
-        d, status, objective, bound, message = _solve_baseline(inst, options, deadline)
+    if isinstance(solver, Baseline):
+        d, stop, objective, bound, message = _solve_baseline(solver, inst, options, deadline)
     else:
-        d, status, objective, bound, message = _solve_exact(inst, model, variables, options, info, deadline)
+        d, stop, objective, bound, message = _solve_exact(inst, model, variables, options, info, deadline)
     violated = check_decisions(inst, model, variables, d)
     if violated:
         raise SolverError(f"solver {options.solver} returned a plan that violates: {', '.join(violated)}")
     seconds = time.perf_counter() - t0
     info["seconds_total"] = seconds
+    status = plan_status(stop, objective, bound, options.rel_gap)
     return _to_plan(inst, d, options, status, objective, bound, seconds, message, info)
 
 
@@ -111,9 +151,9 @@ def _no_plan_in_time(options: SolveOptions, detail: str) -> SolverError:
     return SolverError(f"no plan within the time limit of {options.time_limit:g} s ({detail})")
 
 
-def _solve_baseline(inst: Instance, options: SolveOptions, deadline: float | None):
-    run = run_baseline_until(options.solver, inst, options.baseline, deadline)
-    if run.decisions is None and not run.complete:
+def _solve_baseline(baseline: Baseline, inst: Instance, options: SolveOptions, deadline: float | None):
+    run = baseline.run(inst, options.baseline, deadline)
+    if run.status == Termination.NO_SOLUTION:
         raise _no_plan_in_time(options, f"baseline {options.solver} was stopped before it held a plan")
     if run.decisions is None and run.smallest is not None and options.solver == "uniform":
         _raise_uniform_infeasible(inst, *run.smallest)
@@ -129,7 +169,7 @@ def _solve_baseline(inst: Instance, options: SolveOptions, deadline: float | Non
     message = f"baseline {options.solver}"
     if not run.complete:
         message += f"; stopped at the time limit ({options.time_limit:g} s) before its upgrades were done"
-    return run.decisions, SolveStatus.FEASIBLE, run.decisions.objective(inst), None, message
+    return run.decisions, run.status, run.decisions.objective(inst), None, message
 
 
 @dataclass(frozen=True, eq=False)
@@ -139,7 +179,7 @@ class _Start:
     warm: Decisions | None = None
     bound: float | None = None
     source: str = ""  # where the warm start came from, for messages
-    certified: tuple | None = None  # (decisions, status, objective, bound, message)
+    certified: tuple | None = None  # (decisions, Termination.OPTIMAL, objective, bound, message)
 
 
 def _solve_exact(inst: Instance, model, variables, options: SolveOptions, info: dict, deadline: float | None):
@@ -157,7 +197,7 @@ def _solve_exact(inst: Instance, model, variables, options: SolveOptions, info: 
         objective = warm.objective(inst)
         bound = None if lag_bound is None else min(lag_bound, objective)
         msg = f"time limit ({options.time_limit:g} s) reached before {backend.name} could run; the {start.source} plan"
-        return warm, SolveStatus.FEASIBLE, objective, bound, msg
+        return warm, Termination.FEASIBLE, objective, bound, msg
     sopts = SolverOptions(time_limit=remaining, rel_gap=options.rel_gap, threads=options.threads, seed=options.seed)
     x0 = to_vector(inst, model, variables, warm) if warm is not None else None
     scale = _objective_scale(model, None if x0 is None else model.objective_value(x0))
@@ -180,8 +220,6 @@ def _solve_exact(inst: Instance, model, variables, options: SolveOptions, info: 
     objective, d = min(candidates, key=lambda c: c[0])
     bounds = [b for b in (result.bound, lag_bound) if b is not None]
     bound = min(max(bounds), objective) if bounds else None
-    gap = relative_gap(objective, bound)
-    status = SolveStatus.OPTIMAL if gap is not None and gap <= options.rel_gap + 1e-12 else SolveStatus.FEASIBLE
     msg = f"{backend.name}: {result.status.value}"
     if stopped and deadline is not None:
         msg += f" at the time limit ({options.time_limit:g} s)"
@@ -189,7 +227,9 @@ def _solve_exact(inst: Instance, model, variables, options: SolveOptions, info: 
             msg += f"; kept the {start.source} plan"
     if lag_bound is not None:
         msg += " (warm start and bound from the Lagrangian decomposition)"
-    return d, status, objective, bound, msg
+    # the plan is the better of the backend's point and the warm start: it stopped with a solution either way
+    stop = result.status if result.status.has_solution else Termination.FEASIBLE
+    return d, stop, objective, bound, msg
 
 
 def _warm_start(inst: Instance, model, variables, options: SolveOptions, info: dict, deadline: float | None) -> _Start:
@@ -205,7 +245,7 @@ def _warm_start(inst: Instance, model, variables, options: SolveOptions, info: d
         if lr.gap <= options.rel_gap:
             msg = (f"certified by the Lagrangian bound (gap {lr.gap:.2e} <= {options.rel_gap:.0e}); "
                    f"{get_backend(options.solver).name} not needed")
-            return _Start(certified=(lr.decisions, SolveStatus.OPTIMAL, lr.objective, lr.bound, msg))
+            return _Start(certified=(lr.decisions, Termination.OPTIMAL, lr.objective, lr.bound, msg))
         return _Start(lr.decisions, lr.bound, "Lagrangian")
     if options.accelerate and inst.options.target == Target.LLAMACPP and inst.options.min_tokens_per_s is None:
         # the hf problem relaxes the tied one: its Lagrangian bound is valid here too
@@ -220,7 +260,7 @@ def _warm_start(inst: Instance, model, variables, options: SolveOptions, info: d
             gap = relative_gap(warm.objective(inst), relaxed.bound)
             info.update(tied_heuristic_gap=gap)
             if gap is not None and gap <= options.rel_gap:
-                return _Start(certified=(warm, SolveStatus.OPTIMAL, warm.objective(inst), relaxed.bound,
+                return _Start(certified=(warm, Termination.OPTIMAL, warm.objective(inst), relaxed.bound,
                                          "certified by the hf Lagrangian bound"))
         return _Start(warm, relaxed.bound, "tied heuristic")
     if options.accelerate:
@@ -247,7 +287,7 @@ def _objective_scale(model, estimate: float | None) -> float:
     return min(2.0 ** -math.frexp(abs(estimate))[1], base * 2.0 ** 20)
 
 
-def _raise_infeasible(inst: Instance, why: str) -> None:
+def _raise_infeasible(inst: Instance, why: str) -> NoReturn:
     need = min_weight_bytes(inst) + sum(inst.budget.reserves.values())
     extra = ""
     if inst.options.min_tokens_per_s is not None:
@@ -258,7 +298,7 @@ def _raise_infeasible(inst: Instance, why: str) -> None:
     )
 
 
-def _raise_uniform_infeasible(inst: Instance, fmt: str, weight_bytes: int) -> None:
+def _raise_uniform_infeasible(inst: Instance, fmt: str, weight_bytes: int) -> NoReturn:
     """The uniform baseline's own smallest plan (every block in its smallest format, nothing pruned) does not fit."""
     need = weight_bytes + sum(inst.budget.reserves.values())
     joint = min_weight_bytes(inst) + sum(inst.budget.reserves.values())
@@ -282,7 +322,7 @@ def _to_plan(inst: Instance, d: Decisions, options: SolveOptions, status: SolveS
                              [inst.formats[f] for f in inst.pair_format[chosen_idx].tolist()]))
     chosen_bytes = dict(zip(inst.pair_block[chosen_idx].tolist(), inst.pair_bytes[chosen_idx].tolist()))
     layers = []
-    kept_by_layer = {}
+    kept_by_layer: dict[int | None, tuple[set[int], int]] = {}
     for i, m in enumerate(arch.moe_layers):
         ids = inst.layer_first_expert[i] + np.arange(m.num_experts)
         kept = tuple(int(e) for e in np.flatnonzero(d.keep[ids]))
@@ -292,6 +332,7 @@ def _to_plan(inst: Instance, d: Decisions, options: SolveOptions, status: SolveS
         if block.is_routed_expert and block.expert not in kept_by_layer[block.layer][0]:
             continue
         fmt = chosen_format[b] if block.quantizable else block.fixed_format
+        assert fmt is not None  # a block that is not quantizable has its fixed format
         nbytes = chosen_bytes[b] if block.quantizable else block_bytes(block, fmt)
         if (block.kind.value == "router" and block.layer in kept_by_layer
                 and block.shape[0] == kept_by_layer[block.layer][1]):

@@ -1,20 +1,38 @@
-"""One conformance suite run against every solver backend (a backend is skipped only if its library is missing).
+"""One conformance suite run against every registered solver: the MILP backends (a backend is skipped only if its
+library is missing) and, at the end, the baselines behind the same interface.
 
-Every instance has integer coefficients so CP-SAT runs all of them; each optimum is derived by hand above it.
+Every MILP instance has integer coefficients so CP-SAT runs all of them; each optimum is derived by hand above it.
+The baselines are heuristics (no bound), so they are held to what they declare: a feasible plan within the budget
+under every constraint they honour, a status in the one :class:`Termination` enum, an :class:`InputError` naming
+the flag for what they cannot follow, and the same plan on every run.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
-from optimizer.errors import InputError, SolverError
+from optimizer.baselines import BASELINE_CLASSES, Baseline, BaselineOptions
+from optimizer.budget import Budget
+from optimizer.errors import InfeasibleError, InputError, SolverError
+from optimizer.formulation.constraints import build_milp
+from optimizer.formulation.decisions import Decisions, check_decisions
+from optimizer.formulation.decomposition import min_weight_bytes
+from optimizer.formulation.instance import FormulationOptions, Instance, build_instance
+from optimizer.llamacpp_mixes import mix_bytes
 from optimizer.milp import MilpBuilder, MilpModel
-from optimizer.solvers.base import SolverBackend, SolverOptions, SolverResult, Termination
-from optimizer.solvers.registry import BACKENDS, available_backends, get_backend
+from optimizer.plan import SolveStatus, Target, plan_to_json
+from optimizer.profile import Profile
+from optimizer.solve import SolveOptions, optimize, plan_status
+from optimizer.solvers.base import CONSTRAINTS, Solver, SolverBackend, SolverOptions, SolverResult, Termination
+from optimizer.solvers.registry import BACKENDS, SOLVERS, available_backends, get_backend, get_solver, solver_names
+from optimizer.synthetic import synthetic_profile
 
 INF = float("inf")
 EXACT = SolverOptions(rel_gap=0.0)
@@ -29,6 +47,7 @@ def backend(request: pytest.FixtureRequest) -> SolverBackend:
 
 def check(model: MilpModel, res: SolverResult, status: Termination, objective: float | None = None) -> None:
     """The invariants every result must meet, plus the expected status and optimum."""
+    assert isinstance(res.status, Termination)
     assert res.status == status, res.message
     assert res.seconds > 0
     if not status.has_solution:
@@ -232,3 +251,172 @@ def test_imports_are_lazy() -> None:
             "optimizer.solvers.cpsat; print(sorted(m for m in ('highspy', 'pulp', 'ortools') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------------ the one registry
+def test_one_registry_holds_backends_and_baselines() -> None:
+    assert list(SOLVERS) == list(BACKENDS) + list(BASELINE_CLASSES)
+    assert sorted(solver_names()) == sorted(SOLVERS)
+    for name, cls in SOLVERS.items():
+        assert issubclass(cls, Solver) and cls.name == name and cls.description
+        assert cls.honours <= set(CONSTRAINTS)
+        assert cls.proves_bound == issubclass(cls, SolverBackend)
+    for name, cls in BASELINE_CLASSES.items():
+        assert issubclass(cls, Baseline) and cls.available() and isinstance(get_solver(name), cls)
+        assert not cls.supports_warm_start and not cls.presolve
+        assert "min_tokens_per_s" not in cls.honours  # no baseline looks at bytes read per token
+    for cls in BACKENDS.values():
+        assert cls.honours == set(CONSTRAINTS)  # every constraint is a row of the model
+    with pytest.raises(SolverError) as err:
+        get_solver("nope")
+    assert all(name in str(err.value) for name in SOLVERS)
+
+
+# One termination enum for what a search reports; the plan's status is derived from it in one function.
+@pytest.mark.parametrize("stop,objective,bound,expected", [
+    (Termination.OPTIMAL, 1.0, 1.0 - 1e-5, SolveStatus.OPTIMAL),  # gap 1e-5 <= 1e-4
+    (Termination.OPTIMAL, 1.0, 0.9, SolveStatus.FEASIBLE),  # the solver's "optimal" is not proven within the gap
+    (Termination.OPTIMAL, 1.0, None, SolveStatus.FEASIBLE),  # no bound, nothing proven
+    (Termination.FEASIBLE, 1.0, 1.0, SolveStatus.OPTIMAL),  # stopped at a limit, but another bound closed the gap
+    (Termination.FEASIBLE, 1.0, None, SolveStatus.FEASIBLE),  # a heuristic's plan
+    (Termination.INFEASIBLE, None, None, SolveStatus.INFEASIBLE),
+    (Termination.NO_SOLUTION, None, None, SolveStatus.NO_SOLUTION),
+    (Termination.ERROR, None, None, SolveStatus.ERROR),
+])
+def test_plan_status_is_derived_from_the_termination(stop: Termination, objective: float | None,
+                                                      bound: float | None, expected: SolveStatus) -> None:
+    status = plan_status(stop, objective, bound, rel_gap=1e-4)
+    assert status is expected
+    assert status.has_plan == stop.has_solution
+
+
+# ------------------------------------------------------------------------------------------ baselines
+# 8 layers (layer 0 dense; 4 routed experts, top-2, 1 shared), rows of 256 or 512: every candidate format (Q2_K ..
+# BF16) stores every block, so llama.cpp's Q4_K_M mix is a plan of this profile. The budget is exactly that mix
+# (every baseline fits it: uniform in Q4_K, the others by their rules); the ILP's smallest plan (k = 1, one
+# expert per layer) fits no baseline.
+SMALL = dict(num_layers=8, num_experts=4, top_k=2, hidden=256, expert_inter=256, dense_inter=512, vocab=512)
+RESERVES = {"kv_cache": 2048, "overhead": 512}
+HONOURED = {"min_experts": 3, "min_top_k": 2}  # an honoured constraint set to a binding-or-trivial value
+
+
+@functools.lru_cache(maxsize=None)
+def small_profile() -> Profile:
+    return synthetic_profile(seed=4, **SMALL)
+
+
+def mix_budget() -> Budget:
+    return Budget(mix_bytes(small_profile().architecture, "Q4_K_M") + sum(RESERVES.values()), dict(RESERVES))
+
+
+@pytest.fixture(params=sorted(BASELINE_CLASSES))
+def baseline(request: pytest.FixtureRequest) -> Baseline:
+    solver = get_solver(request.param)
+    assert isinstance(solver, Baseline)
+    return solver
+
+
+def instance(budget: Budget, target: Target = Target.HF, **kw: object) -> Instance:
+    return build_instance(small_profile(), budget, FormulationOptions(target=target, presolve=False, **kw))
+
+
+def check_run(inst: Instance, run_status: Termination, d: Decisions | None, complete: bool) -> None:
+    """A baseline's status is the one Termination enum and agrees with what it returned."""
+    assert isinstance(run_status, Termination) and run_status != Termination.OPTIMAL  # a heuristic proves nothing
+    assert (d is not None) == (run_status == Termination.FEASIBLE)
+    assert run_status != Termination.NO_SOLUTION or not complete
+    if d is not None:
+        model, v = build_milp(inst)
+        assert check_decisions(inst, model, v, d) == []
+        assert d.weight_bytes(inst) <= inst.budget.available
+
+
+@pytest.mark.parametrize("target", [Target.HF, Target.LLAMACPP])
+def test_baseline_plan_is_feasible_within_the_budget(baseline: Baseline, target: Target) -> None:
+    inst = instance(mix_budget(), target)
+    run = baseline.run(inst)
+    assert run.status == Termination.FEASIBLE and run.complete
+    check_run(inst, run.status, run.decisions, run.complete)
+    plan = optimize(small_profile(), mix_budget(), FormulationOptions(target=target),
+                    SolveOptions(solver=baseline.name))
+    assert plan.solve.solver == baseline.name and plan.solve.status is SolveStatus.FEASIBLE
+    assert plan.solve.bound is None and plan.solve.gap is None  # proves_bound is False
+    assert plan.bytes.total <= plan.bytes.available
+    assert plan.solve.objective == pytest.approx(run.decisions.objective(inst), rel=1e-12)
+
+
+def test_baseline_that_cannot_fit_reports_infeasible(baseline: Baseline) -> None:
+    lo = min_weight_bytes(instance(Budget(10**15, {})))
+    budget = Budget(lo + sum(RESERVES.values()), dict(RESERVES))  # the ILP's smallest plan, exactly
+    run = baseline.run(instance(budget))
+    assert run.status == Termination.INFEASIBLE and run.decisions is None
+    check_run(instance(budget), run.status, run.decisions, run.complete)
+    with pytest.raises(InfeasibleError, match=f"baseline {baseline.name} cannot fit the budget"):
+        optimize(small_profile(), budget, FormulationOptions(), SolveOptions(solver=baseline.name))
+
+
+def test_baseline_stopped_before_a_plan_reports_no_solution(baseline: Baseline) -> None:
+    inst = instance(mix_budget())
+    run = baseline.run(inst, deadline=time.perf_counter() - 1)
+    check_run(inst, run.status, run.decisions, run.complete)
+    if baseline.recipe:  # one plan, no search to stop
+        assert run.status == Termination.FEASIBLE
+    else:
+        assert run.status == Termination.NO_SOLUTION
+
+
+def test_baseline_is_deterministic(baseline: Baseline) -> None:
+    inst = instance(mix_budget(), Target.HF)
+    first, second = baseline.run(inst).decisions, baseline.run(inst).decisions
+    assert first is not None and second is not None
+    for field in dataclasses.fields(Decisions):
+        np.testing.assert_array_equal(getattr(first, field.name), getattr(second, field.name))
+    plans = [plan_to_json(optimize(small_profile(), mix_budget(), FormulationOptions(),
+                                   SolveOptions(solver=baseline.name, reproducible=True))) for _ in range(2)]
+    assert plans[0] == plans[1]
+
+
+@pytest.mark.parametrize("constraint", CONSTRAINTS)
+def test_baseline_honours_what_it_declares_and_refuses_the_rest(baseline: Baseline, constraint: str) -> None:
+    if constraint in ("budget", "target"):  # set on every solve, checked above
+        assert constraint in baseline.honours
+        return
+    value = HONOURED.get(constraint, 1.0)
+    fo = FormulationOptions(**{constraint: value})
+    if constraint not in baseline.honours:
+        flag = "--" + constraint.replace("_", "-")
+        with pytest.raises(InputError, match=f"--solver {baseline.name}: .*does not honour {flag}.*use highs"):
+            optimize(small_profile(), mix_budget(), fo, SolveOptions(solver=baseline.name))
+        return
+    run = baseline.run(instance(mix_budget(), **{constraint: value}))
+    check_run(instance(mix_budget(), **{constraint: value}), run.status, run.decisions, run.complete)
+    assert run.status == Termination.FEASIBLE
+
+
+# Options a baseline cannot follow are refused as InputError with the offending value named; greedy and
+# sequential take every option they are given.
+REFUSALS = {
+    "uniform": (BaselineOptions(uniform_format="IQ1_S"), r"uniform format 'IQ1_S' is not among the candidate"),
+    "llamacpp_mix": (BaselineOptions(mix="Q9_K_L"), r"unknown llama.cpp mix 'Q9_K_L'"),
+}
+
+
+def test_baseline_refusals_are_input_errors(baseline: Baseline) -> None:
+    if baseline.name not in REFUSALS:
+        pytest.skip(f"{baseline.name} refuses no option")
+    options, match = REFUSALS[baseline.name]
+    with pytest.raises(InputError, match=match):
+        baseline.run(instance(mix_budget()), options)
+    with pytest.raises(InputError, match=match):
+        optimize(small_profile(), mix_budget(), FormulationOptions(),
+                 SolveOptions(solver=baseline.name, baseline=options))
+
+
+def test_baseline_follows_the_objective_as_declared(baseline: Baseline) -> None:
+    """A recipe (``follows_objective`` False) gives the same plan whatever the objective; only its price changes."""
+    if baseline.follows_objective:
+        pytest.skip(f"{baseline.name} follows the objective")
+    runs = [baseline.run(instance(mix_budget(), objective=o)).decisions for o in ("importance", "routing_mass")]
+    assert runs[0] is not None and runs[1] is not None
+    for field in dataclasses.fields(Decisions):
+        np.testing.assert_array_equal(getattr(runs[0], field.name), getattr(runs[1], field.name))
