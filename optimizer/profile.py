@@ -340,7 +340,7 @@ def _blocks_from_json(items: list, path: str, moe: dict[int, MoELayer], projecti
     for i, item in enumerate(items):
         br = Reader(item, f"{path}[{i}]")
         name = br.str("name")
-        kind = kinds.get(br.str("kind", choices=tuple(kinds)))
+        kind = kinds[br.str("kind", choices=tuple(kinds))]
         shape_raw = br.list("shape")
         if not shape_raw or len(shape_raw) > 3:
             raise InputError(f"{path}[{i}].shape: expected 1 to 3 dimensions, got {shape_raw!r}")
@@ -508,12 +508,12 @@ def profile_to_json(p: Profile) -> dict:
         experts["saliency"] = [json_floats(v) for v in p.experts.saliency]
     if p.experts.prune_cost is not None:
         experts["prune_cost"] = [json_floats(v) for v in p.experts.prune_cost]
-        experts["prune_cost_measurement"] = p.experts.prune_cost_measurement.to_json()
+        experts["prune_cost_measurement"] = _written(p.experts.prune_cost_measurement, "prune_cost").to_json()
     if p.experts.prune_curve is not None:
         experts["prune_curve"] = [None if c is None else {"order": c.order.tolist(), "counts": c.counts.tolist(),
                                                           "cost": json_floats(c.cost)}
                                   for c in p.experts.prune_curve]
-        experts["prune_curve_measurement"] = p.experts.prune_curve_measurement.to_json()
+        experts["prune_curve_measurement"] = _written(p.experts.prune_curve_measurement, "prune_curve").to_json()
     experts["measurement"] = p.experts.measurement.to_json()
     device: dict[str, Any] = {"memory_bandwidth_bytes_per_s": p.device.memory_bandwidth_bytes_per_s}
     if p.device.format_throughput:
@@ -545,6 +545,13 @@ def profile_to_json(p: Profile) -> dict:
         "device": device,
         **({"prediction": p.prediction.to_json()} if p.prediction is not None else {}),
     }
+
+
+def _written(m: Measurement | None, section: str) -> Measurement:
+    """The measurement the contract requires beside ``section`` (a profile built without one is a bug)."""
+    if m is None:
+        raise ValueError(f"experts.{section} given without experts.{section}_measurement")
+    return m
 
 
 def save_profile(profile: Profile, path: str | os.PathLike) -> str:
