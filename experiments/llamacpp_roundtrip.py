@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 import subprocess
 import sys
@@ -47,6 +46,8 @@ import numpy as np
 
 from experiments.entry import run_main
 from experiments.results_io import write_rows
+from runtime.llamacpp import resolve
+from runtime.prune_checkpoint import nudge_zero_gates  # moved to runtime (issue 16)
 
 #: GGUF type -> bits of the runtime int format whose sensitivity it borrows in ``gguf-profile``
 PROXY_BITS = {"Q2_K": 2, "Q3_K": 3, "Q4_0": 4, "Q4_K": 4, "Q5_0": 5, "Q5_K": 5, "Q6_K": 6, "Q8_0": 8}
@@ -56,7 +57,7 @@ PROXY_BITS = {"Q2_K": 2, "Q3_K": 3, "Q4_0": 4, "Q4_K": 4, "Q5_0": 5, "Q5_K": 5, 
 class Config:
     model: Path
     plan: Path
-    llama_cpp: Path
+    llama_cpp: Path | None  # None: runtime.llamacpp.resolve's default ($MOECC_LLAMA_CPP, cache/llama.cpp)
     work: Path
     out: Path | None = None
     ctx: int = 512
@@ -101,42 +102,6 @@ def gguf_profile(src: Path, out: Path) -> Path:
     return out
 
 
-def nudge_zero_gates(src: Path, dst: Path, value: float = 1e-20) -> tuple[Path, int]:
-    """``src``, or a copy in ``dst`` whose all-zero ``shared_expert_gate`` rows are set to ``value``.
-
-    llama.cpp's qwen2moe computes the shared expert's sigmoid gate as ``silu(x) / x``: a gate row of zeros
-    (R3's, from moefy's zero init) gives 0/0 = NaN for every token. sigmoid(1e-20 * h) = 0.5 as for 0 in
-    float32, so the copy computes the same function. Returns (checkpoint to use, rows changed).
-    """
-    import shutil
-
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    from runtime.checkpoint import checkpoint_files
-
-    files = checkpoint_files(src)
-    zero = []
-    for f in files:
-        with safe_open(str(f), framework="pt") as h:
-            zero += [n for n in h.keys() if n.endswith("shared_expert_gate.weight") and not h.get_tensor(n).any()]
-    if not zero:
-        return src, 0
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in files:
-        tensors = load_file(str(f))
-        for name in zero:
-            if name in tensors:
-                tensors[name] = torch.full_like(tensors[name], value)
-        save_file(tensors, str(dst / f.name), metadata={"format": "pt"})
-        del tensors
-    for p in src.iterdir():
-        if p.is_file() and not p.name.endswith(".safetensors"):
-            shutil.copyfile(p, dst / p.name)
-    return dst, len(zero)
-
-
 def _timed(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float, str]:
     """Run ``cmd`` (nice'd), its output to ``log``; (seconds, output). Raises on failure."""
     t0 = time.perf_counter()
@@ -148,9 +113,9 @@ def _timed(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float, s
 
 
 def _convert(cfg: Config, src: Path, dst: Path) -> float:
-    env = {**os.environ, "PYTHONPATH": str(cfg.llama_cpp / "gguf-py")}
-    seconds, _ = _timed([sys.executable, str(cfg.llama_cpp / "convert_hf_to_gguf.py"), str(src), "--outtype", "bf16",
-                         "--outfile", str(dst)], dst.with_suffix(".log"), env)
+    llama = resolve(cfg.llama_cpp, converter=True)
+    seconds, _ = _timed([sys.executable, str(llama.converter), str(src), "--outtype", "bf16",
+                         "--outfile", str(dst)], dst.with_suffix(".log"), llama.converter_env())
     return seconds
 
 
@@ -196,7 +161,7 @@ def check_gguf(cfg: Config, gguf_path: Path, recipe: Path, plan, arch) -> dict:
 
 
 def _llama_ppl(cfg: Config, gguf_path: Path, text: Path) -> dict:
-    seconds, out = _timed([str(cfg.llama_cpp / "build" / "bin" / "llama-perplexity"), "-m", str(gguf_path),
+    seconds, out = _timed([str(resolve(cfg.llama_cpp).tool("llama-perplexity")), "-m", str(gguf_path),
                            "-f", str(text), "-c", str(cfg.ctx), "-b", str(cfg.ctx), "-t", str(cfg.threads),
                            "--chunks", str(cfg.chunks)], gguf_path.with_suffix(".ppl.log"))
     m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", out)
@@ -280,7 +245,7 @@ def run(cfg: Config) -> list[dict]:
     for variant, src in (("original", original), ("pruned", recipe / "hf-pruned")):
         add(step="convert", variant=variant, seconds=round(_convert(cfg, src, ggufs[variant]), 1),
             gguf_file_bytes=ggufs[variant].stat().st_size)
-    seconds, _ = _timed([str(cfg.llama_cpp / "build" / "bin" / "llama-quantize"), "--tensor-type-file",
+    seconds, _ = _timed([str(resolve(cfg.llama_cpp).tool("llama-quantize")), "--tensor-type-file",
                          str(recipe / "tensor-types.txt"), str(ggufs["pruned"]), str(ggufs["plan"]), "Q8_0",
                          str(cfg.threads)], work / "quantize.log")
     add(step="quantize", variant="plan", seconds=round(seconds, 1), gguf_file_bytes=ggufs["plan"].stat().st_size)
@@ -326,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="export, convert, quantize, check, perplexity")
     r.add_argument("--model", type=Path, required=True)
     r.add_argument("--plan", type=Path, required=True)
-    r.add_argument("--llama-cpp", type=Path, required=True)
+    r.add_argument("--llama-cpp", type=Path, default=None,
+                   help="llama.cpp tree (default: $MOECC_LLAMA_CPP, else cache/llama.cpp; `python -m runtime llama-cpp "
+                        "build` makes it)")
     r.add_argument("--work", type=Path, required=True)
     r.add_argument("--out", type=Path, default=None)
     r.add_argument("--ctx", type=int, default=512)

@@ -15,7 +15,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "corpus": ("runtime.corpus_cli", "build or inspect the text corpora"),
     "tiny": ("runtime.tiny_models", "write a tiny random MoE checkpoint"),
     "apply": ("runtime.apply_cli", "apply a plan to a checkpoint: prune, re-route, quantize, write"),
-    "export": ("runtime.export", "write deployment recipes (llama.cpp, GPTQModel, torchao) for a plan"),
+    "export": ("runtime.export_cli", "write a quantized GGUF, or deployment recipes (llama.cpp, GPTQModel, torchao), "
+               "for a plan"),
+    "llama-cpp": ("runtime.llamacpp", "build llama.cpp's tools from the llama-cpp-python sdist; show which are used"),
 }
 
 

@@ -1,5 +1,7 @@
-"""Deployment recipes for a plan: ``python -m runtime export PLAN --to llamacpp|gptqmodel|torchao -o DIR``.
+"""Deployment files for a plan: ``python -m runtime export PLAN --to gguf|llamacpp|gptqmodel|torchao -o OUT``.
 
+* ``gguf``: the quantized GGUF itself, made with llama.cpp's tools and checked against the plan
+  (:mod:`runtime.gguf_export`; ``-o model.gguf``).
 * ``llamacpp``: ``tensor-types.txt`` for ``llama-quantize --tensor-type-file`` (one anchored GGUF tensor
   name and type a line, e.g. ``^blk\\.3\\.ffn_down_exps\\.weight$=Q4_K``), ``override-kv.txt`` (the top-k as
   an ``--override-kv`` value, with the family's GGUF arch prefix), ``kept-experts.json``, ``README.md`` with
@@ -14,10 +16,8 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -85,6 +85,16 @@ def gguf_name(block_name: str, family: str, num_layers: int) -> str | None:
     return None
 
 
+def gguf_split_names(target: str, family: str) -> tuple[str, ...]:
+    """The tensors llama.cpp's converter splits ``target`` into, or ``()``: deepseek2's ``attn_kv_b`` becomes
+    ``attn_k_b`` (transposed, rows of ``qk_nope_head_dim``) and ``attn_v_b`` (rows of ``kv_lora_rank``) for
+    MLA's absorption; the converter of llama-cpp-python 0.3.36 writes only those two."""
+    if GGUF_ARCH.get(family) == "deepseek2" and target.endswith(".attn_kv_b.weight"):
+        stem = target[: -len("attn_kv_b.weight")]
+        return f"{stem}attn_k_b.weight", f"{stem}attn_v_b.weight"
+    return ()
+
+
 def _types_line(tensor: str, ggml_type: str) -> str:
     """One ``--tensor-type-file`` entry: llama-quantize regex-searches (``std::regex_search``, first match
     wins) the lowercased pattern in each tensor name, so the exact name is anchored and its dots escaped."""
@@ -137,6 +147,8 @@ def llamacpp_recipe(plan: Plan, arch: Architecture | None = None, model: Path | 
         if types.setdefault(target, f.name) != f.name:
             raise InputError(f"llama.cpp stores {target} as one tensor, but the plan gives its experts different "
                              f"formats ({types[target]}, {f.name}); {_SOLVE_HINT}")
+        for part in gguf_split_names(target, family):  # what the converter writes instead (older ones: target)
+            types[part] = f.name
     n, k = counts.pop(), ks.pop()
     untie = untie_needed(plan, family)
     if untie and "token_embd.weight" in types:
@@ -182,7 +194,9 @@ def _readme(plan: Plan, arch: Architecture | None, n: int, k: int, kv: str, used
                   "    python -m runtime export PLAN --to llamacpp --model path/to/hf-model -o THIS_DIR", "",
                   "then convert `hf-pruned` instead of the original checkpoint below.", ""]
         source = "hf-pruned"
-    lines += ["From this directory, with `LLAMA_CPP` a llama.cpp checkout whose tools are built:", "",
+    lines += ["From this directory, with `LLAMA_CPP` a llama.cpp checkout whose tools are built (`python -m runtime "
+              "llama-cpp build` makes one in moecc's `cache/llama.cpp`; `python -m runtime export PLAN --to gguf` "
+              "runs all of this and checks the result against the plan):", "",
               f"    python $LLAMA_CPP/convert_hf_to_gguf.py {source} --outtype {outtype} "
               f"--outfile model-{outtype}.gguf",
               f"    $LLAMA_CPP/build/bin/llama-quantize --tensor-type-file tensor-types.txt{override} "
@@ -285,6 +299,8 @@ def export(plan_path: str | Path, to: str, out: str | Path, model: str | Path | 
     directory), False never does, None (the default) writes it when ``model`` is a checkpoint directory and
     the plan prunes experts. See :mod:`runtime.prune_checkpoint`.
     """
+    if to == "gguf":
+        raise InputError("--to gguf writes one checked file: runtime.gguf_export.export_gguf")
     if to not in TARGETS:
         raise InputError(f"--to: {to!r} is not one of {', '.join(TARGETS)}")
     if pruned_checkpoint and to != "llamacpp":
@@ -324,30 +340,3 @@ def export(plan_path: str | Path, to: str, out: str | Path, model: str | Path | 
             write_pruned_checkpoint(plan, arch, model, tmp / checkpoint, plan_digest(plan_path),
                                     untie_embeddings=untie, zero_gates=zero_gates)
     return [out / name for name in files] + ([out / checkpoint] if checkpoint else [])
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``python -m runtime export``."""
-    parser.add_argument("plan", type=Path)
-    parser.add_argument("--to", required=True, choices=TARGETS)
-    parser.add_argument("-o", "--out", type=Path, required=True,
-                        help="new directory for the recipe files "
-                             "(an existing one only with --overwrite, if moecc wrote it)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT that moecc wrote")
-    parser.add_argument("--model", type=Path, help="checkpoint directory or config.json the plan was made for "
-                        "(required for gptqmodel/torchao; optional for llamacpp)")
-    parser.add_argument("--pruned-checkpoint", action=argparse.BooleanOptionalAction, default=None,
-                        help=f"llamacpp: write OUT/{CHECKPOINT_DIR}, the checkpoint without the pruned experts, "
-                        "for convert_hf_to_gguf.py (default: when the plan prunes and --model is a directory)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Write the recipe; bad input or an inexpressible plan -> one line on stderr, exit code 2."""
-    try:
-        paths = export(args.plan, args.to, args.out, args.model, args.pruned_checkpoint, args.overwrite)
-    except (InputError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for p in paths:
-        print(f"wrote {p}")
-    return 0

@@ -70,15 +70,20 @@ def tiny_config(family: str):
     raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
 
 
-def make_tiny_model(family: str, directory: str | Path, seed: int = 0, tie_word_embeddings: bool = False) -> Path:
+def make_tiny_model(family: str, directory: str | Path, seed: int = 0, tie_word_embeddings: bool = False,
+                    config_overrides: dict[str, Any] | None = None) -> Path:
     """Write a seeded tiny random ``family`` checkpoint into ``directory``; return it.
 
-    ``tie_word_embeddings``: the output head shares the embedding (as SmolLM2, hence R3, does)."""
+    ``tie_word_embeddings``: the output head shares the embedding (as SmolLM2, hence R3, does).
+    ``config_overrides``: config attributes to set, e.g. ``{"mlp_only_layers": []}`` for a Qwen model whose
+    every layer is MoE (llama.cpp's qwen2moe/qwen3moe have no dense layers)."""
     from transformers import AutoModelForCausalLM
 
     config = tiny_config(family)
     if tie_word_embeddings:
         config.tie_word_embeddings = True
+    for key, value in (config_overrides or {}).items():
+        setattr(config, key, value)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng():
