@@ -34,7 +34,7 @@ import torch
 
 from experiments.entry import run_main
 from experiments.results_io import write_rows
-from optimizer.architecture import BlockKind
+from optimizer.model_spec import BlockKind
 
 QUANTIZED_KINDS = {BlockKind.ATTENTION, BlockKind.DENSE_MLP, BlockKind.SHARED_EXPERT, BlockKind.ROUTED_EXPERT}
 

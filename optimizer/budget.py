@@ -2,7 +2,7 @@
 
     available for weights = budget - kv_cache(context) - overhead
 
-KV cache bytes come from the architecture (:class:`~optimizer.architecture.KVCacheSpec`: MLA's compressed
+KV cache bytes come from the architecture (:class:`~optimizer.model_spec.KVCacheSpec`: MLA's compressed
 latent for DeepSeek, ``2 * kv_heads * head_dim`` for grouped-query attention) at ``dtype_bytes`` per element.
 Sizes are bounded by :data:`MAX_BYTES` and the context by :data:`MAX_CONTEXT` (``docs/optimizer.md``).
 """
@@ -13,8 +13,8 @@ import math
 import re
 from dataclasses import dataclass
 
-from .architecture import Architecture
 from .errors import InputError
+from .model_spec import Architecture
 
 _UNITS = {
     "": 1, "b": 1,

@@ -11,9 +11,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .architecture import DEFAULT_FIXED_FORMAT, Architecture, Block, BlockKind
 from .errors import InputError
 from .formats import get_format, resolve_format, row_length
+from .model_spec import DEFAULT_FIXED_FORMAT, Architecture, Block, BlockKind
 
 
 def _fixed_bytes(block: Block) -> int:

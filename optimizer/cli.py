@@ -5,7 +5,7 @@ time limit), 2 = bad input (one line on stderr naming the field, no traceback, n
 infeasible budget also exits 2 and states the smallest achievable size.
 
 Every flag is checked before the profile is read: numbers finite and within the ``MAX_*`` bounds below (and
-those of :mod:`optimizer.budget`, :mod:`optimizer.architecture`, :mod:`optimizer.profile`), listed in
+those of :mod:`optimizer.budget`, :mod:`optimizer.model_spec`, :mod:`optimizer.profile`), listed in
 ``docs/optimizer.md`` ("Input limits"); files are read through the bounded reader of :mod:`optimizer.jsonio`.
 """
 
@@ -18,11 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-from .architecture import MAX_EXPERTS
 from .budget import MAX_CONTEXT, parse_bytes
 from .errors import InfeasibleError, InputError, SolverError, error_line
 from .formats import get_format
 from .jsonio import check_output_path
+from .model_spec import MAX_EXPERTS
 from .profile import MAX_COST_NATS
 
 #: Longest ``--time-limit``, in seconds (about 11.6 days).

@@ -2,7 +2,7 @@
 
 Users compare a compression plan against the standard mixes that ``llama-quantize`` writes, not against one
 type everywhere. :func:`mix_types` gives the GGUF type every quantizable block of an
-:class:`~optimizer.architecture.Architecture` gets under one of :data:`MIXES`; :func:`mix_bytes` is the
+:class:`~optimizer.model_spec.Architecture` gets under one of :data:`MIXES`; :func:`mix_bytes` is the
 mix's total weight bytes, counted by :func:`optimizer.byte_model.plan_bytes_by_kind` (the one definition of
 bytes).
 
@@ -40,10 +40,10 @@ from __future__ import annotations
 
 from enum import Enum
 
-from .architecture import Architecture, Block, BlockKind
 from .byte_model import plan_bytes_by_kind
 from .errors import InputError
 from .formats import LLAMACPP_FALLBACK, get_format, resolve_format, row_length
+from .model_spec import Architecture, Block, BlockKind
 
 #: The mixes modelled, by llama-quantize's name.
 MIXES: tuple[str, ...] = ("Q4_K_M", "Q3_K_M", "Q2_K", "IQ2_XXS", "IQ1_M", "IQ1_S")

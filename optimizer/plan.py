@@ -3,7 +3,7 @@
 Field-by-field documentation: ``docs/plan.md``; JSON Schema: ``optimizer/schemas/plan.schema.json``.
 A plan names every block that survives (``formats``: block name -> format); blocks of pruned experts are
 absent. Expert indices are the original ones of the profiled checkpoint. Counts are bounded by the
-``MAX_*`` limits of :mod:`optimizer.architecture`, byte counts by :data:`optimizer.budget.MAX_BYTES`.
+``MAX_*`` limits of :mod:`optimizer.model_spec`, byte counts by :data:`optimizer.budget.MAX_BYTES`.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from .architecture import MAX_BLOCKS, MAX_EXPERTS, MAX_LAYERS
 from .budget import MAX_BYTES
 from .errors import InputError
 from .formats import get_format
 from .jsonio import Reader, as_int, check_envelope, read_json, write_json
+from .model_spec import MAX_BLOCKS, MAX_EXPERTS, MAX_LAYERS
 
 PLAN_SCHEMA = "moecc.plan"
 PLAN_VERSION = 1

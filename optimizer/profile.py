@@ -5,7 +5,7 @@ Per-layer arrays are aligned with ``architecture.moe_layers``; ``sensitivity.val
 of ``architecture.blocks`` and one column per entry of ``sensitivity.formats`` (``null`` where the format
 cannot store the block or the block is not quantizable). Every measured section carries a
 :class:`Measurement` saying how it was obtained. Sizes and counts are bounded by the ``MAX_*`` limits of
-:mod:`optimizer.architecture`, costs by :data:`MAX_COST_NATS` (``docs/profile.md``, "Limits").
+:mod:`optimizer.model_spec`, costs by :data:`MAX_COST_NATS` (``docs/profile.md``, "Limits").
 """
 
 from __future__ import annotations
@@ -16,7 +16,19 @@ from typing import Any
 
 import numpy as np
 
-from .architecture import (
+from .errors import InputError
+from .formats import get_format
+from .jsonio import (
+    Reader,
+    as_int,
+    check_envelope,
+    json_floats,
+    number_array,
+    number_matrix,
+    read_json,
+    write_json,
+)
+from .model_spec import (
     DEFAULT_FIXED_FORMAT,
     MAX_BLOCKS,
     MAX_DIM,
@@ -31,18 +43,6 @@ from .architecture import (
     MoELayer,
     check_model_size,
     check_shape,
-)
-from .errors import InputError
-from .formats import get_format
-from .jsonio import (
-    Reader,
-    as_int,
-    check_envelope,
-    json_floats,
-    number_array,
-    number_matrix,
-    read_json,
-    write_json,
 )
 
 PROFILE_SCHEMA = "moecc.profile"

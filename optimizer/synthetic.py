@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .architecture import Architecture, Block, BlockKind, KVCacheSpec, MoELayer
 from .formats import get_format
+from .model_spec import Architecture, Block, BlockKind, KVCacheSpec, MoELayer
 from .profile import Device, ExpertStats, Measurement, ModelInfo, Profile, Sensitivity, TopkCost
 
 DEFAULT_FORMATS = ("Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q8_0", "BF16")

@@ -13,8 +13,8 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from optimizer.architecture import Architecture, Block, BlockKind
 from optimizer.formats import get_format
+from optimizer.model_spec import Architecture, Block, BlockKind
 from runtime.layout import fused_slot, in_memory_name
 from runtime.moe import get_layer
 

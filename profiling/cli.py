@@ -16,10 +16,10 @@ import logging
 import sys
 from pathlib import Path
 
-from optimizer.architecture import MAX_BLOCKS, MAX_EXPERTS
 from optimizer.cli import MAX_SEED, MAX_THREADS, OneLineParser, check_range
 from optimizer.errors import InfeasibleError, InputError, error_line
 from optimizer.jsonio import check_output_path
+from optimizer.model_spec import MAX_BLOCKS, MAX_EXPERTS
 
 #: (smallest, largest) value of every integer flag, by argparse destination; a flag left at None keeps its
 #: automatic default. ``docs/profiling.md`` describes the flags.

@@ -18,8 +18,8 @@ from typing import Sequence
 import numpy as np
 from torch import nn
 
-from optimizer.architecture import Architecture
 from optimizer.formats import get_format
+from optimizer.model_spec import Architecture
 
 from .blocks import BlockRef, quantize_blocks
 from .engine import Engine, Perturbation

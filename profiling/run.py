@@ -20,8 +20,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from optimizer.architecture import Architecture
 from optimizer.formats import INT_GROUP_SIZES, get_format, num_elements
+from optimizer.model_spec import Architecture
 from optimizer.profile import (
     Device,
     ExpertStats,

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from optimizer.architecture import Architecture, BlockKind
+from optimizer.model_spec import Architecture, BlockKind
 
 from .blocks import BlockRef, quantized_copy
 

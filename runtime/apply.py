@@ -38,11 +38,11 @@ from typing import Callable
 
 import torch
 
-from optimizer.architecture import Architecture, Block
 from optimizer.architectures import load_architecture
 from optimizer.byte_model import is_router_row_block
 from optimizer.errors import InputError, MoeccError
 from optimizer.formats import INT_FAMILY, get_format
+from optimizer.model_spec import Architecture, Block
 from optimizer.plan import Plan, load_plan
 
 from .calibration import DEFAULT_CALIB_TOKENS, DEFAULT_DATA, calibrate_plan, parse_data

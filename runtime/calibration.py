@@ -34,8 +34,8 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from optimizer.architecture import Block, BlockKind
 from optimizer.errors import InputError
+from optimizer.model_spec import Block, BlockKind
 
 from .evaluate import DEFAULT_WINDOW, tokenize
 from .layout import expert_view, fused_param, in_memory_name

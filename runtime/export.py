@@ -21,10 +21,10 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from optimizer.architecture import Architecture, BlockKind
 from optimizer.architectures import load_architecture
 from optimizer.errors import InputError
 from optimizer.formats import GGUF_FAMILY, get_format
+from optimizer.model_spec import Architecture, BlockKind
 from optimizer.plan import Plan, load_plan
 
 from .checkpoint import checkpoint_files

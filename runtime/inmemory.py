@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from optimizer.architecture import Architecture
 from optimizer.architectures import architecture_from_config
 from optimizer.errors import InputError
+from optimizer.model_spec import Architecture
 from optimizer.plan import Plan
 
 from .layout import expert_view, in_memory_name

@@ -12,9 +12,9 @@
 """
 from __future__ import annotations
 
-from optimizer.architecture import Architecture
 from optimizer.byte_model import plan_bytes_by_kind
 from optimizer.errors import InputError
+from optimizer.model_spec import Architecture
 from optimizer.plan import Plan
 
 from .moe import check_keep

@@ -36,8 +36,8 @@ from typing import Sequence
 
 import torch
 
-from optimizer.architecture import Architecture, Block, BlockKind
 from optimizer.errors import InputError
+from optimizer.model_spec import Architecture, Block, BlockKind
 from optimizer.plan import Plan
 
 from .checkpoint import PlannedTensor, ShardWriter, TensorInfo, copy_side_files, read_headers

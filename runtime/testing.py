@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from optimizer.architecture import Architecture
 from optimizer.architectures import load_architecture
 from optimizer.budget import Budget
 from optimizer.byte_model import plan_bytes_by_kind, uniform_bytes
 from optimizer.formats import get_format
 from optimizer.formulation.instance import FormulationOptions
+from optimizer.model_spec import Architecture
 from optimizer.plan import LayerPlan, Plan, PlanBytes, Target
 from optimizer.profile import Device, ExpertStats, Measurement, ModelInfo, Profile, Sensitivity, TopkCost
 from optimizer.solve import SolveOptions, optimize

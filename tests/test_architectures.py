@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from optimizer.architecture import BlockKind
 from optimizer.architectures import architecture_from_config, load_architecture
 from optimizer.errors import InputError
+from optimizer.model_spec import BlockKind
 
 DATA = Path(__file__).resolve().parents[1] / "optimizer" / "data" / "deepseek_v3"
 

@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 
 from optimizer import jsonio
-from optimizer.architecture import MAX_DIM
 from optimizer.architectures import architecture_from_config, load_architecture
 from optimizer.budget import MAX_BYTES, parse_bytes
 from optimizer.cli import main
 from optimizer.errors import InputError
+from optimizer.model_spec import MAX_DIM
 from optimizer.plan import load_plan, plan_to_json, save_plan
 from optimizer.profile import MAX_COST_NATS, load_profile, profile_to_json, save_profile
 from optimizer.synthetic import synthetic_profile

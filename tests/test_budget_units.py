@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from optimizer.architecture import Block, BlockKind
 from optimizer.budget import DEFAULT_CONTEXT, MAX_BYTES, MAX_CONTEXT, make_budget, parse_bytes
 from optimizer.byte_model import block_bytes, plan_bytes_by_kind
 from optimizer.errors import InputError
 from optimizer.formats import get_format
+from optimizer.model_spec import Block, BlockKind
 from optimizer.synthetic import synthetic_architecture
 
 # ------------------------------------------------------------------------------------------------ parse_bytes

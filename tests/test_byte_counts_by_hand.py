@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from optimizer.architecture import Architecture, Block, BlockKind, KVCacheSpec, MoELayer
 from optimizer.budget import format_bytes, make_budget
 from optimizer.byte_model import is_router_row_block, plan_bytes_by_kind, uniform_bytes, uniform_bytes_by_kind
 from optimizer.errors import InputError
+from optimizer.model_spec import Architecture, Block, BlockKind, KVCacheSpec, MoELayer
 
 
 # ------------------------------------------------------------------------------------------- budget.py

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from optimizer.architecture import Block, BlockKind
 from optimizer.architectures import architecture_from_config, load_architecture
 from optimizer.byte_model import (
     block_bytes,
@@ -18,6 +17,7 @@ from optimizer.byte_model import (
 )
 from optimizer.errors import InputError
 from optimizer.formats import get_format, known_format_names
+from optimizer.model_spec import Block, BlockKind
 
 DATA = Path(__file__).resolve().parents[1] / "optimizer" / "data" / "deepseek_v3"
 

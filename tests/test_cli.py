@@ -270,8 +270,8 @@ def test_every_block_kind_of_the_example_carries_its_documented_prior() -> None:
     Dense MLPs: layers 0-2 (all edge), gate/up 1.5, down 2.25: 3 x 5.25 = 15.75.
     Shared experts: MoE layers 3-60, of which 58-60 are edge: 55 x 3.5 + 3 x 5.25 = 208.25; routed experts
     the same per layer, times each expert's routing mass (which sums to 1 per layer)."""
-    from optimizer.architecture import BlockKind
     from optimizer.examples.deepseek_v3 import build_deepseek_v3_profile
+    from optimizer.model_spec import BlockKind
 
     profile = build_deepseek_v3_profile()
     arch = profile.architecture

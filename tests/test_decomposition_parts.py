@@ -13,7 +13,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from optimizer.architecture import Architecture, Block, BlockKind, KVCacheSpec, MoELayer
 from optimizer.budget import Budget
 from optimizer.formulation.decisions import Decisions
 from optimizer.formulation.decomposition import (
@@ -24,6 +23,7 @@ from optimizer.formulation.decomposition import (
     spend_leftover,
 )
 from optimizer.formulation.instance import FormulationOptions, build_instance
+from optimizer.model_spec import Architecture, Block, BlockKind, KVCacheSpec, MoELayer
 from optimizer.profile import Device, ExpertStats, Measurement, ModelInfo, Profile, Sensitivity, TopkCost
 
 HAND = Measurement("hand-made test profile", prior=True)

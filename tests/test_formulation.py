@@ -18,7 +18,6 @@ import math
 import numpy as np
 import pytest
 
-from optimizer.architecture import Architecture, Block, BlockKind, KVCacheSpec, MoELayer
 from optimizer.budget import Budget
 from optimizer.byte_model import block_bytes
 from optimizer.cli import main
@@ -35,6 +34,7 @@ from optimizer.formulation.objectives import (
     build_objective,
     register_objective,
 )
+from optimizer.model_spec import Architecture, Block, BlockKind, KVCacheSpec, MoELayer
 from optimizer.plan import Plan, Target, plan_to_json
 from optimizer.profile import (
     Device,

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from optimizer.architecture import BlockKind
 from optimizer.architectures import load_architecture
 from optimizer.baselines import BaselineOptions, run_baseline
 from optimizer.budget import Budget
@@ -17,6 +16,7 @@ from optimizer.cli import main
 from optimizer.errors import InfeasibleError, InputError
 from optimizer.formulation.instance import FormulationOptions, build_instance
 from optimizer.llamacpp_mixes import MIXES, mix_bytes, mix_types, use_more_bits
+from optimizer.model_spec import BlockKind
 from optimizer.plan import Target
 from optimizer.profile import save_profile
 from optimizer.solve import SolveOptions, optimize

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from optimizer.architecture import Block, BlockKind
+from optimizer.model_spec import Block, BlockKind
 from optimizer.synthetic import synthetic_architecture
 from profiling import stats
 from profiling.blocks import BlockRef

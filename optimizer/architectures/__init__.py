@@ -1,4 +1,4 @@
-"""Build an :class:`~optimizer.architecture.Architecture` from a model's ``config.json``.
+"""Build an :class:`~optimizer.model_spec.Architecture` from a model's ``config.json``.
 
 Supported: transformers configs of ``deepseek_v3``, ``deepseek_v2``, ``qwen3_moe``, ``qwen2_moe``,
 ``mixtral`` and ``olmoe``, and DeepSeek's reference-inference format (``dim``, ``n_routed_experts``,
@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ..architecture import Architecture
 from ..errors import InputError
 from ..jsonio import parse_json, read_bytes
+from ..model_spec import Architecture
 from .deepseek import deepseek_from_hf, deepseek_from_reference, is_reference_config
 from .gqa_moe import gqa_moe_from_hf
 

@@ -1,8 +1,8 @@
 """Shared helpers of the architecture builders: a checked config reader and a block-list builder.
 
-Every size a config gives is bounded (:data:`~optimizer.architecture.MAX_DIM` unless told, layer and expert
+Every size a config gives is bounded (:data:`~optimizer.model_spec.MAX_DIM` unless told, layer and expert
 counts by their own limits), and :func:`check_layout` refuses a layer x expert count that would build more
-than :data:`~optimizer.architecture.MAX_BLOCKS` blocks before a single block is made.
+than :data:`~optimizer.model_spec.MAX_BLOCKS` blocks before a single block is made.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Sequence
 
-from ..architecture import DEFAULT_FIXED_FORMAT, MAX_BLOCKS, MAX_DIM, MAX_MODEL_ELEMENTS, Block, BlockKind, check_shape
 from ..errors import InputError
+from ..model_spec import DEFAULT_FIXED_FORMAT, MAX_BLOCKS, MAX_DIM, MAX_MODEL_ELEMENTS, Block, BlockKind, check_shape
 
 _MISSING = object()
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")

@@ -7,8 +7,8 @@ checkpoint) is not part of the model transformers builds and is left out.
 
 from __future__ import annotations
 
-from ..architecture import MAX_EXPERTS, MAX_LAYERS, Architecture, BlockKind, KVCacheSpec, MoELayer
 from ..errors import InputError
+from ..model_spec import MAX_EXPERTS, MAX_LAYERS, Architecture, BlockKind, KVCacheSpec, MoELayer
 from ._common import BlockList, ConfigReader, check_layout
 
 DEEPSEEK_FAMILIES = ("deepseek_v2", "deepseek_v3")

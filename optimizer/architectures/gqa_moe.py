@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..architecture import MAX_EXPERTS, MAX_LAYERS, Architecture, BlockKind, KVCacheSpec, MoELayer
 from ..errors import InputError
+from ..model_spec import MAX_EXPERTS, MAX_LAYERS, Architecture, BlockKind, KVCacheSpec, MoELayer
 from ._common import BlockList, ConfigReader, check_layout
 
 GQA_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")

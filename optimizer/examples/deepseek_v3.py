@@ -36,10 +36,10 @@ from importlib import resources
 
 import numpy as np
 
-from ..architecture import BlockKind
 from ..architectures import architecture_from_config
 from ..errors import InputError
 from ..formats import get_format
+from ..model_spec import BlockKind
 from ..profile import Device, ExpertStats, Measurement, ModelInfo, Profile, Sensitivity, TopkCost
 
 FORMATS = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "Q2_K", "IQ3_XXS", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K",

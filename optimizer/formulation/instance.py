@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..architecture import BlockKind
 from ..budget import Budget
 from ..byte_model import block_bytes, bytes_table
 from ..errors import InputError
 from ..formats import get_format
+from ..model_spec import BlockKind
 from ..plan import Target
 from ..profile import Profile
 from .objectives import ObjectiveOptions, ObjectiveTerms, build_objective
