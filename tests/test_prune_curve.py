@@ -64,16 +64,17 @@ def test_hand_curve_keeps_an_expert_the_singles_would_prune(accelerate: bool) ->
     assert plan.solve.objective == pytest.approx(0.05, abs=1e-12)
 
 
-# CASE E, the curve prices the top-k that pruning forces, and clamps below. Same layer; curve C(3) = 0.20 (three
-# pruned, the layer routes to 1): x(3) = 0.20 - (0.02 + 0.03 + 0.40) - topk(k=1) = 0.20 - 0.45 - 1.0 = -1.25;
-# g(1) = -1.25 / 3, g(2) = -2.5 / 3 by interpolation from g(0) = 0, but the clamp S(n) + topk(min(2, 4 - n)) + g >= 0
-# holds them at g(1) = max(-0.41667, -0.02) = -0.02, g(2) = max(-0.8333, -0.05) = -0.05; g(3) = -1.25, g(4) = -1.25
-# (past the last count; clamped at -(S(4) + topk(1)) = -1.95, not binding).
-def test_count_term_subtracts_forced_top_k_and_is_clamped() -> None:
+# CASE E, the curve prices the top-k that pruning forces; the cost is interpolated, not the excess. Same layer;
+# curve C(3) = 0.20 (three pruned, the layer routes to 1). C is interpolated through C(0) = 0, C(1) = S(1) +
+# topk(k=2) = 0.02 (the cheapest single) and C(3) = 0.20, so C(2) = 0.11, and g(n) = C(n) - S(n) - topk(k(n)):
+# g(1) = 0.02 - 0.02 - 0 = 0; g(2) = 0.11 - 0.05 - 0 = 0.06; g(3) = 0.20 - 0.45 - 1.0 = -1.25; g(4) = g(3)
+# (past the last count). Interpolating the excess x(3) = -1.25 instead gave g(2) = -0.83, clamped to -0.05:
+# two pruned priced at 0, the k = 1 jump of n = 3 leaking into n = 2.
+def test_count_term_interpolates_the_cost_and_subtracts_forced_top_k() -> None:
     p = with_curves(hand_profile(CASE_D), [curve([0, 1, 2, 3], [3], [0.20])])
-    np.testing.assert_allclose(build_objective(p, PL).prune_count[0], [0, -0.02, -0.05, -1.25, -1.25], atol=1e-12)
+    np.testing.assert_allclose(build_objective(p, PL).prune_count[0], [0, 0, 0.06, -1.25, -1.25], atol=1e-12)
     # Budget 36 = two Q4_0 experts or one Q8_0. One kept (e3 in Q8_0, k = 1) is priced at its measurement:
-    # 0.45 + 1.0 - 1.25 = 0.20. Two kept (e2, e3 in Q4_0, k = 2): 0.05 - 0.05 + 0.10 + 0.12 = 0.22. Optimum 0.20.
+    # 0.45 + 1.0 - 1.25 = 0.20. Two kept (e2, e3 in Q4_0, k = 2): 0.05 + 0.06 + 0.10 + 0.12 = 0.33. Optimum 0.20.
     plan = solve_checked(p, Budget(36, {}), FormulationOptions(objective=PL))
     assert kept(plan) == (3,) and plan.layers[0].top_k == 1
     assert plan.solve.objective == pytest.approx(0.20, abs=1e-12)

@@ -13,14 +13,18 @@ given with ``expert_weight``.
 
 Where the profile measured a prune curve for layer l (``experts.prune_curve``: C_l(n) for removing its first n
 experts in the curve's order together), the count term corrects the sum of single costs to it, for every
-objective: g_l(n) = x_l(n) interpolated linearly between measured counts (x_l(0) = 0, constant past the last),
+objective:
 
-    x_l(n_j) = C_l(n_j) - S_l(n_j) - topk[l, k_l(n_j)],   S_l(n) = the n smallest drop[l, e],
+    g_l(n) = C_l(n) - S_l(n) - topk[l, k_l(n)],   S_l(n) = the n smallest drop[l, e],
 
-with k_l(n) the top-k the curve was measured at (:func:`optimizer.profile.served_top_k`: min(K_l, E_l - n) for
-ungrouped routers), so a plan that prunes the objective's n cheapest experts and routes to k_l(n) is priced at the
-measurement, and any other set of n pays its own costs' excess over theirs: an expert's own term still decides
-which experts go, the curve how many. g_l is clamped so that S_l(n) + topk + g_l(n) >= 0.
+with C_l interpolated linearly between the measured counts, anchored at C_l(0) = 0 and C_l(1) = S_l(1) +
+topk[l, k_l(1)] (the cheapest single, as measured), g_l constant past the last count, and k_l(n) the top-k
+the curve is measured at (:func:`optimizer.profile.served_top_k`: min(K_l, E_l - n) for ungrouped routers).
+A plan that prunes the objective's n cheapest experts and routes to k_l(n) is priced at the (interpolated)
+measurement, and any other set of n pays its own costs' excess over theirs: an expert's own term still
+decides which experts go, the curve how many. The cost, not the excess, is interpolated: the excess jumps
+where k_l(n) does (on R4, k = 8 at n = 24 and 1 at n = 31), and interpolating it priced pruning 30 of 32
+experts at 0.
 A researcher adds an objective by writing one function::
 
     @register_objective("my_objective", "one line on what it prices")
@@ -104,9 +108,13 @@ def prune_count_costs(profile: Profile, drop: tuple[np.ndarray, ...],
         if curve is None:
             out.append(np.zeros(E + 1))
             continue
-        excess = np.asarray(curve.cost, float) - floor[curve.counts]
-        g = np.interp(n, np.concatenate([[0], curve.counts]), np.concatenate([[0.0], excess]))
-        g = np.maximum(g, -floor)
+        # the cost itself is interpolated, anchored at n = 0 (free) and n = 1 (the cheapest single, as measured);
+        # interpolating the excess instead would carry the top-k jump of one measured count into its neighbours
+        counts = np.asarray(curve.counts, int)
+        at = np.concatenate([[0], [1] if counts[0] > 1 else [], counts])
+        cost = np.concatenate([[0.0], [floor[1]] if counts[0] > 1 else [], np.asarray(curve.cost, float)])
+        g = np.maximum(np.interp(n, at, cost), 0.0) - floor
+        g[counts[-1] + 1:] = g[counts[-1]]  # past the last count, each further expert pays its own costs
         g[0] = 0.0
         out.append(g)
     return tuple(out)
