@@ -30,7 +30,9 @@ plans (and Spearman with the plans' measured KL), and the worst plans of the bes
 ``--no-uniform``, one *uniform-format* plan per quantized candidate (nothing pruned, original k, every
 block in that format) is measured too, and the Spearman over random + uniform plans is reported beside:
 random plans rarely hold the trade-off a solver weighs most (a whole model a few bits lower versus pruning),
-and on R3 the profile mispriced exactly that (docs/profiling.md, R3).
+and on R3 the profile mispriced exactly that (docs/profiling.md, R3). Where the profile maps its objective to
+KL (``prediction``, from ``fit-prediction`` on plans of another seed), the report adds the median measured /
+predicted KL of the random plans through that map, its range and how many are within 2x.
 """
 from __future__ import annotations
 
