@@ -32,7 +32,6 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from abc import abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -470,39 +469,35 @@ class Baseline(Solver):
     #: a recipe has one plan of fixed size: it cannot trade bytes for quality under a budget
     recipe: ClassVar[bool] = False
 
-    @abstractmethod
+    @staticmethod
+    def rule(inst: Instance, options: BaselineOptions | None, deadline: float | None) -> BaselineRun:
+        """The module-level function that makes the plan (each baseline sets its own)."""
+        raise NotImplementedError
+
     def run(self, inst: Instance, options: BaselineOptions | None = None, deadline: float | None = None,
             ) -> BaselineRun:
         """The baseline's plan of ``inst``, stopping at ``deadline`` (a ``time.perf_counter()`` instant);
         :class:`InputError` for options it cannot follow."""
+        return type(self).rule(inst, options, deadline)
 
 
 class Uniform(Baseline):
     name = "uniform"
     description = "no pruning, original top-k, every block in the largest single format that fits"
     follows_objective = False
-
-    def run(self, inst: Instance, options: BaselineOptions | None = None, deadline: float | None = None,
-            ) -> BaselineRun:
-        return uniform(inst, options, deadline)
+    rule = staticmethod(uniform)
 
 
 class Greedy(Baseline):
     name = "greedy"
     description = "value per byte: expert slices and format upgrades, best cost decrease per byte first"
-
-    def run(self, inst: Instance, options: BaselineOptions | None = None, deadline: float | None = None,
-            ) -> BaselineRun:
-        return greedy(inst, options, deadline)
+    rule = staticmethod(greedy)
 
 
 class Sequential(Baseline):
     name = "sequential"
     description = "CC-MoE's recipe: keep the top experts by importance, k = ceil(r K), then upgrade formats"
-
-    def run(self, inst: Instance, options: BaselineOptions | None = None, deadline: float | None = None,
-            ) -> BaselineRun:
-        return sequential(inst, options, deadline)
+    rule = staticmethod(sequential)
 
 
 class LlamacppMix(Baseline):
@@ -510,10 +505,7 @@ class LlamacppMix(Baseline):
     description = "llama-quantize's standard mix (--mix): every expert, original top-k; fits the budget or not"
     follows_objective = False
     recipe = True
-
-    def run(self, inst: Instance, options: BaselineOptions | None = None, deadline: float | None = None,
-            ) -> BaselineRun:
-        return llamacpp_mix(inst, options, deadline)
+    rule = staticmethod(llamacpp_mix)
 
 
 #: Every baseline by name, in the order the CLI lists them.

@@ -132,7 +132,7 @@ def _term_tables(profile: Profile, details: dict | None) -> dict[str, tuple[list
     from optimizer.formulation.objectives import build_objective
 
     out = {"profile": objective_terms(profile)}
-    base = build_objective(profile, "predicted_loss")
+    drop, format_cost, topk, _ = out["profile"]
     for name in ("importance", "routing_mass", "saliency"):
         try:
             t = build_objective(profile, name)
@@ -158,18 +158,18 @@ def _term_tables(profile: Profile, details: dict | None) -> dict[str, tuple[list
 
     def fitted(raw: str, target: str) -> np.ndarray:
         return table(apply_fit(details[raw], fit_proxy(details[raw], details[target], groups), groups),
-                     base.format_cost)
+                     format_cost)
 
     def rows(raw, fallback):
         return tuple(np.array([fb if v is None else v for v, fb in zip(r, f)]) for r, f in zip(raw, fallback))
 
     imatrix_kl, imatrix_nll = fitted("proxy_raw", "measured_kl"), fitted("proxy_raw", "measured_nll")
-    out["imatrix_kl_fit"] = (base.drop, imatrix_kl, base.topk)
-    out["imatrix_nll_fit"] = (base.drop, imatrix_nll, base.topk)
-    out["weight_error_kl_fit"] = (base.drop, fitted("weight_error_raw", "measured_kl"), base.topk)
-    out["measured_kl"] = (rows(details["prune_kl"], base.drop), table(details["measured_kl"], imatrix_kl),
+    out["imatrix_kl_fit"] = (drop, imatrix_kl, topk)
+    out["imatrix_nll_fit"] = (drop, imatrix_nll, topk)
+    out["weight_error_kl_fit"] = (drop, fitted("weight_error_raw", "measured_kl"), topk)
+    out["measured_kl"] = (rows(details["prune_kl"], drop), table(details["measured_kl"], imatrix_kl),
                           tuple(map(np.array, details["topk_kl"])))
-    out["measured_nll_raw"] = (rows(details["prune_nll"], base.drop), table(details["measured_nll"], imatrix_nll),
+    out["measured_nll_raw"] = (rows(details["prune_nll"], drop), table(details["measured_nll"], imatrix_nll),
                                tuple(map(np.array, details["topk_nll"])))
     return out
 

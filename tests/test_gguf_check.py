@@ -161,15 +161,21 @@ def test_deepseek_kv_b_split_into_k_b_and_v_b(tmp_path: Path) -> None:
         check_gguf(tmp_path / "fallback.gguf", plan, arch)
 
 
-def test_tools_are_resolved_from_flag_env_or_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from optimizer.errors import InputError
-
-    tree = tmp_path / "llama.cpp"
+def fake_llama_cpp(root: Path) -> Path:
+    """A llama.cpp tree with every tool (an empty script) and the converter, nothing built."""
+    tree = root / "llama.cpp"
     (tree / "build" / "bin").mkdir(parents=True)
     for t in TOOLS:
         (tree / "build" / "bin" / t).write_text("#!/bin/sh\n")
         (tree / "build" / "bin" / t).chmod(0o755)
     (tree / "convert_hf_to_gguf.py").write_text("")
+    return tree
+
+
+def test_tools_are_resolved_from_flag_env_or_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from optimizer.errors import InputError
+
+    tree = fake_llama_cpp(tmp_path)
     monkeypatch.setenv(ENV_VAR, str(tree))
     found = resolve(None, TOOLS, converter=True)
     assert found.tool("llama-quantize") == (tree / "build" / "bin" / "llama-quantize").resolve()
@@ -220,12 +226,7 @@ def test_build_reuses_a_finished_build(tmp_path: Path, monkeypatch: pytest.Monke
 
     from runtime import llamacpp
 
-    tree = tmp_path / "llama.cpp"
-    (tree / "build" / "bin").mkdir(parents=True)
-    for t in TOOLS:
-        (tree / "build" / "bin" / t).write_text("#!/bin/sh\n")
-        (tree / "build" / "bin" / t).chmod(0o755)
-    (tree / "convert_hf_to_gguf.py").write_text("")
+    tree = fake_llama_cpp(tmp_path)
     assert not llamacpp.built(tree)
     (tree / llamacpp.STAMP).write_text(json.dumps({"version": llamacpp.PINNED_VERSION}))
     assert llamacpp.built(tree)
