@@ -14,7 +14,7 @@ side by side), this script builds one working directory per file under ``build/m
 * ``pyproject.toml`` is the repository's file with the ``[tool.mutmut]`` table replaced by the per-file
   one (the pytest options, ``-m 'not slow'`` included, carry over unchanged);
 * every other top-level entry of the repository (``models``, ``examples``, ``docs``, ...) is symlinked
-  into ``mutants/`` so tests that read ``Path(__file__).parents[1] / "models"`` find their data.
+  into ``mutants/`` so tests that read ``Path(__file__).parents[2] / "models"`` find their data.
 
 mutmut runs each mutant only against the tests that executed the mutated function while it collected
 its stats (a first run of the file's whole selection), so a broad selection costs one run, not one per
@@ -48,51 +48,52 @@ EQUIVALENT_FILE = ROOT / "tools" / "mutation_equivalent.json"  # --equivalents
 #: do not exist yet.  mutmut narrows each mutant down to the tests that actually call the function.
 TESTS: dict[str, list[str]] = {
     "optimizer/formulation/constraints.py": [
-        "tests/test_formulation.py", "tests/test_lagrangian_identity.py", "tests/test_baselines.py",
-        "tests/test_prune_curve.py", "tests/test_time_limits.py",
+        "tests/optimizer/test_formulation.py", "tests/optimizer/test_lagrangian_identity.py",
+        "tests/optimizer/test_baselines.py", "tests/optimizer/test_prune_curve.py",
+        "tests/optimizer/test_time_limits.py",
     ],
     "optimizer/byte_model.py": [
-        "tests/test_byte_model.py", "tests/test_byte_counts_by_hand.py", "tests/test_formulation.py",
-        "tests/test_baselines.py",
-        "tests/test_llamacpp_mixes.py", "tests/test_profiling_refine.py",
+        "tests/optimizer/test_byte_model.py", "tests/optimizer/test_byte_counts_by_hand.py",
+        "tests/optimizer/test_formulation.py", "tests/optimizer/test_baselines.py",
+        "tests/optimizer/test_llamacpp_mixes.py", "tests/profiling/test_refine.py",
     ],
     "optimizer/formulation/decomposition.py": [
-        "tests/test_decomposition_parts.py", "tests/test_formulation.py", "tests/test_lagrangian_identity.py",
-        "tests/test_baselines.py",
-        "tests/test_cli.py", "tests/test_prune_curve.py", "tests/test_time_limits.py",
+        "tests/optimizer/test_decomposition_parts.py", "tests/optimizer/test_formulation.py",
+        "tests/optimizer/test_lagrangian_identity.py", "tests/optimizer/test_baselines.py",
+        "tests/optimizer/test_cli.py", "tests/optimizer/test_prune_curve.py", "tests/optimizer/test_time_limits.py",
     ],
     "optimizer/formats.py": [
-        "tests/test_byte_model.py", "tests/test_runtime_quant.py", "tests/test_contracts.py",
-        "tests/test_formulation.py", "tests/test_baselines.py", "tests/test_profiling_calibrate.py",
-        "tests/test_profiling_cli.py", "tests/test_profiling_run.py",
+        "tests/optimizer/test_byte_model.py", "tests/runtime/test_quant.py", "tests/optimizer/test_contracts.py",
+        "tests/optimizer/test_formulation.py", "tests/optimizer/test_baselines.py", "tests/profiling/test_calibrate.py",
+        "tests/profiling/test_cli.py", "tests/profiling/test_run.py",
     ],
     "optimizer/budget.py": [
-        "tests/test_budget_units.py", "tests/test_byte_counts_by_hand.py", "tests/test_cli.py",
-        "tests/test_bounded_input.py",
-        "tests/test_formulation.py", "tests/test_baselines.py", "tests/test_llamacpp_mixes.py",
-        "tests/test_prune_curve.py", "tests/test_time_limits.py", "tests/test_profiling_refine.py",
-        "tests/test_profiling_run.py", "tests/test_profiling_prune_curve.py",
+        "tests/optimizer/test_budget_units.py", "tests/optimizer/test_byte_counts_by_hand.py",
+        "tests/optimizer/test_cli.py", "tests/optimizer/test_bounded_input.py", "tests/optimizer/test_formulation.py",
+        "tests/optimizer/test_baselines.py", "tests/optimizer/test_llamacpp_mixes.py",
+        "tests/optimizer/test_prune_curve.py", "tests/optimizer/test_time_limits.py", "tests/profiling/test_refine.py",
+        "tests/profiling/test_run.py", "tests/profiling/test_prune_curve.py",
     ],
     "runtime/quant/intq.py": [
-        "tests/test_intq_golden.py", "tests/test_runtime_quant.py", "tests/test_gptq.py",
+        "tests/runtime/test_intq_golden.py", "tests/runtime/test_quant.py", "tests/runtime/test_gptq.py",
     ],
     "runtime/moe.py": [
-        "tests/test_runtime_moe.py", "tests/test_surgery_validation.py", "tests/test_runtime_apply.py",
-        "tests/test_runtime_export.py", "tests/test_gptq.py", "tests/test_profiling_run.py",
+        "tests/runtime/test_moe.py", "tests/runtime/test_moe_surgery.py", "tests/runtime/test_apply.py",
+        "tests/runtime/test_export.py", "tests/runtime/test_gptq.py", "tests/profiling/test_run.py",
     ],
     "profiling/stats.py": [
-        "tests/test_stats_hand.py", "tests/test_profiling_run.py", "tests/test_profiling_cli.py",
+        "tests/profiling/test_stats_hand.py", "tests/profiling/test_run.py", "tests/profiling/test_cli.py",
     ],
     "runtime/apply.py": [
-        "tests/test_apply_refusals.py", "tests/test_surgery_validation.py", "tests/test_runtime_apply.py",
-        "tests/test_runtime_load_tied.py", "tests/test_runtime_reliability.py", "tests/test_gptq.py",
+        "tests/runtime/test_apply_refusals.py", "tests/runtime/test_moe_surgery.py", "tests/runtime/test_apply.py",
+        "tests/runtime/test_load_tied.py", "tests/runtime/test_reliability.py", "tests/runtime/test_gptq.py",
     ],
     # second wave (issue 15): run with --files or --all
-    "profiling/calibrate.py": ["tests/test_profiling_calibrate.py"],
-    "profiling/prune_curve.py": ["tests/test_profiling_prune_curve.py", "tests/test_prune_curve.py"],
+    "profiling/calibrate.py": ["tests/profiling/test_calibrate.py"],
+    "profiling/prune_curve.py": ["tests/profiling/test_prune_curve.py", "tests/optimizer/test_prune_curve.py"],
     "optimizer/formulation/objectives.py": [
-        "tests/test_formulation.py", "tests/test_lagrangian_identity.py", "tests/test_cli.py",
-        "tests/test_prune_curve.py", "tests/test_profiling_prune_curve.py",
+        "tests/optimizer/test_formulation.py", "tests/optimizer/test_lagrangian_identity.py",
+        "tests/optimizer/test_cli.py", "tests/optimizer/test_prune_curve.py", "tests/profiling/test_prune_curve.py",
     ],
 }
 CORE = list(TESTS)[:9]
@@ -398,8 +399,8 @@ def main() -> None:
     p.add_argument("--all", action="store_true", help="every file of the test map (core and second wave)")
     p.add_argument("--tests", nargs="+", help="override the test selection (for a quick trial of one file)")
     p.add_argument("--skip-tests", nargs="+", metavar="TEST_FILE",
-                   help="leave these test files out of every selection (e.g. tests/test_time_limits.py on a machine "
-                   "without the CBC / CP-SAT backends); the report lists each file's selection")
+                   help="leave these test files out of every selection (e.g. tests/optimizer/test_time_limits.py on a "
+                   "machine without the CBC / CP-SAT backends); the report lists each file's selection")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 2,
                    help="mutants tested at once, in all (default: the number of cores)")
     p.add_argument("--parallel-files", type=int, default=1,

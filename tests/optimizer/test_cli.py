@@ -23,7 +23,7 @@ from optimizer.profile import load_profile, profile_to_json, save_profile
 from optimizer.solve import optimize
 from optimizer.synthetic import synthetic_profile
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARCH = dict(num_layers=3, num_experts=8, top_k=2, hidden=256, expert_inter=256, dense_inter=256, vocab=256)
 NO_RESERVES = ["--context", "0", "--overhead", "0"]
 

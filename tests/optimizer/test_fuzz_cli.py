@@ -4,7 +4,7 @@ Every case runs a real command in-process (``optimizer.cli.main``, ``runtime.__m
 synthetic profile, its plan, or a tiny random checkpoint, mutated by hypothesis. The property: the command
 returns 0 and writes a loadable output, or returns 2 (1 for the documented "no plan within the time limit")
 with exactly one ``error: ...`` line on stderr and no output written; an exception escaping ``main`` fails the
-test. 200 cases run in the default suite; ``pytest -m slow tests/test_fuzz_cli.py`` runs 5,000.
+test. 200 cases run in the default suite; ``pytest -m slow tests/optimizer/test_fuzz_cli.py`` runs 5,000.
 """
 from __future__ import annotations
 

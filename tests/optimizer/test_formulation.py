@@ -772,7 +772,7 @@ def test_tiny_nearly_cancelling_objective_is_solved_to_the_relative_gap() -> Non
     from optimizer.budget import make_budget
     from optimizer.profile import load_profile
 
-    profile = load_profile(Path(__file__).resolve().parents[1] / "experiments/profiles/r2/english.json")
+    profile = load_profile(Path(__file__).resolve().parents[2] / "experiments/profiles/r2/english.json")
     budget = make_budget(profile.architecture, "4MB", context=0, overhead="0")
     plan = optimize(profile, budget, FormulationOptions(objective="predicted_loss"), SolveOptions(solver="highs"))
     assert plan.solve.status.value == "optimal"

@@ -20,7 +20,7 @@ from runtime.load import load
 from runtime.testing import made_up_plan, restrict_plan
 from runtime.tiny_models import FAMILIES, make_tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

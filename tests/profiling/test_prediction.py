@@ -17,7 +17,7 @@ from profiling.cli import main
 from profiling.model_io import ProfilingError
 from profiling.prediction import fit_power
 from profiling.run import RunOptions, details_path, run_profile
-from tests.test_formulation import CASE_A, CASE_A_BUDGET, hand_profile
+from tests.optimizer.test_formulation import CASE_A, CASE_A_BUDGET, hand_profile
 
 MAP = Prediction(2.0, 0.5, 3, 0.0, Measurement("hand", tokens=64, seed=1))
 
@@ -65,7 +65,7 @@ def test_prediction_round_trips_and_is_checked(tmp_path) -> None:
 def test_plan_carries_the_predicted_kl_only_for_the_fitted_objective() -> None:
     p = dataclasses.replace(hand_profile(CASE_A, router=True, norm=True), prediction=MAP)
     plan = optimize(p, CASE_A_BUDGET, FormulationOptions(objective="predicted_loss"), SolveOptions(reproducible=True))
-    # CASE A's optimum is 0.23 (tests/test_formulation.py): KL = 2 * 0.23^0.5
+    # CASE A's optimum is 0.23 (tests/optimizer/test_formulation.py): KL = 2 * 0.23^0.5
     assert plan.solve.objective == pytest.approx(0.23, abs=1e-12)
     assert plan.predicted["kl"] == pytest.approx(2 * 0.23 ** 0.5, rel=1e-12)
     other = optimize(p, CASE_A_BUDGET, FormulationOptions(objective="routing_mass"), SolveOptions(reproducible=True))

@@ -32,7 +32,7 @@ from optimizer.profile import MAX_COST_NATS, load_profile, profile_to_json, save
 from optimizer.synthetic import synthetic_profile
 from profiling.cli import main as profiling_main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARCH = {"num_layers": 3, "num_experts": 8, "top_k": 2, "hidden": 256, "expert_inter": 256, "dense_inter": 256,
         "vocab": 256}
 NO_RESERVES = ["--context", "0", "--overhead", "0"]

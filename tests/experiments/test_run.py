@@ -11,7 +11,7 @@ from experiments.runner import CELLS_FILE, read_rows, run_sweep
 from experiments.sweep import Cell, Sweep, grid
 from optimizer.errors import InfeasibleError, InputError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 R1 = str(ROOT / "models" / "r1-deepseek-v3-tiny")
 R1_PROFILE = str(ROOT / "experiments" / "profiles" / "r1" / "english.json")
 

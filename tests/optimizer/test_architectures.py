@@ -12,7 +12,7 @@ from optimizer.architectures import architecture_from_config, load_architecture
 from optimizer.errors import InputError
 from optimizer.model_spec import BlockKind
 
-DATA = Path(__file__).resolve().parents[1] / "optimizer" / "data" / "deepseek_v3"
+DATA = Path(__file__).resolve().parents[2] / "optimizer" / "data" / "deepseek_v3"
 
 # --- tiny random models saved by the installed transformers ------------------------------------------------
 

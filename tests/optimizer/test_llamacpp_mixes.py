@@ -22,7 +22,7 @@ from optimizer.profile import save_profile
 from optimizer.solve import SolveOptions, optimize
 from optimizer.synthetic import synthetic_architecture, synthetic_profile
 
-DATA = Path(__file__).resolve().parents[1] / "optimizer" / "data" / "deepseek_v3"
+DATA = Path(__file__).resolve().parents[2] / "optimizer" / "data" / "deepseek_v3"
 # 16 layers (layer 0 dense, 1..15 MoE with 4 routed experts + 1 shared), every row 256 or 512 long: no fallback
 SMALL = dict(num_layers=16, num_experts=4, top_k=2, hidden=256, expert_inter=256, dense_inter=512, vocab=512)
 

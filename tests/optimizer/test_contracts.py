@@ -29,7 +29,7 @@ from optimizer.profile import load_profile, profile_from_json, profile_to_json, 
 from optimizer.schema_check import load_schema, schema_errors, validate_with_schema
 from optimizer.synthetic import synthetic_profile
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # 3 layers, the first dense: two MoE layers (1 and 2) of 4 experts, top-2.
 SMALL = dict(num_layers=3, num_experts=4, hidden=32, expert_inter=32, dense_inter=64, vocab=64)

@@ -11,7 +11,7 @@ from experiments.reference_models.r3.split import expert_weights, random_split
 from experiments.reference_models.r4.build import R4Settings, moefy_distilled, rescale_experts
 from experiments.reference_models.r4.distill import DistillSettings, MoEBlock, balance_loss, distill, relative_error
 from experiments.reference_models.r4.stats import RouterLogitRecorder, routing_stats, summarize
-from tests.test_r3_moefy import _tiny_llama
+from tests.experiments.test_r3_moefy import _tiny_llama
 
 torch.set_num_threads(1)
 

@@ -322,7 +322,7 @@ def test_uniform_states_its_own_smallest_size(target: Target) -> None:
 
 
 # ------------------------------------------------------------------------------- DeepSeek-V3, wall clock
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "deepseek-v3" / "profile.json.gz"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "deepseek-v3" / "profile.json.gz"
 SLOW_CASES = [  # (solver, target, accelerate, limit): the two reported commands first
     ("cbc", "hf", False, 20), ("highs", "llamacpp", True, 30), ("cpsat", "hf", False, 20),
     ("highs", "hf", False, 20), ("highs", "hf", True, 20), ("cbc", "llamacpp", True, 20), ("greedy", "hf", True, 10),

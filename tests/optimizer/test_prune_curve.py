@@ -21,7 +21,16 @@ from optimizer.formulation.objectives import ObjectiveOptions, build_objective
 from optimizer.profile import Measurement, Profile, PruneCurve, load_profile, profile_to_json, save_profile
 from optimizer.solve import SolveOptions
 from optimizer.synthetic import synthetic_profile
-from tests.test_formulation import EXACT, PL, SMALL, budget_at, expert_formats, hand_profile, kept, solve_checked
+from tests.optimizer.test_formulation import (
+    EXACT,
+    PL,
+    SMALL,
+    budget_at,
+    expert_formats,
+    hand_profile,
+    kept,
+    solve_checked,
+)
 
 CURVE = Measurement("hand-made prune curve", prior=True)
 
@@ -173,7 +182,7 @@ def test_grouped_curve_must_prune_groups_equally(tmp_path) -> None:
 def test_validate_predicts_with_the_count_term() -> None:
     """CASE D's plan {e2, e3} in Q8_0 at k = 2: singles 0.02 + 0.03, formats 0, top-k 0, count term g(2) = 0.25."""
     from profiling.validate import _term_tables, predict
-    from tests.test_formulation import expert_block
+    from tests.optimizer.test_formulation import expert_block
 
     p = with_curves(hand_profile(CASE_D), [CURVE_D])
     plan = {"pruned": {0: [0, 1]}, "top_k": {0: 2}, "formats": {expert_block(0, 2): "Q8_0", expert_block(0, 3): "Q8_0"}}

@@ -22,7 +22,7 @@ from runtime.outdir import MARKER, check_output_dir, output_dir, written_by_moec
 from runtime.testing import made_up_plan, made_up_profile
 from runtime.tiny_models import make_tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

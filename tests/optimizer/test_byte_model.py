@@ -19,7 +19,7 @@ from optimizer.errors import InputError
 from optimizer.formats import get_format, known_format_names
 from optimizer.model_spec import Block, BlockKind
 
-DATA = Path(__file__).resolve().parents[1] / "optimizer" / "data" / "deepseek_v3"
+DATA = Path(__file__).resolve().parents[2] / "optimizer" / "data" / "deepseek_v3"
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ profile (``--target llamacpp``), prune it by hand to 5 (DeepSeek 4) of 8 experts
 Needs llama.cpp's tools (``python -m runtime llama-cpp build``) and a tokenizer llama.cpp's converter recognises:
 the tiny models' byte vocabulary is not one, so the models here take SmolLM2's (``cache/r3/tokenizer.json``,
 see experiments/reference_models/R3.md; ``MOECC_TEST_TOKENIZER`` names another directory). Skipped, with the
-reason, when either is missing. Run: ``python -m pytest -m slow tests/test_gguf_e2e.py``.
+reason, when either is missing. Run: ``python -m pytest -m slow tests/runtime/test_gguf_e2e.py``.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from optimizer.errors import InputError
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GGUF_FORMATS = ("Q4_0", "Q5_0", "Q8_0", "BF16")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 

@@ -13,7 +13,7 @@ from optimizer.solve import SolveOptions, optimize
 from profiling.cli import main
 from profiling.prune_curve import check_counts, default_counts, ranking
 from profiling.run import RunOptions, details_path, run_profile
-from tests.test_formulation import hand_profile
+from tests.optimizer.test_formulation import hand_profile
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
