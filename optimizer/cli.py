@@ -236,8 +236,7 @@ def _check_llamacpp_formats(candidates: tuple[str, ...]) -> None:
         return
     gguf = [f for f in candidates if get_format(f).family == GGUF_FAMILY]
     hint = (f"restrict this solve to them with --formats {','.join(gguf)}" if any(get_format(f).quantized for f in gguf)
-            else "profile with GGUF types, e.g. `python -m profiling run --model DIR --formats Q4_0 Q5_0 Q8_0 BF16 "
-                 "-o profile.json` (K-quants such as Q4_K where rows divide by 256)")
+            else "profile with GGUF types: `python -m profiling run --model DIR --target llamacpp -o profile.json`")
     raise InputError(f"--target llamacpp: {', '.join(runtime_only)} are moecc runtime formats that llama.cpp cannot "
                      f"store; {hint}")
 

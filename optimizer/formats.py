@@ -45,6 +45,10 @@ LLAMACPP_FALLBACK: dict[str, str] = {
     "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
 }
 
+#: ``profiling run --target llamacpp``'s default candidates (those no block of the model admits are dropped; the
+#: K-quants need rows divisible by 256): 2 to 8 bits as llama.cpp stores them, and BF16.
+LLAMACPP_DEFAULT_FORMATS: tuple[str, ...] = ("Q2_K", "Q3_K", "Q4_0", "Q5_0", "Q6_K", "Q8_0", "BF16")
+
 INT_BITS = range(2, 9)
 INT_GROUP_SIZES = (32, 64, 128)
 _INT_RE = re.compile(r"int([2-8])_g([0-9]+)")

@@ -18,8 +18,10 @@ from pathlib import Path
 
 from optimizer.cli import MAX_SEED, MAX_THREADS, OneLineParser, check_range
 from optimizer.errors import InfeasibleError, InputError, error_line
+from optimizer.formats import GGUF_FAMILY, LLAMACPP_DEFAULT_FORMATS, get_format
 from optimizer.jsonio import check_output_path
 from optimizer.model_spec import MAX_BLOCKS, MAX_EXPERTS
+from optimizer.plan import Target
 
 #: (smallest, largest) value of every integer flag, by argparse destination; a flag left at None keeps its
 #: automatic default. ``docs/profiling.md`` describes the flags.
@@ -52,7 +54,11 @@ def _add_run(sub) -> None:
     p.add_argument("--window", type=int, default=256, help="tokens per window (default 256)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward batch")
     p.add_argument("--formats", nargs="+", default=None,
-                   help="candidate formats (default: int{2,3,4,5,6,8}_g<largest fitting group> and BF16)")
+                   help="candidate formats (default: int{2,3,4,5,6,8}_g<largest fitting group> and BF16; with "
+                        f"--target llamacpp: {' '.join(LLAMACPP_DEFAULT_FORMATS)}, those the model's rows admit)")
+    p.add_argument("--target", choices=[t.value for t in Target], default=Target.HF.value,
+                   help="who runs the plans: moecc's runtime (hf, int formats) or llama.cpp (GGUF types, for "
+                        "`optimizer solve --target llamacpp`); chooses the default --formats")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--streamed", action="store_true", help="hold one decoder layer's weights in memory at a time")
     p.add_argument("--quant-method", choices=("rtn", "hqq"), default="rtn", help="runtime.quant method")
@@ -220,7 +226,7 @@ def _cmd_run(args) -> int:
                       measure_blocks=args.measure_blocks, measure=measure, device_repeats=args.device_repeats,
                       cost=args.cost,
                       state_budget_mib=args.state_budget_mib,
-                      progress=not args.no_progress, resume=args.resume)
+                      progress=not args.no_progress, resume=args.resume, target=args.target)
     res = run_profile(opts)
     print_summary(res.profile, res.details)
     print(f"wrote {res.profile_path} and {res.details_path}")
@@ -313,6 +319,16 @@ def check_flags(args: argparse.Namespace) -> None:
     for dest, flag in OUTPUT_FLAGS.items():
         if getattr(args, dest, None) is not None:
             check_output_path(getattr(args, dest), flag)
+    if getattr(args, "target", None) == Target.LLAMACPP.value and getattr(args, "formats", None):
+        _check_gguf_formats(args.formats)
+
+
+def _check_gguf_formats(names: list[str]) -> None:
+    """``run --target llamacpp --formats ...``: every candidate a GGUF type llama.cpp stores."""
+    other = [n for n in names if get_format(n).family != GGUF_FAMILY]
+    if other:
+        raise InputError(f"--target llamacpp: {', '.join(other)} are moecc runtime formats that llama.cpp cannot "
+                         f"store; name GGUF types or leave --formats out for {' '.join(LLAMACPP_DEFAULT_FORMATS)}")
 
 
 def main(argv: list[str] | None = None) -> int:

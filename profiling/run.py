@@ -20,8 +20,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from optimizer.formats import INT_GROUP_SIZES, get_format, num_elements
+from optimizer.formats import INT_GROUP_SIZES, LLAMACPP_DEFAULT_FORMATS, get_format, num_elements
 from optimizer.model_spec import Architecture
+from optimizer.plan import Target
 from optimizer.profile import (
     Device,
     ExpertStats,
@@ -75,6 +76,7 @@ class RunOptions:
     device_repeats: int = 5
     progress: bool = True
     resume: bool = False  # continue an interrupted run from its journal (profiling.journal)
+    target: str = Target.HF.value  # whose formats are the default candidates (TARGETS)
 
 
 @dataclass
@@ -94,10 +96,21 @@ def details_path(profile_path: Path) -> Path:
     return profile_path.with_name(name + ".details.json")
 
 
-def default_formats(arch: Architecture) -> list[str]:
-    """Runtime int formats (bits 2,3,4,5,6,8) with the largest group size that stores the most quantizable
-    parameters of this model, plus BF16."""
+#: targets ``profiling run`` chooses default formats for: moecc's runtime and llama.cpp (``--target llamacpp``)
+TARGETS = (Target.HF.value, Target.LLAMACPP.value)
+
+
+def default_formats(arch: Architecture, target: str = Target.HF.value) -> list[str]:
+    """The default candidates: for moecc's runtime (target ``hf``), int formats (bits 2,3,4,5,6,8) with the
+    largest group size that stores the most quantizable parameters of this model, plus BF16; for ``llamacpp``,
+    the :data:`~optimizer.formats.LLAMACPP_DEFAULT_FORMATS` that store at least one quantizable block. Q4_0,
+    Q5_0 and Q8_0 are then measured as llama.cpp stores them (gguf-py's quantizer), the K-quants through the
+    smallest runtime int format of at least their bytes (:func:`runtime.quant.storage_format`, which says so)."""
     quant = [b for b in arch.blocks if b.quantizable]
+    if target == Target.LLAMACPP.value:
+        return [f for f in LLAMACPP_DEFAULT_FORMATS if any(get_format(f).admits(b.shape) for b in quant)]
+    if target != Target.HF.value:
+        raise ProfilingError(f"--target {target}: expected one of {', '.join(TARGETS)}")
 
     def stored(g: int) -> int:
         return sum(num_elements(b.shape) for b in quant if b.shape[-1] % g == 0)
@@ -184,7 +197,7 @@ def run_profile(opts: RunOptions) -> RunResult:
     rng = np.random.default_rng(opts.seed)
     _check_options(opts)
     arch = load_architecture(opts.model)
-    formats = check_formats(arch, opts.formats or default_formats(arch))
+    formats = check_formats(arch, opts.formats or default_formats(arch, opts.target))
     text, source = load_text(opts.data)
     inputs, targets = token_windows(tokenize(opts.model, text), opts.max_tokens, opts.window)
     if int(inputs.max()) >= arch.vocab_size:

@@ -11,7 +11,8 @@ import sys
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "eval": ("runtime.evaluate", "perplexity / bits per byte of a model on a corpus split"),
+    "eval": ("runtime.eval_cli", "perplexity, bits per byte and KL divergence to the original, of a checkpoint "
+             "or a GGUF (in llama.cpp), on a corpus split"),
     "corpus": ("runtime.corpus_cli", "build or inspect the text corpora"),
     "tiny": ("runtime.tiny_models", "write a tiny random MoE checkpoint"),
     "apply": ("runtime.apply_cli", "apply a plan to a checkpoint: prune, re-route, quantize, write"),

@@ -19,10 +19,8 @@ trained here store their training context there (RoPE does not extrapolate).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +33,7 @@ from optimizer.errors import InputError
 
 from .byte_tokenizer import is_byte_model
 from .checkpoint import load_pretrained
-from .corpora import CORPORA, SPLITS, load_corpus
+from .corpora import CORPORA, load_corpus
 from .load import is_compressed, load
 
 DEFAULT_WINDOW = 512
@@ -131,7 +129,7 @@ def _tokenize(model_dir: Path | None, text: str) -> tuple[list[int], bool, Any]:
     return tok(text, add_special_tokens=False)["input_ids"], False, tok
 
 
-def _read_text(corpus: str, split: str) -> str:
+def read_text(corpus: str, split: str) -> str:
     """Corpus split text; ``corpus`` may also be a path to a UTF-8 text file."""
     if corpus not in CORPORA and Path(corpus).is_file():
         return Path(corpus).read_text(encoding="utf-8", errors="replace")
@@ -200,7 +198,7 @@ def evaluate(model_or_dir: Any, corpus: str = "english", split: str = "test",
     """
     if window is not None and window < 1:
         raise EvalError(f"window must be positive, got {window}")
-    text = _read_text(corpus, split)  # validate the corpus before the (slower) model load
+    text = read_text(corpus, split)  # validate the corpus before the (slower) model load
     model, model_dir = _model_and_dir(model_or_dir)
     ref, ref_dir = _model_and_dir(reference) if reference is not None else (None, None)
     if ref is not None and ref.config.vocab_size != model.config.vocab_size:
@@ -239,46 +237,3 @@ def evaluate(model_or_dir: Any, corpus: str = "english", split: str = "test",
         perplexity=math.exp(nll / n_tok), bits_per_token=nll / n_tok / math.log(2),
         bits_per_byte=nll / max(1, w.bytes) / math.log(2), byte_tokenizer=w.byte_tokenizer,
         forward_seconds=fwd, tokens_per_second=n_tok / fwd if fwd > 0 else float("nan"), **extra)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``python -m runtime eval``."""
-    parser.add_argument("model_dir", type=Path, help="directory written by save_pretrained or runtime apply")
-    parser.add_argument("--reference", type=Path, default=None,
-                        help="the original model: adds KL divergence to it (mean, median, p99, p99.9, max) and "
-                             "top-1 agreement, on the same tokens")
-    parser.add_argument("--corpus", default="english", help=f"{' / '.join(CORPORA)} or a text file")
-    parser.add_argument("--split", default="test", choices=SPLITS)
-    parser.add_argument("--max-tokens", type=int, default=None)
-    parser.add_argument("--window", type=int, default=None,
-                        help=f"tokens per window (default: min({DEFAULT_WINDOW}, model max_position_embeddings))")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
-    parser.add_argument("--no-progress", action="store_true")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Evaluate and print; bad input -> one line on stderr, exit code 2."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        res = evaluate(args.model_dir, args.corpus, args.split, args.max_tokens, args.window,
-                       args.batch_size, progress=not args.no_progress, reference=args.reference)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(res.to_json())
-        return 0
-    print(f"model        {res.model}\ncorpus       {res.corpus}/{res.split} "
-          f"({res.windows} windows x {res.window} tokens = {res.tokens:,} tokens, {res.bytes:,} bytes)\n"
-          f"perplexity   {res.perplexity:.4f}\nbits/token   {res.bits_per_token:.4f}\n"
-          f"bits/byte    {res.bits_per_byte:.4f}{'' if res.byte_tokenizer else ' (decoded bytes)'}\n"
-          f"forward      {res.tokens_per_second:,.0f} tokens/s ({res.forward_seconds:.1f} s)")
-    if res.reference is not None:
-        print(f"reference    {res.reference} (perplexity {res.reference_perplexity:.4f})\n"
-              f"KL (nats)    mean {res.kl_mean:.6f}  median {res.kl_median:.6f}  p99 {res.kl_p99:.6f}  "
-              f"p99.9 {res.kl_p999:.6f}  max {res.kl_max:.6f}\n"
-              f"top-1 agree  {100 * res.top1_agreement:.3f}%")
-    return 0

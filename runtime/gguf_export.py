@@ -223,6 +223,15 @@ def check_layers_runnable(arch, model: Path) -> None:
                      "first_k_dense_replace in config.json); llama.cpp cannot load this model")
 
 
+def check_convertible(arch, model: Path) -> None:
+    """Refuse a checkpoint llama.cpp's converter or loader cannot take (:func:`check_layers_runnable`; the
+    converter's llama class needs the sentencepiece package even with a tokenizer.json)."""
+    check_layers_runnable(arch, model)
+    if GGUF_ARCH[arch.family] == "llama" and importlib.util.find_spec("sentencepiece") is None:
+        raise InputError("llama.cpp's converter imports the sentencepiece package for llama-architecture models "
+                         f"({arch.family}), even with a tokenizer.json: `pip install sentencepiece` first")
+
+
 def _check_out(out: Path, overwrite: bool, model: Path) -> Path:
     out = Path(out)
     if out.suffix.lower() != ".gguf":
@@ -262,10 +271,7 @@ def export_gguf(plan_path: str | Path, model: str | Path | None, out: str | Path
     zero_gates = zero_gate_names(model)
     untie = untie_needed(plan, arch.family) and is_tied(model)
     files = llamacpp_recipe(plan, arch, model, CHECKPOINT_DIR, len(zero_gates))  # refuses what llama.cpp can't do
-    check_layers_runnable(arch, model)
-    if GGUF_ARCH[arch.family] == "llama" and importlib.util.find_spec("sentencepiece") is None:
-        raise InputError("llama.cpp's converter imports the sentencepiece package for llama-architecture models "
-                         f"({arch.family}), even with a tokenizer.json: `pip install sentencepiece` first")
+    check_convertible(arch, model)
     expected_tensors(plan, arch)  # every planned tensor has a GGUF name
     tools = ("llama-quantize",) + (("llama-imatrix",) if iquants and calibration_text is not None else ())
     llama: LlamaCpp = resolve(llama_cpp, tools, converter=True)
@@ -316,5 +322,5 @@ def export_gguf(plan_path: str | Path, model: str | Path | None, out: str | Path
             print(f"[export] work directory kept: {work}", file=sys.stderr, flush=True)
 
 
-__all__ = ["export_gguf", "check_gguf", "check_layers_runnable", "expected_tensors", "GGUFCheck", "GGUFCheckError",
-           "IMATRIX_REQUIRED"]
+__all__ = ["export_gguf", "check_gguf", "check_layers_runnable", "check_convertible", "expected_tensors", "GGUFCheck",
+           "GGUFCheckError", "IMATRIX_REQUIRED"]

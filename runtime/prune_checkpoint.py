@@ -45,8 +45,8 @@ from .outdir import check_output_dir, output_dir
 from .plan_check import validate_layers
 
 __all__ = ["EXPERT_COUNT_KEYS", "TOP_K_KEY", "PrunedCheckpoint", "uniform_layers", "plan_prunes",
-           "write_pruned_checkpoint", "is_tied", "plan_digest", "zero_gate_names", "ZERO_GATE_NUDGE",
-           "nudge_zero_gates"]
+           "write_pruned_checkpoint", "write_reference_checkpoint", "is_tied", "plan_digest", "zero_gate_names",
+           "ZERO_GATE_NUDGE", "nudge_zero_gates"]
 
 #: config keys that hold the routed-expert count, by family (any present one is updated)
 EXPERT_COUNT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts")
@@ -177,17 +177,41 @@ def write_pruned_checkpoint(plan: Plan, arch: Architecture, model_dir: str | Pat
     existing ``out`` that moecc wrote is replaced, once the new checkpoint is complete, only with ``overwrite``.
     ``zero_gates``: :func:`zero_gate_names` of ``model_dir`` when the caller has them already (else read here).
     """
-    model_dir, out = Path(model_dir), Path(out)
-    check_output_dir(out, overwrite, (model_dir,))
     kept, n, k = uniform_layers(plan, arch)
+    provenance = {"version": 1, "source_architecture_hash": plan.architecture_hash, "plan_sha256": plan_sha256,
+                  "kept_experts": {str(layer): keep for layer, keep in sorted(kept.items())}, "top_k": k}
+    return _write_checkpoint(arch, Path(model_dir), Path(out), kept, n, k, provenance, shard_bytes, untie_embeddings,
+                             overwrite, zero_gates, "runtime export --to llamacpp (pruned checkpoint)")
+
+
+def write_reference_checkpoint(arch: Architecture, model_dir: str | Path, out: str | Path,
+                               untie_embeddings: bool = False, overwrite: bool = False) -> PrunedCheckpoint:
+    """Write ``out``: ``model_dir`` with every expert and its own top-k, made convertible as the pruned checkpoint
+    is (untied head with ``untie_embeddings``, zero shared-expert gates nudged): the source of a reference GGUF.
+
+    The checkpoint's MoE layers must share one expert count and one top-k (a plain config holds one of each).
+    """
+    sizes = sorted({m.num_experts for m in arch.moe_layers})
+    ks = sorted({m.top_k for m in arch.moe_layers})
+    if len(sizes) != 1 or len(ks) != 1:
+        raise InputError(f"{model_dir}: MoE layers with {sizes} experts and top-k {ks}; a plain config holds one "
+                         "of each")
+    kept = {m.index: list(range(m.num_experts)) for m in arch.moe_layers}
+    provenance = {"version": 1, "source_architecture_hash": arch.shape_hash(), "reference": True, "top_k": ks[0]}
+    return _write_checkpoint(arch, Path(model_dir), Path(out), kept, sizes[0], ks[0], provenance,
+                             DEFAULT_SHARD_BYTES, untie_embeddings, overwrite, None, "reference checkpoint")
+
+
+def _write_checkpoint(arch: Architecture, model_dir: Path, out: Path, kept: dict[int, list[int]], n: int, k: int,
+                      provenance: dict, shard_bytes: int, untie_embeddings: bool, overwrite: bool,
+                      zero_gates: Sequence[str] | None, what: str) -> PrunedCheckpoint:
+    """Stream ``model_dir`` into ``out`` keeping ``kept`` experts per MoE layer, ``n`` and ``k`` in the config."""
+    check_output_dir(out, overwrite, (model_dir,))
     headers = read_headers(model_dir)
     untie = untie_embeddings and is_tied(model_dir, headers)
     jobs, dropped = _jobs(arch, headers, kept, untie)
     nudge = set(zero_gate_names(model_dir, headers) if zero_gates is None else zero_gates)
-    provenance = {"version": 1, "source_architecture_hash": plan.architecture_hash, "plan_sha256": plan_sha256,
-                  "kept_experts": {str(layer): keep for layer, keep in sorted(kept.items())}, "top_k": k,
-                  "untied_embeddings": untie}
-    config = _pruned_config(model_dir, n, k, provenance, untie)
+    config = _pruned_config(model_dir, n, k, {**provenance, "untied_embeddings": untie}, untie)
 
     planned = [PlannedTensor(name, info.dtype, (len(rows), *info.shape[1:]) if rows else info.shape)
                for info, name, rows in jobs]
@@ -201,7 +225,7 @@ def write_pruned_checkpoint(plan: Plan, arch: Architecture, model_dir: str | Pat
     files = (["model.safetensors"] if n_shards == 1 else
              [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)])
 
-    with output_dir(out, overwrite, (model_dir,), "runtime export --to llamacpp (pruned checkpoint)") as tmp:
+    with output_dir(out, overwrite, (model_dir,), what) as tmp:
         _write_tensors(tmp, jobs, planned, shard_of, files, nudge)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         copy_side_files(model_dir, tmp)

@@ -327,7 +327,7 @@ def test_llamacpp_target_refuses_runtime_formats_and_names_the_way_out(tmp_path,
     save_profile(synthetic_profile(seed=9, formats=("int4_g32", "int8_g32", "BF16"), **ARCH), ints)
     assert main(solve_args(ints, tmp_path / "p.json", "--target", "llamacpp", budget="1TB")) == 2
     assert_one_line_error(capsys, "--target llamacpp: int4_g32, int8_g32 are moecc runtime formats",
-                          "python -m profiling run --model DIR --formats Q4_0 Q5_0 Q8_0 BF16")
+                          "python -m profiling run --model DIR --target llamacpp -o profile.json")
     mixed = tmp_path / "mixed.json"
     save_profile(synthetic_profile(seed=9, formats=("int4_g32", "Q4_K", "Q8_0", "BF16"), **ARCH), mixed)
     assert main(solve_args(mixed, tmp_path / "p.json", "--target", "llamacpp", budget="1TB")) == 2

@@ -12,6 +12,26 @@ from profiling.cli import main
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+def test_llamacpp_target_refuses_runtime_formats(capsys, qwen, tmp_path):
+    line = _error(capsys, ["run", "--model", str(qwen), "--target", "llamacpp", "--formats", "int4_g32", "Q8_0", "BF16",
+                           "-o", str(tmp_path / "p.json")])
+    assert "--target llamacpp: int4_g32 are moecc runtime formats" in line and "Q2_K Q3_K Q4_0" in line
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_llamacpp_target_profile_is_solvable_for_llama_cpp(capsys, qwen, tmp_path):
+    from optimizer.cli import main as optimizer_main
+
+    out = tmp_path / "p.json"
+    assert main(["run", "--model", str(qwen), "--target", "llamacpp", "--measure", "prune", "--max-tokens", "64",
+                 "--window", "32", "--no-progress", "-o", str(out)]) == 0
+    assert load_profile(out).formats == ("Q4_0", "Q5_0", "Q8_0", "BF16")  # tiny rows admit no K-quant
+    assert optimizer_main(["solve", str(out), "--target", "llamacpp", "--budget", "1GB", "--context", "0",
+                           "--overhead", "0", "-o", str(tmp_path / "plan.json")]) == 0, capsys.readouterr().err
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["target"] == "llamacpp" and set(plan["formats"].values()) <= {"Q4_0", "Q5_0", "Q8_0", "BF16", "F32"}
+
+
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
     from runtime.tiny_models import make_tiny_model

@@ -182,6 +182,24 @@ def test_default_formats_fit_the_model(tiny):
         "int2_g32", "int3_g32", "int4_g32", "int5_g32", "int6_g32", "int8_g32", "BF16"]
 
 
+def test_llamacpp_target_defaults_to_the_gguf_types_the_rows_admit(tiny, tmp_path):
+    from optimizer.architectures import load_architecture
+    from profiling.model_io import ProfilingError
+    from profiling.run import default_formats
+    from runtime.tiny_models import tiny_config
+
+    # tiny rows are 16 (expert down_proj), 32 and 64 elements: Q4_0/Q5_0/Q8_0 (blocks of 32) store some blocks,
+    # the K-quants (256) none, so they are dropped
+    assert default_formats(load_architecture(tiny["qwen3_moe"]), "llamacpp") == ["Q4_0", "Q5_0", "Q8_0", "BF16"]
+    config = tiny_config("qwen3_moe")
+    config.hidden_size = 256  # rows of 256 (every projection's input): the K-quants store those blocks
+    config.save_pretrained(tmp_path / "wide")
+    assert default_formats(load_architecture(tmp_path / "wide"), "llamacpp") == [
+        "Q2_K", "Q3_K", "Q4_0", "Q5_0", "Q6_K", "Q8_0", "BF16"]
+    with pytest.raises(ProfilingError, match="--target vllm: expected one of hf, llamacpp"):
+        default_formats(load_architecture(tiny["qwen3_moe"]), "vllm")
+
+
 def test_device_throughput_numbers():
     from profiling.device import format_throughput, memory_bandwidth, peak_rss_bytes
 

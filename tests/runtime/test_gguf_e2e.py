@@ -1,7 +1,8 @@
 """End to end in the real llama.cpp (slow): solve a tiny qwen3_moe / qwen2_moe / deepseek_v3 with a GGUF-format
 profile (``--target llamacpp``), prune it by hand to 5 (DeepSeek 4) of 8 experts and top-1, export to GGUF with
 ``python -m runtime export --to gguf`` (types, bytes, N and k checked against the plan) and run
-``llama-perplexity`` on it (finite). qwen2_moe's shared-expert gates are zeroed first, as R3's are.
+``llama-perplexity`` on it (finite), then ``runtime eval model.gguf --reference MODEL`` (llama.cpp's KL
+divergence to the original's GGUF: finite). qwen2_moe's shared-expert gates are zeroed first, as R3's are.
 
 Needs llama.cpp's tools (``python -m runtime llama-cpp build``) and a tokenizer llama.cpp's converter recognises:
 the tiny models' byte vocabulary is not one, so the models here take SmolLM2's (``cache/r3/tokenizer.json``,
@@ -131,5 +132,12 @@ def test_solve_export_gguf_and_run_in_llama_cpp(family: str, tmp_path: Path, cap
     assert m, log[-2000:]
     ppl = float(m.group(1))
     assert math.isfinite(ppl) and ppl > 1, log[-2000:]
-    print(json.dumps({"family": family, "perplexity": ppl, "experts": check.expert_count, "k": check.expert_used_count,
+    capsys.readouterr()
+    assert runtime_main(["eval", str(out), "--reference", str(model), "--max-tokens", "512", "--window", "128",
+                         "--threads", "2", "--no-bench", "--json", "--reference-cache", str(tmp_path / "ref")]) == 0
+    kld = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # llama.cpp's KLD to the original's GGUF
+    assert kld["windows"] == 4 and math.isfinite(kld["kl_mean"]) and 0 <= kld["kl_median"] <= kld["kl_max"]
+    assert 0 < kld["top1_agreement"] <= 1 and math.isfinite(kld["reference_perplexity"])
+    print(json.dumps({"family": family, "perplexity": ppl, "kl_mean": kld["kl_mean"], "experts": check.expert_count,
+                      "k": check.expert_used_count,
                       "planned_tensors": check.planned, "planned_bytes": check.planned_bytes}))
