@@ -1,5 +1,5 @@
 """Command line: ``python -m profiling run | validate | calibrate | prune-curve | fit-prediction | refine |
-compare-domains | memory | inspect | refit``
+compare-domains | memory | inspect | refit | device``
 (docs/profiling.md).
 
 Bad input (not a supported MoE directory, an empty corpus, a format the model's shapes cannot take, a
@@ -12,8 +12,10 @@ line (RecursionError, MemoryError and OverflowError are caught as well).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from optimizer.cli import MAX_SEED, MAX_THREADS, OneLineParser, check_range
@@ -37,6 +39,7 @@ INT_FLAGS: dict[str, tuple[int, int]] = {
     "threads": (1, MAX_THREADS),
     "plans": (3, 10**4),
     "rounds": (0, 100),
+    "repeats": (1, 1000),
 }
 #: fit-prediction's random plans and their seed (validate draws its own with seed 0: those stay held out).
 DEFAULT_PLANS, DEFAULT_SEED = 20, 1
@@ -199,6 +202,20 @@ def _add_memory(sub) -> None:
     p.add_argument("--threads", type=int, default=1)
 
 
+def _add_device(sub) -> None:
+    p = sub.add_parser("device", help="measure this machine: memory bandwidth and each format's dequantize+matmul "
+                                      "throughput; optionally put them into a profile")
+    p.add_argument("--formats", nargs="+", default=None,
+                   help="formats to time (default: the --profile's candidates, else int{2,3,4,5,6,8}_g64 and BF16)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repetitions per measurement (median)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="a profile whose device section is replaced by this measurement (needs -o)")
+    p.add_argument("-o", "--output", type=Path, default=None, help="where the updated --profile is written")
+    p.add_argument("--json", dest="print_json", action="store_true", help="print the measurement as one JSON line")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m profiling", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -212,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibrate(sub)
     _add_prune_curve(sub)
     _add_fit_prediction(sub)
+    _add_device(sub)
     return parser
 
 
@@ -301,6 +319,31 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_device(args) -> int:
+    from optimizer.profile import load_profile, save_profile
+
+    from .device import measure_device
+
+    if (args.profile is None) != (args.output is None):
+        raise InputError("--profile and -o go together: the profile to update and where to write it")
+    profile = load_profile(args.profile) if args.profile is not None else None
+    formats = args.formats or (list(profile.formats) if profile is not None else
+                               [f"int{b}_g64" for b in (2, 3, 4, 5, 6, 8)] + ["BF16"])
+    names = [get_format(f).name for f in formats]  # InputError for an unknown name, before any timing
+    device = measure_device(names, repeats=args.repeats, seed=args.seed)
+    if args.print_json:
+        print(json.dumps({"memory_bandwidth_bytes_per_s": device.memory_bandwidth_bytes_per_s,
+                          "format_throughput": device.format_throughput, "method": device.measurement.method}))
+    else:
+        print(f"memory bandwidth  {device.memory_bandwidth_bytes_per_s / 1e9:8.2f} GB/s")
+        for name, rate in device.format_throughput.items():
+            print(f"{name:<17} {rate / 1e9:8.3f} GB/s of weights (dequantize + batch-1 matmul)")
+    if profile is not None:
+        digest = save_profile(replace(profile, device=device), args.output)
+        print(f"wrote {args.output} ({digest}): {args.profile} with this machine's device section")
+    return 0
+
+
 def _cmd_memory(args) -> int:
     from .memory import compare_memory
 
@@ -352,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         return {"run": _cmd_run, "validate": _cmd_validate, "compare-domains": _cmd_domains,
                 "memory": _cmd_memory, "inspect": _cmd_inspect,
                 "refit": _cmd_refit, "refine": _cmd_refine, "calibrate": _cmd_calibrate,
-                "prune-curve": _cmd_prune_curve, "fit-prediction": _cmd_fit_prediction}[args.command](args)
+                "prune-curve": _cmd_prune_curve, "fit-prediction": _cmd_fit_prediction,
+                "device": _cmd_device}[args.command](args)
     except (InputError, CorpusError, InfeasibleError) as exc:
         print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2

@@ -1,5 +1,11 @@
 """Throughput of this machine: memory bandwidth and dequantize+matmul speed of the runtime's formats.
 
+    python -m profiling device [--formats F ...] [--repeats 5] [--json] [--profile PROFILE -o OUT]
+
+(``profiling run`` measures the same, :func:`measure_device`, unless ``--measure`` leaves ``device`` out; the
+``device`` command measures it alone, and with ``--profile`` writes that profile with this machine's device
+section, e.g. to solve with ``--min-tokens-per-s`` for the machine the plan will run on.)
+
 * **Memory bandwidth**: ``numpy.copyto`` of a ``bandwidth_mib`` MiB float32 array into another, repeated;
   bandwidth = 2 x bytes (read + write) / median time.
 * **Format throughput** (per format): a ``rows x cols`` float32 weight (seeded normal) is stored with
@@ -20,6 +26,14 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from optimizer.formats import get_format
+from optimizer.profile import Device, Measurement
+from runtime.quant import quantize
+
+#: the bandwidth copy's size in MiB, and format_throughput's weight shape
+BANDWIDTH_MIB = 256
+WEIGHT_ROWS, WEIGHT_COLS = 1024, 4096
 
 
 def peak_rss_bytes() -> int:
@@ -47,7 +61,7 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def memory_bandwidth(mib: int = 256, repeats: int = 7) -> float:
+def memory_bandwidth(mib: int = BANDWIDTH_MIB, repeats: int = 7) -> float:
     """Bytes per second moved by a large array copy (read + write)."""
     n = mib * (1 << 20) // 4
     src = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
@@ -56,12 +70,9 @@ def memory_bandwidth(mib: int = 256, repeats: int = 7) -> float:
     return 2.0 * src.nbytes / t
 
 
-def format_throughput(formats: Sequence[str], rows: int = 1024, cols: int = 4096, batch: int = 1,
+def format_throughput(formats: Sequence[str], rows: int = WEIGHT_ROWS, cols: int = WEIGHT_COLS, batch: int = 1,
                       repeats: int = 5, seed: int = 0) -> dict[str, float]:
     """Bytes of weights per second of dequantize + matmul, per format (see the module docstring)."""
-    from optimizer.formats import get_format
-    from runtime.quant import quantize
-
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g) * 0.02
     x = torch.randn(cols, batch, generator=g)
@@ -72,3 +83,14 @@ def format_throughput(formats: Sequence[str], rows: int = 1024, cols: int = 4096
         t = _median_time(lambda qt=qt: qt.dequantize(torch.float32) @ x, repeats)
         out[fmt.name] = qt.nbytes / t  # bytes actually stored (a mapped GGUF type: its runtime storage)
     return out
+
+
+def measure_device(formats: Sequence[str], repeats: int = 5, seed: int = 0) -> Device:
+    """The profile's ``device`` section, measured here: memory bandwidth and each format's throughput."""
+    bw = memory_bandwidth(repeats=repeats)
+    tp = format_throughput(formats, repeats=repeats, seed=seed)
+    return Device(bw, Measurement(
+        method=f"memory bandwidth: median of {repeats} numpy copies of {BANDWIDTH_MIB} MiB, 2 x bytes / s; "
+               f"format_throughput: stored bytes / median time of runtime.quant dequantize() + matmul of a "
+               f"{WEIGHT_ROWS}x{WEIGHT_COLS} weight with a batch-1 vector, {torch.get_num_threads()} torch threads",
+        seed=seed), tp)

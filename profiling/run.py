@@ -37,6 +37,7 @@ from optimizer.profile import (
 from runtime.evaluate import tokenize
 
 from .blocks import BlockRef, resolve_blocks
+from .device import measure_device, peak_rss_bytes
 from .engine import Engine
 from .fit import apply_fit, fit_proxy, proxy_sentence
 from .model_io import ProfilingError, Runner, load_text, release_freed_memory, token_windows
@@ -348,24 +349,13 @@ def _device(opts: RunOptions, formats: list[str]) -> Device:
     if "device" not in opts.measure:
         return Device(50e9, Measurement(method="not measured (--measure without device): 50 GB/s placeholder",
                                         prior=True))
-    from .device import format_throughput, memory_bandwidth
-
-    bw = memory_bandwidth(repeats=opts.device_repeats)
-    tp = format_throughput(formats, repeats=opts.device_repeats, seed=opts.seed)
-    dev_meas = Measurement(
-        method=f"memory bandwidth: median of {opts.device_repeats} numpy copies of 256 MiB, 2 x bytes / s; "
-               f"format_throughput: stored bytes / median time of runtime.quant dequantize() + matmul of a "
-               f"1024x4096 weight with a batch-1 vector, {torch.get_num_threads()} torch threads",
-        seed=opts.seed)
-    return Device(bw, dev_meas, tp)
+    return measure_device(formats, opts.device_repeats, opts.seed)
 
 
 def _details(opts: RunOptions, arch: Architecture, out: Path, digest: str, source: str, ntok: int, window: int,
              formats: list[str], engine: Engine, timings: dict[str, float], refs: list[BlockRef], effects: Effects,
              table: Table, collector: Collector) -> dict:
     """The side file: settings, timings and the raw tables behind every profile number."""
-    from .device import peak_rss_bytes
-
     prune, topk = effects.prune, effects.topk
     return {
         "schema": "moecc.profile-details", "version": 1, "profile": out.name, "profile_hash": digest,

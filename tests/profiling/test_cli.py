@@ -151,3 +151,29 @@ def test_other_families_streamed(tmp_path, family):
 def test_memory_command(qwen, capsys):
     assert main(["memory", "--model", str(qwen), "--max-tokens", "128"]) == 0
     assert "streamed" in capsys.readouterr().out
+
+
+def test_device_measures_this_machine_and_replaces_only_the_device_section(capsys, tmp_path):
+    from dataclasses import replace
+
+    from optimizer.profile import save_profile
+    from optimizer.synthetic import synthetic_profile
+
+    src = synthetic_profile(seed=3, formats=("int4_g32", "Q8_0", "BF16"), num_layers=2, num_experts=4, top_k=2,
+                            hidden=64, expert_inter=64, dense_inter=64, vocab=64)
+    save_profile(src, tmp_path / "p.json")
+    assert main(["device", "--repeats", "1", "--profile", str(tmp_path / "p.json"), "-o", str(tmp_path / "q.json"),
+                 "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert set(printed["format_throughput"]) == {"int4_g32", "Q8_0", "BF16"}  # the profile's candidates
+    assert printed["memory_bandwidth_bytes_per_s"] > 0 and "1024x4096" in printed["method"]
+    out = load_profile(tmp_path / "q.json")
+    assert out.device.memory_bandwidth_bytes_per_s == printed["memory_bandwidth_bytes_per_s"]
+    assert out.device.format_throughput == printed["format_throughput"]
+    assert replace(out, device=src.device).to_json() == src.to_json()  # nothing else changed
+
+
+def test_device_refusals(capsys, tmp_path):
+    assert "unknown format 'int9'" in _error(capsys, ["device", "--formats", "int9"])
+    assert "--profile and -o go together" in _error(capsys, ["device", "--profile", str(tmp_path / "p.json")])
+    assert "--repeats" in _error(capsys, ["device", "--repeats", "0"])
