@@ -12,8 +12,8 @@ from typing import Callable
 
 from ..errors import InputError
 from ..jsonio import parse_json, read_bytes
-from ..model_spec import Architecture
-from .deepseek import deepseek_from_hf, deepseek_from_reference, is_reference_config
+from ..model_spec import Architecture, Block
+from .deepseek import DEEPSEEK_FAMILIES, deepseek_from_hf, deepseek_from_reference, is_reference_config, kv_b_gguf_rows
 from .gqa_moe import gqa_moe_from_hf
 
 BUILDERS: dict[str, Callable[[dict, str], Architecture]] = {
@@ -25,7 +25,16 @@ BUILDERS: dict[str, Callable[[dict, str], Architecture]] = {
     "olmoe": gqa_moe_from_hf,
 }
 
-__all__ = ["BUILDERS", "architecture_from_config", "load_architecture", "supported_model_types"]
+__all__ = ["BUILDERS", "architecture_from_config", "load_architecture", "supported_model_types", "gguf_row_lengths"]
+
+
+def gguf_row_lengths(arch: Architecture, block: Block) -> tuple[int, ...]:
+    """Row lengths of the tensors llama.cpp stores ``block`` as (a ``--target llamacpp`` format must divide each):
+    the block's own row length, except DeepSeek's ``kv_b_proj``, which the converter splits
+    (:func:`~optimizer.architectures.deepseek.kv_b_gguf_rows`)."""
+    if arch.family in DEEPSEEK_FAMILIES:
+        return kv_b_gguf_rows(arch, block)
+    return (block.shape[-1],)
 
 
 def supported_model_types() -> list[str]:

@@ -8,7 +8,7 @@ checkpoint) is not part of the model transformers builds and is left out.
 from __future__ import annotations
 
 from ..errors import InputError
-from ..model_spec import MAX_EXPERTS, MAX_LAYERS, Architecture, BlockKind, KVCacheSpec, MoELayer
+from ..model_spec import MAX_EXPERTS, MAX_LAYERS, Architecture, Block, BlockKind, KVCacheSpec, MoELayer
 from ._common import BlockList, ConfigReader, check_layout
 
 DEEPSEEK_FAMILIES = ("deepseek_v2", "deepseek_v3")
@@ -39,6 +39,29 @@ def _mla_attention(out: BlockList, r: ConfigReader, p: str, layer: int, hidden: 
     out.norm(f"{p}.kv_a_layernorm.weight", kv_lora, layer)
     out.linear(f"{p}.kv_b_proj", a, heads * (nope + v_dim), kv_lora, layer, False, "kv_b_proj")
     out.linear(f"{p}.o_proj", a, hidden, heads * v_dim, layer, bias, "o_proj")
+
+
+def kv_b_gguf_rows(arch: Architecture, block: Block) -> tuple[int, ...]:
+    """Row lengths of the GGUF tensors llama.cpp's converter writes for an MLA ``kv_b_proj`` block: it splits
+    the ``[heads * (nope + v), kv_lora]`` weight into ``attn_k_b`` (per head ``[kv_lora, nope]``: rows of
+    ``qk_nope_head_dim``) and ``attn_v_b`` (per head ``[v, kv_lora]``: rows of ``kv_lora_rank``), so a format must
+    divide both. ``nope`` is solved from the layer's shapes (a profile's architecture keeps no config):
+    ``heads * nope = kv_b rows - o_proj cols``, ``heads * rope = q rows - heads * nope``, ``rope = kv_a rows -
+    kv_lora``. Any other block, or shapes that do not solve to whole numbers: ``(its row length,)``."""
+    own = (block.shape[-1],)
+    if block.projection != "kv_b_proj":
+        return own
+    shapes = {b.projection: b.shape for b in arch.blocks if b.layer == block.layer and len(b.shape) == 2}
+    q = shapes.get("q_b_proj") or shapes.get("q_proj")
+    if q is None or "o_proj" not in shapes or "kv_a_proj_with_mqa" not in shapes:
+        return own
+    kv_lora = block.shape[1]
+    heads_nope = block.shape[0] - shapes["o_proj"][1]
+    heads_rope = q[0] - heads_nope
+    rope = shapes["kv_a_proj_with_mqa"][0] - kv_lora
+    if rope <= 0 or heads_rope <= 0 or heads_nope <= 0 or heads_rope % rope or heads_nope % (heads_rope // rope):
+        return own
+    return heads_nope // (heads_rope // rope), kv_lora
 
 
 def deepseek_from_hf(config: dict, where: str = "config") -> Architecture:

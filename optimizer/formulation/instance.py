@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..architectures import gguf_row_lengths
 from ..budget import Budget
 from ..byte_model import block_bytes, bytes_table
 from ..errors import InputError
 from ..formats import get_format
-from ..model_spec import BlockKind
+from ..model_spec import Architecture, BlockKind
 from ..plan import Target
 from ..profile import Profile
 from .objectives import ObjectiveOptions, ObjectiveTerms, build_objective
@@ -164,6 +165,8 @@ def build_instance(profile: Profile, budget: Budget, options: FormulationOptions
             fixed_bytes += nbytes
             fixed_read += nbytes
     table = bytes_table(arch, formats)  # [blocks, formats], -1 where the format cannot store the block
+    if options.target == Target.LLAMACPP:
+        table = _llamacpp_storable(arch, formats, table)
     cost = _format_costs(profile, objective, formats)
     read = _read_bytes(profile, table, formats)
     pair_block, pair_format = np.nonzero((table >= 0) & quantizable[:, None])
@@ -198,6 +201,21 @@ def build_instance(profile: Profile, budget: Budget, options: FormulationOptions
         pair_cost=pair_cost, pair_ptr=ptr, fixed_bytes=int(fixed_bytes), fixed_read=int(fixed_read),
         removed_pairs=removed,
     )
+
+
+def _llamacpp_storable(arch: Architecture, formats: tuple[str, ...], table: np.ndarray) -> np.ndarray:
+    """``table`` with -1 where llama.cpp stores a block as tensors whose rows a format does not divide (DeepSeek's
+    ``kv_b_proj`` becomes ``attn_k_b`` with rows of ``qk_nope_head_dim``): llama-quantize would fall back there
+    and the plan's bytes would be wrong. The bytes of the formats that stay are unchanged (same elements)."""
+    out = table.copy()
+    fmts = [get_format(f) for f in formats]
+    for b, block in enumerate(arch.blocks):
+        rows = gguf_row_lengths(arch, block)
+        if block.quantizable and rows != (block.shape[-1],):
+            for j, fmt in enumerate(fmts):
+                if any(r % fmt.block_elements for r in rows):
+                    out[b, j] = -1
+    return out
 
 
 def _candidate_formats(profile: Profile, options: FormulationOptions) -> tuple[str, ...]:

@@ -175,6 +175,18 @@ def test_deepseek_v2_lite_is_15_7b() -> None:
     assert len(arch.moe_layers) == 26 and arch.moe_layers[0].top_k == 6
 
 
+@pytest.mark.parametrize("config", ["config_671B.json", "config_16B.json"])
+def test_llama_cpp_splits_deepseek_kv_b_into_rows_of_nope_and_kv_lora(config: str) -> None:
+    from optimizer.architectures import gguf_row_lengths
+
+    # V3 (q_lora, 128 heads) and V2-Lite (q_proj, 16 heads) both have qk_nope_head_dim 128, kv_lora_rank 512:
+    # attn_k_b has rows of 128, attn_v_b of 512; every other block keeps its own row length
+    arch = load_architecture(DATA / config)
+    kv_b = [b for b in arch.blocks if b.projection == "kv_b_proj"]
+    assert kv_b and all(gguf_row_lengths(arch, b) == (128, 512) for b in kv_b)
+    assert all(gguf_row_lengths(arch, b) == (b.shape[-1],) for b in arch.blocks if b.projection != "kv_b_proj")
+
+
 def test_mixtral_8x7b_is_46_7b() -> None:
     arch = architecture_from_config(MIXTRAL_8X7B)
     assert _close(arch.num_parameters, 46.7e9, 0.002), arch.num_parameters

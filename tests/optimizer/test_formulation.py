@@ -777,3 +777,21 @@ def test_tiny_nearly_cancelling_objective_is_solved_to_the_relative_gap() -> Non
     plan = optimize(profile, budget, FormulationOptions(objective="predicted_loss"), SolveOptions(solver="highs"))
     assert plan.solve.status.value == "optimal"
     assert plan.solve.gap is not None and plan.solve.gap <= 1e-4
+
+
+def test_llamacpp_target_keeps_kv_b_in_formats_that_divide_both_split_tensors() -> None:
+    """llama.cpp stores DeepSeek's kv_b_proj ([32768, 512]) as attn_k_b (rows of 128) and attn_v_b (rows of 512):
+    a 256-element K- or I-quant fits the plan's rows of 512 but not attn_k_b's, so under --target llamacpp only
+    Q8_0 and BF16 (blocks of 32 and 1) of the example's 13 formats remain for it; hf keeps all 13."""
+    from pathlib import Path
+
+    from optimizer.budget import make_budget
+    from optimizer.profile import load_profile
+
+    profile = load_profile(Path(__file__).resolve().parents[2] / "examples" / "deepseek-v3" / "profile.json.gz")
+    budget = make_budget(profile.architecture, "128GB")
+    kv_b = {i for i, b in enumerate(profile.architecture.blocks) if b.projection == "kv_b_proj"}
+    for target, want_k in ((Target.HF, True), (Target.LLAMACPP, False)):
+        inst = build_instance(profile, budget, FormulationOptions(target=target, presolve=False))
+        formats = {inst.formats[j] for b, j in zip(inst.pair_block, inst.pair_format) if int(b) in kv_b}
+        assert formats == (set(profile.formats) if want_k else {"Q8_0", "BF16"})
