@@ -79,8 +79,11 @@ def _run_gguf(args: argparse.Namespace) -> int:
     try:
         res = evaluate_gguf(args.model_dir, args.reference, args.corpus, args.split, args.max_tokens, args.window,
                             args.llama_cpp, args.threads, bench=not args.no_bench, cache=args.reference_cache)
-    except (InputError, RuntimeError, OSError) as exc:
+    except InputError as exc:
         print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2
+    except (RuntimeError, OSError) as exc:  # a llama.cpp step failed: the message ends with its log's tail
+        print(f"error: {error_line(exc)}", file=sys.stderr)
+        return 1
     print(res.to_json() if args.json else format_result(res))
     return 0
