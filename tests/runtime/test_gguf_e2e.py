@@ -141,3 +141,37 @@ def test_solve_export_gguf_and_run_in_llama_cpp(family: str, tmp_path: Path, cap
     print(json.dumps({"family": family, "perplexity": ppl, "kl_mean": kld["kl_mean"], "experts": check.expert_count,
                       "k": check.expert_used_count,
                       "planned_tensors": check.planned, "planned_bytes": check.planned_bytes}))
+
+
+def test_an_iquant_plan_gets_an_importance_matrix(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A plan with IQ4_NL, exported with --calibration-text: llama-imatrix runs on the text and the GGUF keeps
+    every planned type and byte."""
+    from optimizer.architectures import load_architecture
+    from optimizer.byte_model import uniform_bytes
+    from optimizer.cli import main as optimizer_main
+    from optimizer.plan import load_plan
+    from optimizer.profile import save_profile
+    from runtime.__main__ import main as runtime_main
+    from runtime.corpora import load_corpus
+    from runtime.gguf_export import check_gguf
+    from runtime.testing import made_up_profile
+
+    _llama_cpp()
+    model = _model("qwen3_moe", tmp_path / "model", _tokenizer_dir(), zero_gates=False)
+    arch = load_architecture(model)
+    save_profile(made_up_profile(arch, ("IQ4_NL", "Q8_0", "BF16")), tmp_path / "profile.json")
+    budget = int(uniform_bytes(arch, "BF16") * 0.35)
+    assert optimizer_main(["solve", str(tmp_path / "profile.json"), "--target", "llamacpp", "--budget", f"{budget}B",
+                           "--context", "0", "--overhead", "0", "--reproducible",
+                           "-o", str(tmp_path / "plan.json")]) == 0
+    plan = load_plan(tmp_path / "plan.json")
+    assert "IQ4_NL" in set(plan.formats.values())
+    text = tmp_path / "calibration.txt"
+    text.write_text(load_corpus("english", "calibration")[:30000], encoding="utf-8")
+    out = tmp_path / "model.gguf"
+    capsys.readouterr()
+    assert runtime_main(["export", str(tmp_path / "plan.json"), "--to", "gguf", "--model", str(model), "-o", str(out),
+                         "--calibration-text", str(text), "--threads", "2"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "[export] imatrix: done" in printed and "types and bytes as planned" in printed
+    assert check_gguf(out, plan, arch).planned_bytes > 0
