@@ -33,6 +33,8 @@ from optimizer.profile import Profile, load_profile
 from optimizer.solve import SolveOptions, optimize
 from profiling.refine import DEFAULT_REFINE_TOKENS, refine
 from profiling.run import details_path
+from runtime.gguf_eval import evaluate_gguf
+from runtime.gguf_export import export_gguf
 
 from .sweep import Cell
 
@@ -167,9 +169,22 @@ def run_cell(cell: Cell) -> dict[str, Any]:
                 "wall_seconds": round(time.perf_counter() - t0, 2)}
     row.update(_plan_fields(plan), solve_seconds=round(time.perf_counter() - t0, 3))
     with tempfile.TemporaryDirectory(prefix="moecc-cell-") as tmp:
-        model, written = _compressed(cell, plan, Path(tmp))
-        res = evaluate(model, cell.eval_corpus, cell.eval_split, cell.eval_tokens, cell.window,
-                       reference=reference_model(cell.model))
-    row.update({f: getattr(res, f) for f in EVAL_FIELDS}, written_bytes=written, status="ok",
+        if cell.engine == "llamacpp":
+            res, written = _in_llama_cpp(cell, plan, Path(tmp))
+        else:
+            model, written = _compressed(cell, plan, Path(tmp))
+            res = evaluate(model, cell.eval_corpus, cell.eval_split, cell.eval_tokens, cell.window,
+                           reference=reference_model(cell.model))
+    row.update({f: getattr(res, f, None) for f in EVAL_FIELDS}, written_bytes=written, status="ok",
                wall_seconds=round(time.perf_counter() - t0, 2))
     return row
+
+
+def _in_llama_cpp(cell: Cell, plan: Plan, work: Path) -> tuple[Any, int]:
+    """The plan's GGUF (``runtime export --to gguf``, checked against the plan) scored against the original in
+    llama.cpp (``runtime eval model.gguf``); the result and the GGUF's tensor bytes."""
+    save_plan(plan, work / "plan.json")
+    check = export_gguf(work / "plan.json", cell.model, work / "model.gguf", threads=1)
+    res = evaluate_gguf(work / "model.gguf", cell.model, cell.eval_corpus, cell.eval_split, cell.eval_tokens,
+                        cell.window, threads=1, bench=False)
+    return res, check.gguf_bytes

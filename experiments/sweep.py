@@ -24,6 +24,11 @@ Methods (:data:`METHODS`; ``uniform:FORMAT``, ``prune_only:FORMAT`` and ``topk_o
 ``sequential``      the CC-MoE recipe (prune a fixed share, lower k, then formats)
 ``llamacpp``        the ILP with llama.cpp's ties (one format per layer and projection, one count, one k)
 ==================  ======================================================================================
+
+``engine="llamacpp"`` evaluates the plan where llama.cpp users run it: ``runtime export --to gguf`` (the plan's
+GGUF, checked against the plan) and ``runtime eval model.gguf --reference MODEL`` (``llama-perplexity
+--kl-divergence``; the second half of each window is scored, so ``tokens`` is about half of ``eval_tokens``).
+The plan must be one llama.cpp can store: GGUF types, one expert count and one k (``llamacpp``, ``uniform:Q4_0``...).
 """
 from __future__ import annotations
 
@@ -38,6 +43,11 @@ from optimizer.errors import InputError
 METHODS = ("ilp", "refine", "quantize_only", "prune_only", "topk_only", "no_topk", "uniform", "greedy", "sequential",
            "llamacpp")
 FORMAT_METHODS = ("uniform", "prune_only", "topk_only")  # take ":FORMAT"
+#: where a cell's plan is evaluated: moecc's runtime in PyTorch, or its GGUF in llama.cpp (runtime.gguf_eval)
+ENGINES = ("moecc", "llamacpp")
+#: fields added to :class:`Cell` after results were committed, with their defaults (left out of the key there)
+LATER_FIELDS: dict[str, Any] = {"engine": "moecc"}
+_UNSET = object()
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,7 @@ class Cell:
     window: int | None = None  # default: the model's trained context (runtime.evaluate)
     apply: bool = False  # write with `runtime apply` and reload (checks bytes on disk); else compress in memory
     time_limit: float = 60.0
+    engine: str = "moecc"  # moecc: PyTorch (runtime); llamacpp: the plan's GGUF scored in llama.cpp
 
     def __post_init__(self) -> None:
         base, _, fmt = self.method.partition(":")
@@ -68,6 +79,11 @@ class Cell:
             raise InputError("cell.method: uniform needs a format, e.g. uniform:int4_g32")
         if self.eval_tokens < 1:
             raise InputError(f"cell.eval_tokens: must be positive, got {self.eval_tokens}")
+        if self.engine not in ENGINES:
+            raise InputError(f"cell.engine: {self.engine!r} is not one of {', '.join(ENGINES)}")
+        if self.engine == "llamacpp" and (self.apply or self.quantizer != "rtn"):
+            raise InputError("cell.engine llamacpp: llama-quantize quantizes the GGUF; apply and quantizer do not "
+                             "apply")
 
     @property
     def base_method(self) -> str:
@@ -81,8 +97,10 @@ class Cell:
         return asdict(self)
 
     def key(self) -> str:
-        """sha256 (16 hex digits) of the cell's fields: the identity of its result row."""
-        text = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        """sha256 (16 hex digits) of the cell's fields: the identity of its result row. Fields added after
+        results existed (:data:`LATER_FIELDS`) count only away from their default, so old rows keep their key."""
+        doc = {k: v for k, v in self.to_json().items() if LATER_FIELDS.get(k, _UNSET) != v}
+        text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

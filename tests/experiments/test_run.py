@@ -34,6 +34,24 @@ def test_cell_key_names_every_field_and_methods_are_checked() -> None:
     assert [c.budget for c in grid(model=R1, profile=R1_PROFILE, budget=("3MB", "4MB"), method="ilp")] == ["3MB", "4MB"]
 
 
+def test_the_engine_field_keeps_old_keys_and_refuses_what_llama_cpp_ignores() -> None:
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    # a key as it was computed before `engine` existed: every other field, hashed
+    old = {k: v for k, v in asdict(_cell()).items() if k != "engine"}
+    text = json.dumps(old, sort_keys=True, separators=(",", ":"))
+    assert _cell().key() == hashlib.sha256(text.encode()).hexdigest()[:16]  # committed rows keep their identity
+    assert _cell(engine="llamacpp").key() != _cell().key()
+    with pytest.raises(InputError, match="cell.engine: 'vllm' is not one of moecc, llamacpp"):
+        _cell(engine="vllm")
+    with pytest.raises(InputError, match="llama-quantize quantizes the GGUF"):
+        _cell(engine="llamacpp", quantizer="hqq")
+    with pytest.raises(InputError, match="llama-quantize quantizes the GGUF"):
+        _cell(engine="llamacpp", apply=True)
+
+
 def test_methods_switch_levers_off() -> None:
     """quantize_only keeps every expert and k; prune_only one format and k; topk_only one format and every expert;
     uniform nothing but one format."""
