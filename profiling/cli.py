@@ -1,5 +1,5 @@
 """Command line: ``python -m profiling run | validate | calibrate | prune-curve | fit-prediction | refine |
-compare-domains | memory | inspect | refit | device``
+compare-domains | memory | inspect | refit | gguf-columns | device``
 (docs/profiling.md).
 
 Bad input (not a supported MoE directory, an empty corpus, a format the model's shapes cannot take, a
@@ -127,6 +127,13 @@ def _add_refit(sub) -> None:
                    help="the fitted proxy replaces measured cells too (measurements only set the scales)")
 
 
+def _add_gguf_columns(sub) -> None:
+    p = sub.add_parser("gguf-columns", help="give an int-format profile proxy GGUF columns (for --target llamacpp), "
+                       "no measuring")
+    p.add_argument("profile", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True)
+
+
 def _add_refine(sub) -> None:
     p = sub.add_parser("refine", help="closed loop: measure the ILP's plans and the baselines at a budget, correct "
                        "the profile, hand over the best measured plan")
@@ -225,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_memory(sub)
     _add_inspect(sub)
     _add_refit(sub)
+    _add_gguf_columns(sub)
     _add_refine(sub)
     _add_calibrate(sub)
     _add_prune_curve(sub)
@@ -281,6 +289,14 @@ def _cmd_refit(args) -> int:
 
     _, details, out = refit(args.profile, args.output, rule=args.rule, proxy_only=args.proxy_only)
     print(f"refit {details['refit']['cells_changed']} fitted cells; wrote {out} ({details['profile_hash'][:19]}...)")
+    return 0
+
+
+def _cmd_gguf_columns(args) -> int:
+    from .gguf_columns import write_gguf_columns
+
+    profile = write_gguf_columns(args.profile, args.output)
+    print(f"wrote {args.output} ({', '.join(profile.formats)}; GGUF columns are proxies)")
     return 0
 
 
@@ -394,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": _cmd_run, "validate": _cmd_validate, "compare-domains": _cmd_domains,
                 "memory": _cmd_memory, "inspect": _cmd_inspect,
-                "refit": _cmd_refit, "refine": _cmd_refine, "calibrate": _cmd_calibrate,
+                "refit": _cmd_refit, "gguf-columns": _cmd_gguf_columns, "refine": _cmd_refine,
+                "calibrate": _cmd_calibrate,
                 "prune-curve": _cmd_prune_curve, "fit-prediction": _cmd_fit_prediction,
                 "device": _cmd_device}[args.command](args)
     except (InputError, CorpusError, InfeasibleError) as exc:

@@ -46,7 +46,7 @@ from .plan_check import validate_layers
 
 __all__ = ["EXPERT_COUNT_KEYS", "TOP_K_KEY", "PrunedCheckpoint", "uniform_layers", "plan_prunes",
            "write_pruned_checkpoint", "write_reference_checkpoint", "is_tied", "plan_digest", "zero_gate_names",
-           "ZERO_GATE_NUDGE", "nudge_zero_gates"]
+           "ZERO_GATE_NUDGE"]
 
 #: config keys that hold the routed-expert count, by family (any present one is updated)
 EXPERT_COUNT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts")
@@ -280,36 +280,6 @@ def zero_gate_names(model_dir: str | Path, headers: list[TensorInfo] | None = No
                 if not fh.get_tensor(info.name).any():
                     out.append(info.name)
     return out
-
-
-def nudge_zero_gates(src: str | Path, dst: str | Path, value: float = ZERO_GATE_NUDGE) -> tuple[Path, int]:
-    """``src`` itself, or a full copy in ``dst`` whose all-zero ``shared_expert_gate`` weights are ``value``.
-
-    For converting an unpruned checkpoint (a reference GGUF) that llama.cpp would otherwise run to NaN (see
-    the module docstring; :func:`write_pruned_checkpoint` does the same for the pruned one). Returns (the
-    checkpoint to use, gates changed).
-    """
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    from .checkpoint import checkpoint_files
-
-    src, dst = Path(src), Path(dst)
-    zero = set(zero_gate_names(src))
-    if not zero:
-        return src, 0
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in checkpoint_files(src):
-        tensors = load_file(str(f))
-        for name in zero & tensors.keys():
-            tensors[name] = torch.full_like(tensors[name], value)
-        save_file(tensors, str(dst / f.name), metadata={"format": "pt"})
-        del tensors
-    for p in src.iterdir():
-        if p.is_file() and not p.name.endswith(".safetensors"):
-            shutil.copyfile(p, dst / p.name)
-    return dst, len(zero)
 
 
 def plan_digest(path: str | Path) -> str:

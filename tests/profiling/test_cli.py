@@ -177,3 +177,30 @@ def test_device_refusals(capsys, tmp_path):
     assert "unknown format 'int9'" in _error(capsys, ["device", "--formats", "int9"])
     assert "--profile and -o go together" in _error(capsys, ["device", "--profile", str(tmp_path / "p.json")])
     assert "--repeats" in _error(capsys, ["device", "--repeats", "0"])
+
+
+def test_gguf_columns_borrow_the_cheapest_int_cost_of_the_same_bits(capsys, tmp_path):
+    import numpy as np
+
+    from optimizer.profile import Sensitivity, save_profile, with_costs
+    from optimizer.synthetic import synthetic_profile
+
+    # rows of 64 (hidden) and 32 (expert width): the K-quants (blocks of 256) admit none, Q5_0 has no int5 cost
+    # to borrow, so Q4_0 and Q8_0 are the GGUF columns; Q4_0 takes min(int4_g32, int4_g64) per block
+    src = synthetic_profile(seed=4, formats=("int4_g32", "int4_g64", "int8_g32", "BF16"), num_layers=2,
+                            num_experts=4, top_k=2, hidden=64, expert_inter=32, dense_inter=32, vocab=64)
+    v = src.sensitivity.values.copy()
+    v[:, 1] = np.where(np.isnan(v[:, 1]), np.nan, v[:, 0] * 0.5)  # int4_g64 cheaper where it stores the block
+    src = with_costs(src, sensitivity=Sensitivity(src.sensitivity.formats, v, src.sensitivity.measurement))
+    save_profile(src, tmp_path / "int.json")
+    assert main(["gguf-columns", str(tmp_path / "int.json"), "-o", str(tmp_path / "gguf.json")]) == 0
+    assert "GGUF columns are proxies" in capsys.readouterr().out
+    out = load_profile(tmp_path / "gguf.json")
+    v = load_profile(tmp_path / "int.json").sensitivity.values  # as stored (JSON rounds the floats)
+    assert out.formats == ("Q4_0", "Q8_0", "BF16")
+    col = {f: out.sensitivity.values[:, j] for j, f in enumerate(out.sensitivity.formats)}
+    want_q4 = np.fmin(v[:, 0], v[:, 1])
+    quant = np.array([b.quantizable for b in src.architecture.blocks])
+    assert np.array_equal(col["Q4_0"][quant], want_q4[quant])
+    assert np.array_equal(col["Q8_0"][quant], v[quant, 2]) and np.array_equal(col["BF16"], v[:, 3], equal_nan=True)
+    assert "PROXIES" in out.sensitivity.measurement.method and out.prediction is None

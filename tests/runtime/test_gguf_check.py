@@ -236,23 +236,3 @@ def test_build_reuses_a_finished_build(tmp_path: Path, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(subprocess, "run", forbidden)
     assert llamacpp.build(tree).tool("llama-bench") == (tree / "build" / "bin" / "llama-bench").resolve()
-
-
-def test_nudge_zero_gates_copies_only_when_needed(tmp_path: Path) -> None:
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    from runtime.prune_checkpoint import ZERO_GATE_NUDGE, nudge_zero_gates
-
-    model = make_tiny_model("qwen2_moe", tmp_path / "model")
-    assert nudge_zero_gates(model, tmp_path / "unused") == (model, 0) and not (tmp_path / "unused").exists()
-    weights = load_file(str(model / "model.safetensors"))
-    gates = [n for n in weights if n.endswith("shared_expert_gate.weight")]
-    for n in gates:
-        weights[n] = torch.zeros_like(weights[n])
-    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
-    out, changed = nudge_zero_gates(model, tmp_path / "nudged")
-    assert out == tmp_path / "nudged" and changed == len(gates) > 0 and (out / "config.json").is_file()
-    written = load_file(str(out / "model.safetensors"))
-    assert all(bool((written[n] == ZERO_GATE_NUDGE).all()) for n in gates)
-    assert all(torch.equal(written[n], weights[n]) for n in weights if n not in gates)
