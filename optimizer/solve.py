@@ -39,6 +39,7 @@ from .formulation.decisions import Decisions, check_decisions, from_vector, to_v
 from .formulation.decomposition import applicable, lagrangian, min_weight_bytes
 from .formulation.instance import FormulationOptions, Instance, build_instance
 from .formulation.llamacpp import llamacpp_plan
+from .formulation.speed import fastest_read, read_limit, speed_plan
 from .plan import LayerPlan, Plan, PlanBytes, SolveRecord, SolveStatus, Target
 from .profile import Profile
 from .solvers.base import Solver, SolverOptions, Termination, relative_gap
@@ -263,11 +264,44 @@ def _warm_start(inst: Instance, model, variables, options: SolveOptions, info: d
                 return _Start(certified=(warm, Termination.OPTIMAL, warm.objective(inst), relaxed.bound,
                                          "certified by the hf Lagrangian bound"))
         return _Start(warm, relaxed.bound, "tied heuristic")
+    if options.accelerate and inst.options.target == Target.HF and inst.options.min_tokens_per_s is not None:
+        return _speed_start(inst, model, variables, options, info, deadline)
     if options.accelerate:
         greedy = run_baseline_until("greedy", inst, deadline=deadline).decisions
         if greedy is not None and not check_decisions(inst, model, variables, greedy):
             return _Start(greedy, None, "greedy")
     return _Start()
+
+
+def _speed_start(inst: Instance, model, variables, options: SolveOptions, info: dict,
+                 deadline: float | None) -> _Start:
+    """``--min-tokens-per-s`` (hf): the unconstrained Lagrangian bound (a relaxation, so valid) and the plan of
+    :func:`~optimizer.formulation.speed.speed_plan`; a floor above what any plan reaches is refused with that
+    speed."""
+    reachable = inst.profile.device.memory_bandwidth_bytes_per_s / (
+        fastest_read(inst) + inst.fixed_read + inst.budget.reserves.get("kv_cache", 0))
+    if fastest_read(inst) > read_limit(inst):
+        raise InfeasibleError(f"infeasible: no plan reads little enough per token for --min-tokens-per-s "
+                              f"{inst.options.min_tokens_per_s:g}: even top-k {inst.min_top_k} everywhere with every "
+                              f"block at its fewest-read format reaches at most {reachable:.4g} tokens/s on this "
+                              "device (the profile's bandwidth and format throughput)")
+    free = replace(inst, options=replace(inst.options, min_tokens_per_s=None))
+    relaxed = lagrangian(free, options.rel_gap, deadline=deadline)
+    if relaxed is None:
+        _raise_infeasible(inst, "no plan fits the budget")
+    t0 = time.perf_counter()
+    warm = speed_plan(inst, options.rel_gap, deadline=deadline, start=relaxed)
+    info.update(speed_heuristic_seconds=round(time.perf_counter() - t0, 3))
+    if warm is not None and check_decisions(inst, model, variables, warm):
+        warm = None  # a bug guard: the heuristic's plan must satisfy the MILP's rows
+    if warm is None:
+        return _Start(None, relaxed.bound, "speed heuristic")
+    gap = relative_gap(warm.objective(inst), relaxed.bound)
+    info.update(speed_heuristic_gap=gap)
+    if gap is not None and gap <= options.rel_gap:  # the floor does not bind: the Lagrangian plan is fast enough
+        return _Start(certified=(warm, Termination.OPTIMAL, warm.objective(inst), relaxed.bound,
+                                 "certified by the Lagrangian bound of the problem without the speed row"))
+    return _Start(warm, relaxed.bound, "speed heuristic")
 
 
 def _objective_scale(model, estimate: float | None) -> float:

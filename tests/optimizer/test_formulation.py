@@ -14,6 +14,7 @@ import dataclasses
 import itertools
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -412,6 +413,47 @@ def test_decode_speed_constraint_binds(target: Target, arch_kw: dict) -> None:
     # an unreachable target is infeasible, and the message says the speed target may be the cause
     with pytest.raises(InfeasibleError, match="tokens/s"):
         optimize(p, budget, dataclasses.replace(fo, min_tokens_per_s=bw / 1000.0), EXACT)
+
+
+@pytest.mark.parametrize("arch_kw", [{}, {"groups": 2, "topk_groups": 1, "top_k": 3}])
+@pytest.mark.parametrize("faster", [0.9, 0.6])
+def test_speed_heuristic_meets_the_floor_and_the_exact_solve_does_no_worse(arch_kw: dict, faster: float) -> None:
+    from optimizer.formulation.constraints import build_milp
+    from optimizer.formulation.decisions import check_decisions
+    from optimizer.formulation.speed import plan_read, read_limit, speed_plan
+
+    p = speed_profile(**arch_kw)
+    bw = p.device.memory_bandwidth_bytes_per_s
+    fo = FormulationOptions()
+    budget = budget_at(p, 0.5, fo)
+    read_free = bytes_read_max_model(p, budget, solve_checked(p, budget, fo))
+    fo_speed = dataclasses.replace(fo, min_tokens_per_s=bw / (faster * read_free))
+    inst = build_instance(p, budget, fo_speed)
+    d = speed_plan(inst)
+    assert d is not None
+    model, variables = build_milp(inst)
+    assert check_decisions(inst, model, variables, d) == []  # every row, the speed row (5) included
+    assert plan_read(inst, d) <= read_limit(inst)
+    exact = solve_checked(p, budget, fo_speed, SolveOptions(time_limit=30, rel_gap=1e-9, accelerate=False))
+    assert d.objective(inst) >= exact.solve.objective * (1 - 1e-9)  # a heuristic: never better than the optimum
+    warm = solve_checked(p, budget, fo_speed, EXACT)  # the heuristic is HiGHS's start; the optimum is still proven
+    assert warm.solve.objective == pytest.approx(exact.solve.objective, rel=1e-9)
+    assert bytes_read_max_model(p, budget, warm) <= bw / fo_speed.min_tokens_per_s
+
+
+def test_a_floor_no_plan_reaches_names_the_fastest_speed() -> None:
+    from optimizer.formulation.speed import fastest_read
+
+    p = speed_profile()
+    bw = p.device.memory_bandwidth_bytes_per_s
+    budget = budget_at(p, 0.5)
+    inst = build_instance(p, budget, FormulationOptions(min_tokens_per_s=1.0))
+    reach = bw / (fastest_read(inst) + inst.fixed_read + budget.reserves.get("kv_cache", 0))
+    with pytest.raises(InfeasibleError, match=re.escape(f"reaches at most {reach:.4g} tokens/s")):
+        optimize(p, budget, FormulationOptions(min_tokens_per_s=reach * 1.01), EXACT)
+    # just under it, a plan exists: top-k 1 and the fewest-read formats read exactly fastest_read
+    plan = optimize(p, budget, FormulationOptions(min_tokens_per_s=reach * 0.999), EXACT)
+    assert bytes_read_max_model(p, budget, plan) <= bw / (reach * 0.999)
 
 
 # ------------------------------------------------------------------------ (d) Lagrangian certificate

@@ -1,0 +1,29 @@
+"""R1 through the pipeline R3 and R4 use: calibrated on whole plans, measured prune curves, and the objective
+mapped to KL; the plan ``refine`` hands over, the joint ILP and mixed precision alone against uniform formats.
+
+    python -m profiling calibrate experiments/profiles/r1/english.json --model models/r1-deepseek-v3-tiny \\
+        -o experiments/profiles/r1/english-calibrated.json                      # ~5 min on one core
+    python -m profiling prune-curve experiments/profiles/r1/english-calibrated.json \\
+        --model models/r1-deepseek-v3-tiny -o experiments/profiles/r1/english-calibrated-curves.json   # ~30 s
+    python -m profiling fit-prediction experiments/profiles/r1/english-calibrated-curves.json \\
+        --model models/r1-deepseek-v3-tiny -o experiments/profiles/r1/english-predicted.json           # ~80 s
+    python -m experiments run r1_curves --out docs/results/r1_curves --resume --workers 1   # ~25 min
+    python -m experiments report docs/results/r1_curves
+
+Same budgets, formats and protocol as ``r1`` (first 16,384 tokens of the English test split, window 256, RTN
+in memory), so its rows from the single-effect profile compare directly.
+"""
+from __future__ import annotations
+
+from experiments.sweep import Sweep, grid, with_fields
+from experiments.sweeps.r1 import BUDGETS, FORMATS, MODEL, TOKENS
+
+PROFILE = "experiments/profiles/r1/english-predicted.json"
+_common = dict(model=MODEL, profile=PROFILE, eval_tokens=TOKENS)
+SWEEP = Sweep(
+    name="r1_curves",
+    cells=tuple(grid(**_common, budget=BUDGETS, method=("refine", "ilp", "quantize_only"))
+                + grid(**_common, budget="1TB", method=tuple(f"uniform:{f}" for f in FORMATS))),
+    smoke=tuple(with_fields(grid(model=MODEL, profile=PROFILE, budget="4MB", method=("ilp",)), eval_tokens=512)),
+    description="R1, calibrated costs with prune curves and a KL map: refine, ILP, mixed precision, uniform",
+)
