@@ -22,7 +22,8 @@ This is how llama.cpp's users compare quants (``llama-perplexity --kl-divergence
 The protocol is llama-perplexity's, not ``runtime eval``'s: llama.cpp's tokenizer, a BOS token where the
 vocabulary adds one, and only the second half of each window scored (``W - 1 - W/2`` tokens per window, each
 with at least ``W/2`` tokens of context), so its numbers are close to but not the same as ``runtime eval
-DIR --reference`` on the same split. ``N`` is ``--max-tokens // W`` (default: every whole window of the split).
+DIR --reference`` on the same split. ``W`` defaults to ``min(512, the GGUF's context_length)`` (as ``runtime eval``
+on a checkpoint); ``N`` is ``--max-tokens // W`` (default: every whole window of the split).
 The field names of the result are ``runtime eval``'s for the same quantities.
 """
 from __future__ import annotations
@@ -153,6 +154,18 @@ def is_gguf(path: Path) -> bool:
         return False
 
 
+def _context_length(path: Path) -> int | None:
+    """``{arch}.context_length`` from the GGUF's metadata (the trained context), or None if it has none."""
+    import gguf
+
+    try:
+        fields = gguf.GGUFReader(str(path)).fields
+        arch = fields["general.architecture"].contents()
+        return int(fields[f"{arch}.context_length"].contents())
+    except (KeyError, ValueError, TypeError, OSError):
+        return None
+
+
 def _run_tool(name: str, cmd: list[str], log: Path, progress: Callable[[str], None] | None = None) -> str:
     """Run ``cmd`` with its output streamed to ``log`` (and, so far, to ``progress``); its output."""
     print(f"[eval] {name}: {' '.join(cmd)}", flush=True)
@@ -281,7 +294,9 @@ def evaluate_gguf(model: str | Path, reference: str | Path | None, corpus: str =
     if reference is None:
         raise EvalError("a GGUF is evaluated against the original: give --reference (its GGUF or its checkpoint "
                         "directory)")
-    window = DEFAULT_WINDOW if window is None else window
+    if window is None:
+        trained = _context_length(model)
+        window = min(DEFAULT_WINDOW, trained) if trained else DEFAULT_WINDOW
     if window < 4:
         raise EvalError(f"--window {window}: llama-perplexity needs at least 4 tokens per window")
     if max_tokens is not None and max_tokens < window:
