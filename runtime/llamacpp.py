@@ -14,7 +14,6 @@ checkout (tools in ``DIR/build/bin``) or a directory holding the tools themselve
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -26,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from optimizer.errors import InputError, error_line
+from optimizer.errors import InputError
 
 #: the llama-cpp-python release whose vendored llama.cpp is built (checked end to end on R3, issue 16)
 PINNED_VERSION = "0.3.36"
@@ -204,34 +203,3 @@ def build(dest: str | Path | None = None, jobs: int | None = None, force: bool =
                               encoding="utf-8")
     _say(f"built {', '.join(TOOLS)} in {build_dir / 'bin'} ({seconds / 60:.1f} min)")
     return resolve(root, TOOLS, converter=True)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``python -m runtime llama-cpp``."""
-    sub = parser.add_subparsers(dest="action", required=True)
-    b = sub.add_parser("build", help=f"download the {PACKAGE} sdist and build {', '.join(TOOLS)} (CPU-only)")
-    b.add_argument("--cache", type=Path, default=None,
-                   help=f"directory for the llama.cpp tree and its build (default: {ENV_VAR} or cache/llama.cpp)")
-    b.add_argument("--jobs", "-j", type=int, default=None, help="parallel compile jobs (default: all CPUs)")
-    b.add_argument("--force", action="store_true", help="download and build again even if a build is present")
-    w = sub.add_parser("where", help="print the llama.cpp directory and tools every command would use")
-    w.add_argument("--llama-cpp", type=Path, default=None, help=f"llama.cpp directory (default: {ENV_VAR} or "
-                   "cache/llama.cpp)")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        if args.action == "build":
-            found = build(args.cache or os.environ.get(ENV_VAR) or None, args.jobs, args.force)
-        else:
-            found = resolve(args.llama_cpp)
-        print(f"llama.cpp: {found.root}")
-        for t in TOOLS:
-            try:
-                print(f"  {t}: {found.tool(t)}")
-            except InputError:
-                print(f"  {t}: missing")
-    except (InputError, OSError, RuntimeError) as exc:
-        print(f"error: {error_line(exc)}", file=sys.stderr)
-        return 2
-    return 0

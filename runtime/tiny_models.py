@@ -8,8 +8,6 @@ Every family has 8 routed experts (top-2) in at least one layer, byte vocabulary
 """
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -97,22 +95,3 @@ def make_tiny_model(family: str, directory: str | Path, seed: int = 0, tie_word_
     model.save_pretrained(out, safe_serialization=True)
     save_byte_tokenizer(out)
     return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``python -m runtime tiny``."""
-    parser.add_argument("family", choices=FAMILIES)
-    parser.add_argument("directory", type=Path)
-    parser.add_argument("--seed", type=int, default=0)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Write the checkpoint and print its directory."""
-    print(make_tiny_model(args.family, args.directory, args.seed))
-    return 0
-
-
-if __name__ == "__main__":
-    _p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(_p)
-    sys.exit(run(_p.parse_args()))
