@@ -1,4 +1,4 @@
-"""``python -m optimizer``: solve a profile into a plan, explain a plan, build the bundled example profile.
+"""``python -m optimizer``: solve a profile into a plan, explain a plan, draw the loss-vs-speed frontier (``pareto``), build the bundled example profile.
 
 Exit codes: 0 = a proven optimum or an accepted feasible plan, 1 = solver failure (or no plan within the
 time limit), 2 = bad input (one line on stderr naming the field, no traceback, no output file); an
@@ -97,6 +97,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--reproducible", action="store_true", help="leave timings out of the plan (byte-identical reruns)")
     s.add_argument("--json", action="store_true", help="print a JSON summary instead of tables")
 
+    f = sub.add_parser("pareto", help="the loss-vs-decode-speed frontier at a budget (table, CSV, JSON, PNG)")
+    f.add_argument("profile", help="profile.json (or .json.gz)")
+    f.add_argument("-o", "--output", default="pareto", help="directory for pareto.csv/.json/.png (default pareto)")
+    f.add_argument("--budget", default="128GB", help="memory budget (default 128GB)")
+    f.add_argument("--context", type=int, default=8192, help="tokens of KV cache to reserve (default 8192)")
+    f.add_argument("--overhead", default="2GiB", help="runtime overhead to reserve (default 2GiB)")
+    f.add_argument("--formulation", default="importance", help="objective (see `python -m optimizer objectives`)")
+    f.add_argument("--points", type=int, default=8, help="speed floors between the optimum's speed and the fastest "
+                   "(default 8)")
+
     e = sub.add_parser("explain", help="summarise a plan (bytes by kind, experts and k per layer, formats)")
     e.add_argument("plan")
     e.add_argument("--json", action="store_true")
@@ -153,7 +163,29 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "example":
         return _example(args)
+    if args.command == "pareto":
+        return _pareto(args)
     return _solve(args)
+
+
+def _pareto(args: argparse.Namespace) -> int:
+    from .budget import make_budget, parse_bytes
+    from .formulation.instance import FormulationOptions
+    from .formulation.objectives import get_objective
+    from .pareto import render_frontier, speed_frontier, write_frontier
+    from .profile import load_profile
+
+    get_objective(args.formulation)
+    check_range(args.points, "--points", 1, 100)
+    check_range(args.context, "--context", 0, 2**31 - 1)
+    overhead = parse_bytes(args.overhead, "--overhead", minimum=0)
+    profile = load_profile(args.profile)
+    budget = make_budget(profile.architecture, args.budget, args.context, overhead)
+    rows = speed_frontier(profile, budget, FormulationOptions(objective=args.formulation), args.points)
+    print(render_frontier(rows))
+    for path in write_frontier(rows, Path(args.output), f"{profile.model.name} at {args.budget}"):
+        print(f"wrote {path}")
+    return 0
 
 
 def _solve(args: argparse.Namespace) -> int:
