@@ -1,5 +1,4 @@
-"""``python -m optimizer``: solve a profile into a plan, explain a plan, draw the loss-vs-speed frontier
-(``pareto``), build the bundled example profile.
+"""``python -m optimizer``: solve a profile into a plan, explain it, chart loss vs speed, build example profiles.
 
 Exit codes: 0 = a proven optimum or an accepted feasible plan, 1 = solver failure (or no plan within the
 time limit), 2 = bad input (one line on stderr naming the field, no traceback, no output file); an
