@@ -4,7 +4,7 @@ exported by moecc and scored by llama.cpp itself (``llama-perplexity --kl-diverg
     python -m runtime llama-cpp build                                                  # once, ~20 min
     python -m profiling gguf-columns experiments/profiles/r3/english-calibrated-curves.json \\
         -o experiments/profiles/r3/english-gguf.json                                   # seconds
-    python -m experiments run r3_llamacpp --out docs/results/r3_llamacpp --resume      # ~25 min on one core
+    python -m experiments run r3_llamacpp --out docs/results/r3_llamacpp --resume      # ~30 min on one core
     python -m experiments report docs/results/r3_llamacpp
 
 The profile is R3's calibrated profile with measured prune curves (``r3_curves``) whose GGUF columns borrow the
