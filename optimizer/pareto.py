@@ -6,8 +6,9 @@ Point 0 is the unconstrained optimum (the Lagrangian decomposition; ``proven`` w
 gap). The other points ask for ``--points`` speed floors spaced geometrically from just above point 0's speed
 to just below the fastest any plan can reach (:func:`~optimizer.formulation.speed.fastest_read`, an upper
 bound on speed), and each takes the plan of the speed heuristic (:mod:`optimizer.formulation.speed`). Each
-row carries the unconstrained Lagrangian bound, which is a valid lower bound at every floor but not a tight
-one where the floor binds: the frontier is what the heuristic achieves, not a proven one. Written to ``DIR``:
+row carries a valid lower bound at its floor (the better of the unconstrained Lagrangian bound and
+:func:`~optimizer.formulation.speed.speed_bound`), not a tight one where the floor binds: the frontier is what
+the heuristic achieves, not a proven one. Written to ``DIR``:
 ``pareto.csv`` (one row per point), ``pareto.json`` (the same rows) and ``pareto.png`` (loss against tokens/s).
 """
 
@@ -26,7 +27,7 @@ from .errors import InputError
 from .formulation.decisions import Decisions
 from .formulation.decomposition import lagrangian
 from .formulation.instance import FormulationOptions, Instance, build_instance
-from .formulation.speed import fastest_read, plan_read, speed_plan
+from .formulation.speed import fastest_read, plan_read, speed_bound, speed_plan
 from .plan import Target
 from .profile import Profile
 
@@ -87,7 +88,8 @@ def speed_frontier(profile: Profile, budget: Budget, formulation: FormulationOpt
         at = replace(inst, options=replace(inst.options, min_tokens_per_s=floor))
         d = speed_plan(at, rel_gap, start=first)
         if d is not None:
-            out.append(_point(at, d, floor, first.bound, False, time.perf_counter() - t))
+            bound = max(first.bound, speed_bound(at, first.multiplier))
+            out.append(_point(at, d, floor, bound, False, time.perf_counter() - t))
     return out
 
 

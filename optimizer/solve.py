@@ -39,7 +39,7 @@ from .formulation.decisions import Decisions, check_decisions, from_vector, to_v
 from .formulation.decomposition import applicable, lagrangian, min_weight_bytes
 from .formulation.instance import FormulationOptions, Instance, build_instance
 from .formulation.llamacpp import llamacpp_plan
-from .formulation.speed import fastest_read, read_limit, speed_plan
+from .formulation.speed import fastest_read, read_limit, speed_bound, speed_plan
 from .plan import LayerPlan, Plan, PlanBytes, SolveRecord, SolveStatus, Target
 from .profile import Profile
 from .solvers.base import Solver, SolverOptions, Termination, relative_gap
@@ -275,9 +275,9 @@ def _warm_start(inst: Instance, model, variables, options: SolveOptions, info: d
 
 def _speed_start(inst: Instance, model, variables, options: SolveOptions, info: dict,
                  deadline: float | None) -> _Start:
-    """``--min-tokens-per-s`` (hf): the unconstrained Lagrangian bound (a relaxation, so valid) and the plan of
-    :func:`~optimizer.formulation.speed.speed_plan`; a floor above what any plan reaches is refused with that
-    speed."""
+    """``--min-tokens-per-s`` (hf): the plan of :func:`~optimizer.formulation.speed.speed_plan`, bounded by the
+    unconstrained Lagrangian bound and, where the floor binds, :func:`~optimizer.formulation.speed.speed_bound`
+    (both relaxations, so valid); a floor above what any plan reaches is refused with that speed."""
     reachable = inst.profile.device.memory_bandwidth_bytes_per_s / (
         fastest_read(inst) + inst.fixed_read + inst.budget.reserves.get("kv_cache", 0))
     if fastest_read(inst) > read_limit(inst):
@@ -296,12 +296,16 @@ def _speed_start(inst: Instance, model, variables, options: SolveOptions, info: 
         warm = None  # a bug guard: the heuristic's plan must satisfy the MILP's rows
     if warm is None:
         return _Start(None, relaxed.bound, "speed heuristic")
-    gap = relative_gap(warm.objective(inst), relaxed.bound)
+    bound = relaxed.bound
+    if relative_gap(warm.objective(inst), bound) > options.rel_gap:  # the floor binds: a bound that knows it
+        bound = max(bound, speed_bound(inst, relaxed.multiplier, deadline=deadline))
+        info.update(speed_bound=bound)
+    gap = relative_gap(warm.objective(inst), bound)
     info.update(speed_heuristic_gap=gap)
     if gap is not None and gap <= options.rel_gap:  # the floor does not bind: the Lagrangian plan is fast enough
-        return _Start(certified=(warm, Termination.OPTIMAL, warm.objective(inst), relaxed.bound,
+        return _Start(certified=(warm, Termination.OPTIMAL, warm.objective(inst), bound,
                                  "certified by the Lagrangian bound of the problem without the speed row"))
-    return _Start(warm, relaxed.bound, "speed heuristic")
+    return _Start(warm, bound, "speed heuristic")
 
 
 def _objective_scale(model, estimate: float | None) -> float:

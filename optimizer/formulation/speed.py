@@ -255,4 +255,143 @@ def speed_plan(inst: Instance, rel_gap: float = 1e-4, deadline: float | None = N
     return best
 
 
-__all__ = ["speed_plan", "plan_read", "fastest_read", "read_limit"]
+
+
+class _SpeedRelaxation:
+    """The Lagrangian of the problem with the byte row (multiplier lam) and a relaxed speed row (mu) dualised.
+
+    The speed row prices layer i at ``k_i`` times its slowest kept expert; since the mean of the kept experts'
+    reads over all ``E_i`` experts is at most that, ``k_i / E_i * sum_{e kept} read_e`` in its place gives a
+    weaker row every plan meeting the real one meets: a relaxation, so ``L(lam, mu)`` is a valid lower bound
+    for every ``lam, mu >= 0``. It splits per block and per layer as the byte-row decomposition does, except
+    that an expert's priced cost now depends on k, so each layer enumerates (m, k) with the experts re-priced
+    for every k.
+    """
+
+    def __init__(self, inst: Instance):
+        self.inst = inst
+        owner = inst.block_owner[inst.pair_block]
+        self.expert_pair = owner >= 0
+        self.pair_owner = owner
+        self.pair_layer = np.where(owner >= 0, inst.expert_layer[np.maximum(owner, 0)], -1)
+        q = np.flatnonzero(inst.block_quantizable)
+        self.starts = inst.pair_ptr[q]
+        self.block_is_expert = inst.block_owner[q] >= 0
+        self.block_owner = inst.block_owner[q]
+        self.limit = read_limit(inst)
+        self.ks = sorted({int(k) for K in inst.layer_top_k for k in range(inst.min_top_k, int(K) + 1)})
+
+    def value(self, lam: float, mu: float) -> tuple[float, float, float]:
+        """(L(lam, mu), bytes - cap, relaxed read - limit) at the relaxed problem's minimiser."""
+        inst = self.inst
+        base = inst.pair_cost + lam * inst.pair_bytes
+        E = inst.layer_experts.astype(float)
+        scale = np.where(self.expert_pair, 0.0, 1.0)  # non-expert blocks: mu * read
+        pv0 = base + mu * scale * inst.pair_read
+        minv0 = np.minimum.reduceat(pv0, self.starts)
+        arg0 = self._argmin(pv0, minv0)
+        total = float(minv0[~self.block_is_expert].sum()) + float(inst.drop_cost.sum())
+        nbytes = float(inst.pair_bytes[arg0[~self.block_is_expert]].sum())
+        read = float(inst.pair_read[arg0[~self.block_is_expert]].sum())
+        per_k = {}
+        for k in self.ks:  # expert blocks priced with mu k / E_i per byte read
+            factor = np.where(self.expert_pair, k / E[np.maximum(self.pair_layer, 0)], 0.0)
+            pv = base + mu * factor * inst.pair_read
+            minv = np.minimum.reduceat(pv, self.starts)
+            arg = self._argmin(pv, minv)
+            ex = self.block_is_expert
+            keep_value = np.bincount(self.block_owner[ex], weights=minv[ex], minlength=inst.num_experts)
+            eb = np.bincount(self.block_owner[ex], weights=inst.pair_bytes[arg[ex]].astype(float),
+                             minlength=inst.num_experts)
+            er = np.bincount(self.block_owner[ex], weights=inst.pair_read[arg[ex]].astype(float),
+                             minlength=inst.num_experts)
+            per_k[k] = (keep_value + (lam + mu) * inst.router_bytes - inst.drop_cost, eb, er)
+        G, TG = inst.groups, inst.topk_groups
+        for i in range(len(inst.layer_top_k)):
+            ids = (inst.layer_first_expert[i] + np.arange(inst.layer_experts[i])).reshape(G, -1)
+            per_group = ids.shape[1]
+            m_lo = max(math.ceil(int(inst.layer_min_experts[i]) / G), min(2, per_group) if G > 1 else 0)
+            best = (math.inf, 0.0, 0.0)
+            for k in range(inst.min_top_k, int(inst.layer_top_k[i]) + 1):
+                delta, eb, er = per_k[k]
+                d = delta[ids]
+                order = np.argsort(d, axis=1, kind="stable")
+                srt = np.take_along_axis(d, order, 1)
+                prefix = np.concatenate([np.zeros((G, 1)), np.cumsum(srt, axis=1)], axis=1)
+                ms = np.arange(m_lo, per_group + 1)
+                ms = ms[(TG * ms >= k) & (G * ms >= k)]
+                if len(ms) == 0:
+                    continue
+                count = np.zeros(len(ms)) if inst.prune_count_cost is None else \
+                    inst.prune_count_cost[i][int(inst.layer_experts[i]) - G * ms]
+                vals = prefix[:, ms].sum(axis=0) + count + float(inst.topk_cost[i][k - 1])
+                j = int(np.argmin(vals))
+                if vals[j] < best[0]:
+                    kept = np.take_along_axis(ids, order[:, :int(ms[j])], 1).ravel()
+                    best = (float(vals[j]), float(eb[kept].sum() + inst.router_bytes[kept].sum()),
+                            float(k / inst.layer_experts[i] * er[kept].sum() + inst.router_bytes[kept].sum()))
+            total += best[0]
+            nbytes += best[1]
+            read += best[2]
+        return (total - lam * inst.capacity - mu * self.limit, nbytes - inst.capacity, read - self.limit)
+
+    def _argmin(self, pv: np.ndarray, minv: np.ndarray) -> np.ndarray:
+        per = np.repeat(minv, np.diff(np.append(self.starts, len(pv))))
+        hit = np.flatnonzero(pv <= per)
+        first = np.ones(len(hit), dtype=bool)
+        first[1:] = self.inst.pair_block[hit][1:] != self.inst.pair_block[hit][:-1]
+        return hit[first]
+
+
+def speed_bound(inst: Instance, lam0: float, deadline: float | None = None, evaluations: int = 60) -> float:
+    """A lower bound on the speed-constrained optimum: ``max L(lam, mu)`` of :class:`_SpeedRelaxation`, searched
+    by bisection on lam (bytes subgradient) inside a bisection on mu (read subgradient), from the byte
+    multiplier ``lam0`` of the unconstrained problem; returns the best value seen (valid at any point)."""
+    relax = _SpeedRelaxation(inst)
+    best = -math.inf
+    count = 0
+
+    def at_mu(mu: float) -> tuple[float, float]:
+        """max over lam of L(lam, mu) (approximately), and the read subgradient there."""
+        nonlocal best, count
+        lo, hi = 0.0, max(lam0, 1e-30)
+        val, gb, gr = relax.value(hi, mu)
+        count += 1
+        while gb > 0 and count < evaluations:  # bytes over: raise lam until they fit
+            lo, hi = hi, hi * 4
+            val, gb, gr = relax.value(hi, mu)
+            count += 1
+        best = max(best, val)
+        for _ in range(8):
+            if count >= evaluations or (deadline is not None and time.perf_counter() >= deadline):
+                break
+            lam = 0.5 * (lo + hi)
+            v, b, r = relax.value(lam, mu)
+            count += 1
+            best = max(best, v)
+            if b > 0:
+                lo = lam
+            else:
+                hi, gr = lam, r
+        return best, gr
+
+    _, gr = at_mu(0.0)
+    if gr <= 0:
+        return best
+    mu_lo, mu_hi = 0.0, lam0 or 1e-12
+    while count < evaluations and (deadline is None or time.perf_counter() < deadline):
+        _, gr = at_mu(mu_hi)
+        if gr <= 0:
+            break
+        mu_lo, mu_hi = mu_hi, mu_hi * 4
+    while count < evaluations and (deadline is None or time.perf_counter() < deadline):
+        mu = 0.5 * (mu_lo + mu_hi)
+        _, gr = at_mu(mu)
+        if gr > 0:
+            mu_lo = mu
+        else:
+            mu_hi = mu
+    return best
+
+
+__all__ = ["speed_plan", "speed_bound", "plan_read", "fastest_read", "read_limit"]

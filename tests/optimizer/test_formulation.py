@@ -420,7 +420,7 @@ def test_decode_speed_constraint_binds(target: Target, arch_kw: dict) -> None:
 def test_speed_heuristic_meets_the_floor_and_the_exact_solve_does_no_worse(arch_kw: dict, faster: float) -> None:
     from optimizer.formulation.constraints import build_milp
     from optimizer.formulation.decisions import check_decisions
-    from optimizer.formulation.speed import plan_read, read_limit, speed_plan
+    from optimizer.formulation.speed import plan_read, read_limit, speed_bound, speed_plan
 
     p = speed_profile(**arch_kw)
     bw = p.device.memory_bandwidth_bytes_per_s
@@ -436,6 +436,12 @@ def test_speed_heuristic_meets_the_floor_and_the_exact_solve_does_no_worse(arch_
     assert plan_read(inst, d) <= read_limit(inst)
     exact = solve_checked(p, budget, fo_speed, SolveOptions(time_limit=30, rel_gap=1e-9, accelerate=False))
     assert d.objective(inst) >= exact.solve.objective * (1 - 1e-9)  # a heuristic: never better than the optimum
+    # the speed row's relaxed Lagrangian: a valid bound, and above the unconstrained one when the floor binds
+    free = lagrangian(build_instance(p, budget, fo))
+    bound = speed_bound(inst, free.multiplier)
+    assert bound <= exact.solve.objective * (1 + 1e-9)
+    if faster <= 0.6:
+        assert bound > free.bound * (1 + 1e-6)
     warm = solve_checked(p, budget, fo_speed, EXACT)  # the heuristic is HiGHS's start; the optimum is still proven
     assert warm.solve.objective == pytest.approx(exact.solve.objective, rel=1e-9)
     assert bytes_read_max_model(p, budget, warm) <= bw / fo_speed.min_tokens_per_s
