@@ -297,7 +297,8 @@ def _speed_start(inst: Instance, model, variables, options: SolveOptions, info: 
     if warm is None:
         return _Start(None, relaxed.bound, "speed heuristic")
     bound = relaxed.bound
-    if relative_gap(warm.objective(inst), bound) > options.rel_gap:  # the floor binds: a bound that knows it
+    first_gap = relative_gap(warm.objective(inst), bound)
+    if first_gap is None or first_gap > options.rel_gap:  # the floor binds: a bound that knows it
         bound = max(bound, speed_bound(inst, relaxed.multiplier, deadline=deadline))
         info.update(speed_bound=bound)
     gap = relative_gap(warm.objective(inst), bound)
