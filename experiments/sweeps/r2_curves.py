@@ -7,7 +7,7 @@ mapped to KL; the plan ``refine`` hands over, the joint ILP and mixed precision 
         --model models/r2-qwen3-moe-tiny -o experiments/profiles/r2/english-calibrated-curves.json   # ~30 s
     python -m profiling fit-prediction experiments/profiles/r2/english-calibrated-curves.json \\
         --model models/r2-qwen3-moe-tiny -o experiments/profiles/r2/english-predicted.json           # ~40 s
-    python -m experiments run r2_curves --out docs/results/r2_curves --resume --workers 1   # ~25 min
+    python -m experiments run r2_curves --out docs/results/r2_curves --resume --workers 1   # ~4 min
     python -m experiments report docs/results/r2_curves
 
 Same budgets, formats and protocol as ``r2`` (first 16,384 tokens of the English test split, window 256, RTN
