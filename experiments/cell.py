@@ -31,7 +31,7 @@ from optimizer.formulation.instance import FormulationOptions
 from optimizer.plan import Plan, Target, plan_to_json, save_plan
 from optimizer.profile import Profile, load_profile
 from optimizer.solve import SolveOptions, optimize
-from profiling.refine import DEFAULT_REFINE_TOKENS, refine
+from profiling.refine import DEFAULT_REFINE_TOKENS, calibration_source, refine
 from profiling.run import details_path
 from runtime.gguf_eval import evaluate_gguf
 from runtime.gguf_export import export_gguf
@@ -109,11 +109,13 @@ def formulation_for(cell: Cell, profile: Profile) -> tuple[str, FormulationOptio
 
 def refined_plan(cell: Cell, profile: Profile, budget: Budget) -> Plan:
     """The plan :func:`profiling.refine.refine` hands over, measured on the profile's calibration text (its
-    details file) with at least :data:`~profiling.refine.DEFAULT_REFINE_TOKENS` tokens."""
+    details file) with at least :data:`~profiling.refine.DEFAULT_REFINE_TOKENS` tokens; a calibrated profile's
+    single-effect source proposes too (:func:`profiling.refine.calibration_source`)."""
     details_file = details_path(Path(cell.profile))
     details = json.loads(details_file.read_text()) if details_file.is_file() else {}
     result = refine(profile, cell.model, budget, data=details.get("data", "english:calibration"),
-                    tokens=max(details.get("tokens", 0), DEFAULT_REFINE_TOKENS), window=details.get("window", 256))
+                    tokens=max(details.get("tokens", 0), DEFAULT_REFINE_TOKENS), window=details.get("window", 256),
+                    alternatives=calibration_source(details, cell.profile))
     return result.best.plan
 
 

@@ -296,7 +296,9 @@ def run_calibrate(args) -> Calibration:  # noqa: ANN001 - the argparse namespace
     digest = save_profile(new, out)
     details.update(profile=out.name, profile_hash=digest,
                    calibration={"link": cal.link.to_json(), "reference_format": cal.reference, "s_ref": cal.s_ref,
-                                "scale": cal.scale, "tokens": cal.tokens, "seconds": cal.seconds, "rows": cal.rows})
+                                "scale": cal.scale, "tokens": cal.tokens, "seconds": cal.seconds, "rows": cal.rows,
+                                # the single-effect profile it came from: refine also proposes its ILP plan
+                                "source": {"path": str(args.profile), "hash": profile.hash}})
     write_json(details_path(out), details, indent=None)
     out.with_name(out.name + ".calibration.jsonl").unlink(missing_ok=True)
     print(f"p = {cal.link.p:.3f}; {len(cal.rows)} plans measured in {cal.seconds:.0f} s; uniform plans measured / "

@@ -8,7 +8,9 @@ loop lets the ILP propose and measurement decide:
    ``sequential``, ``quantize_only``: the ILP with every expert and the original k, ``llamacpp``: the ILP
    with llama.cpp's ties) and the ILP's plans from the profile under ``predicted_loss`` and the proxy
    objectives ``importance`` and ``routing_mass``, each solved by :func:`optimizer.solve.optimize` (the
-   optimizer stays pure).
+   optimizer stays pure). For a profile ``calibrate`` made, also the ILP's plan from the single-effect
+   profile it came from (``ilp (source)``, when that file is still there unchanged): where single effects
+   already predict whole plans, calibrating them costs more than it corrects (R1), and measurement decides.
 2. **Measure.** Each new plan is applied in memory all at once (top-k, masked experts, fake-quantized blocks,
    as ``profiling validate`` does) and its mean per-token KL(original || plan) is measured on the profile's
    calibration windows (:meth:`profiling.engine.Engine.evaluate_full`).
@@ -33,17 +35,17 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from scipy.optimize import nnls
 
 from optimizer.budget import Budget
-from optimizer.errors import InfeasibleError, InputError
+from optimizer.errors import InfeasibleError, InputError, MoeccError
 from optimizer.formulation.instance import FormulationOptions
 from optimizer.formulation.objectives import build_objective
 from optimizer.plan import Plan, Target, plan_to_json
-from optimizer.profile import Profile, Sensitivity, TopkCost, with_costs
+from optimizer.profile import Profile, Sensitivity, TopkCost, load_profile, with_costs
 from optimizer.solve import SolveOptions, optimize
 
 from .meter import PlanMeter
@@ -182,8 +184,11 @@ def baseline_plans(profile: Profile, budget: Budget) -> dict[str, Plan]:
 
 def refine(profile: Profile, model_dir: str | Path, budget: Budget, rounds: int = DEFAULT_ROUNDS,
            data: str = "english:calibration", tokens: int = 2048, window: int = 256, progress: bool = False,
-           say: Callable[[str], None] = lambda s: None) -> RefineResult:
-    """The closed loop of the module docstring; raises :class:`InfeasibleError` if nothing fits the budget."""
+           say: Callable[[str], None] = lambda s: None,
+           alternatives: Mapping[str, Profile] | None = None) -> RefineResult:
+    """The closed loop of the module docstring; raises :class:`InfeasibleError` if nothing fits the budget.
+    ``alternatives``: other profiles of the same model (by name) whose ILP plans are measured as candidates too,
+    e.g. the single-effect profile a calibrated one came from (:func:`calibration_source`)."""
     if rounds < 0:
         raise InputError(f"--rounds: must be >= 0, got {rounds}")
     t0 = time.perf_counter()
@@ -207,6 +212,10 @@ def refine(profile: Profile, model_dir: str | Path, budget: Budget, rounds: int 
             take(f"ilp ({objective})", _solve(profile, budget, objective=objective))
         except InputError:  # the profile lacks what the objective needs (e.g. saliency)
             continue
+    for label, alt in (alternatives or {}).items():
+        if alt.architecture.shape_hash() != profile.architecture.shape_hash():
+            raise InputError(f"refine: the {label} profile is of another model than the profile refined")
+        take(f"ilp ({label})", _solve(alt, budget))
     if not measured:
         raise InfeasibleError(f"refine: no plan fits {budget.total:,} bytes")
     mult = Multipliers()
@@ -229,12 +238,33 @@ def refine(profile: Profile, model_dir: str | Path, budget: Budget, rounds: int 
                         meter.engine.tokens, done)
 
 
+def calibration_source(details: dict, profile_path: str | Path,
+                       say: Callable[[str], None] = lambda s: None) -> dict[str, Profile]:
+    """``{"source": profile}``: the single-effect profile a calibrated profile came from (``calibrate`` records its
+    path and hash in the details file), read if it is still there unchanged; else ``{}`` (said)."""
+    src = (details.get("calibration") or {}).get("source")
+    if not isinstance(src, dict) or not isinstance(src.get("path"), str):
+        return {}
+    path = Path(src["path"])
+    if not path.is_file():
+        path = Path(profile_path).parent / path.name
+    try:
+        alt = load_profile(path)
+    except (MoeccError, OSError) as exc:
+        say(f"note: the calibration source {src['path']} is not readable ({exc}); not proposed")
+        return {}
+    if alt.hash != src.get("hash"):
+        say(f"note: the calibration source {path} changed since calibration; not proposed")
+        return {}
+    return {"source": alt}
+
+
 def run_refine(args) -> RefineResult:  # noqa: ANN001 - the argparse namespace of ``python -m profiling refine``
     """The CLI: read the profile and its calibration settings, refine, write the plan (and profile, log)."""
     from optimizer.budget import make_budget
     from optimizer.jsonio import read_json, write_json
     from optimizer.plan import save_plan
-    from optimizer.profile import load_profile, save_profile
+    from optimizer.profile import save_profile
 
     from .run import details_path
 
@@ -246,7 +276,8 @@ def run_refine(args) -> RefineResult:  # noqa: ANN001 - the argparse namespace o
     tokens = args.max_tokens or max(details.get("tokens") or profile.experts.measurement.tokens or 0,
                                     DEFAULT_REFINE_TOKENS)
     res = refine(profile, args.model, budget, args.rounds, data, tokens, args.window or details.get("window", 256),
-                 progress=not args.no_progress, say=print)
+                 progress=not args.no_progress, say=print,
+                 alternatives=calibration_source(details, args.profile, say=print))
     save_plan(res.best.plan, args.output)
     print(f"handed over '{res.best.name}' (measured KL {res.best.kl:.4g} nats/token on {res.tokens:,} tokens; "
           f"{len(res.measured)} plans measured in {res.seconds:.0f} s); multipliers {res.multipliers.to_json()}")

@@ -9,6 +9,7 @@ import pytest
 from optimizer.architectures import load_architecture
 from optimizer.budget import Budget
 from optimizer.byte_model import uniform_bytes
+from optimizer.errors import InputError
 from optimizer.formulation.instance import FormulationOptions
 from optimizer.solve import SolveOptions, optimize
 from profiling.refine import (
@@ -99,3 +100,42 @@ def test_cli_writes_plan_profile_and_log(tiny: Path, profile, tmp_path: Path) ->
     assert load_profile(tmp_path / "p2.json").architecture.shape_hash() == profile.architecture.shape_hash()
     assert main(args[:-1] + ["--budget", "1B", "-o", str(tmp_path / "x.json")]) == 2
     assert not (tmp_path / "x.json").exists()
+
+
+def test_an_alternative_profile_proposes_its_ilp_plan_and_measurement_decides(tiny: Path, profile) -> None:
+    from optimizer.profile import with_costs
+
+    arch = profile.architecture
+    budget = Budget(int(uniform_bytes(arch, "BF16") * 0.45), {})
+    # the same profile with format costs scaled 50x: its ILP spends bytes differently, so it proposes a new plan
+    other = with_costs(profile, sensitivity=type(profile.sensitivity)(
+        profile.sensitivity.formats, profile.sensitivity.values * 50.0, profile.sensitivity.measurement))
+    alone = refine(profile, tiny, budget, rounds=0, tokens=256, window=64)
+    both = refine(profile, tiny, budget, rounds=0, tokens=256, window=64, alternatives={"source": other})
+    names = [m.name for m in both.measured]
+    alt_plan = optimize(other, budget, FormulationOptions(objective="predicted_loss"), SolveOptions())
+    assert plan_hash(alt_plan) not in {plan_hash(m.plan) for m in alone.measured}  # a plan nothing else proposed
+    assert "ilp (source)" in names and plan_hash(both.measured[names.index("ilp (source)")].plan) == plan_hash(alt_plan)
+    assert both.best.kl == min(m.kl for m in both.measured) <= alone.best.kl
+    dsv3 = made_up_profile(load_architecture(make_tiny_model("deepseek_v3", tiny.parent / "dsv3-other")))
+    with pytest.raises(InputError, match="the x profile is of another model"):
+        refine(profile, tiny, budget, rounds=0, tokens=256, window=64, alternatives={"x": dsv3})
+
+
+def test_calibration_source_is_read_only_when_unchanged(profile, tmp_path: Path) -> None:
+    from optimizer.profile import save_profile
+    from profiling.refine import calibration_source
+
+    digest = save_profile(profile, tmp_path / "single.json")
+    details = {"calibration": {"source": {"path": str(tmp_path / "single.json"), "hash": digest}}}
+    notes: list[str] = []
+    found = calibration_source(details, tmp_path / "calibrated.json", say=notes.append)
+    assert list(found) == ["source"] and found["source"].hash == digest and not notes
+    # moved beside the calibrated profile: found by name there
+    moved = {"calibration": {"source": {"path": "/nowhere/single.json", "hash": digest}}}
+    assert list(calibration_source(moved, tmp_path / "calibrated.json")) == ["source"]
+    stale = {"calibration": {"source": {"path": str(tmp_path / "single.json"), "hash": "sha256:other"}}}
+    assert calibration_source(stale, tmp_path / "c.json", say=notes.append) == {} and "changed" in notes[-1]
+    assert calibration_source({}, tmp_path / "c.json") == {}
+    assert calibration_source({"calibration": {"source": {"path": str(tmp_path / "gone.json")}}}, tmp_path / "c.json",
+                              say=notes.append) == {} and "not readable" in notes[-1]
