@@ -7,7 +7,7 @@ mapped to KL; the plan ``refine`` hands over, the joint ILP and mixed precision 
         --model models/r1-deepseek-v3-tiny -o experiments/profiles/r1/english-calibrated-curves.json   # ~30 s
     python -m profiling fit-prediction experiments/profiles/r1/english-calibrated-curves.json \\
         --model models/r1-deepseek-v3-tiny -o experiments/profiles/r1/english-predicted.json           # ~80 s
-    python -m experiments run r1_curves --out docs/results/r1_curves --resume --workers 1   # ~9 min (r2: ~4)
+    python -m experiments run r1_curves --out docs/results/r1_curves --resume --workers 1   # ~6 min
     python -m experiments report docs/results/r1_curves
 
 Same budgets, formats and protocol as ``r1`` (first 16,384 tokens of the English test split, window 256, RTN
