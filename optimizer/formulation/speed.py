@@ -10,8 +10,9 @@ unconstrained Lagrangian plan (every restriction open), it repeats:
 
 1. while the plan's bytes read per token exceed the limit, apply the move with the smallest estimated loss
    increase per byte read saved: lower ``kmax_i`` by one (saves the layer's slowest expert, costs the
-   top-k cost difference), or lower ``level_i`` by one format (every kept expert above it moves to its
-   cheapest format at or below it; saves ``k_i`` times the drop of the slowest expert);
+   top-k cost difference), lower ``level_i`` by one format (every kept expert block above it moves to its
+   cheapest format below; saves ``k_i`` times the drop of the slowest expert), or move one non-expert block
+   to its cheapest smaller format (saves the difference in its reads);
 2. solve the restricted problem with the Lagrangian decomposition (all restrictions at once: pairs above a
    block's level removed, ``K_i`` lowered to ``kmax_i``), which re-spends the bytes the moves freed without
    leaving the policy; non-expert blocks may only keep or lower their format, so their reads never grow;
