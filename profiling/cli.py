@@ -151,6 +151,9 @@ def _add_refine(sub) -> None:
     p.add_argument("-o", "--output", type=Path, default=Path("plan.json"), help="the handed-over plan")
     p.add_argument("--profile-out", type=Path, default=None, help="also write the corrected profile here")
     p.add_argument("--log", type=Path, default=None, help="also write every measured plan's record here (JSON)")
+    p.add_argument("--also", type=Path, action="append", default=[], metavar="PROFILE",
+                   help="another profile of the same model whose ILP plan is measured as a candidate too (repeat "
+                        "for more; a calibrated profile's single-effect source is added by itself)")
     p.add_argument("--no-progress", action="store_true")
 
 

@@ -191,6 +191,9 @@ def refine(profile: Profile, model_dir: str | Path, budget: Budget, rounds: int 
     e.g. the single-effect profile a calibrated one came from (:func:`calibration_source`)."""
     if rounds < 0:
         raise InputError(f"--rounds: must be >= 0, got {rounds}")
+    for label, alt in (alternatives or {}).items():  # before any measuring
+        if alt.architecture.shape_hash() != profile.architecture.shape_hash():
+            raise InputError(f"refine: the {label} profile is of another model than the profile refined")
     t0 = time.perf_counter()
     meter = PlanMeter(profile, Path(model_dir), data, tokens, window, progress)
     measured: list[Measured] = []
@@ -213,8 +216,6 @@ def refine(profile: Profile, model_dir: str | Path, budget: Budget, rounds: int 
         except InputError:  # the profile lacks what the objective needs (e.g. saliency)
             continue
     for label, alt in (alternatives or {}).items():
-        if alt.architecture.shape_hash() != profile.architecture.shape_hash():
-            raise InputError(f"refine: the {label} profile is of another model than the profile refined")
         take(f"ilp ({label})", _solve(alt, budget))
     if not measured:
         raise InfeasibleError(f"refine: no plan fits {budget.total:,} bytes")
@@ -275,9 +276,11 @@ def run_refine(args) -> RefineResult:  # noqa: ANN001 - the argparse namespace o
     data = args.data or details.get("data") or profile.experts.measurement.source or "english:calibration"
     tokens = args.max_tokens or max(details.get("tokens") or profile.experts.measurement.tokens or 0,
                                     DEFAULT_REFINE_TOKENS)
+    alternatives = calibration_source(details, args.profile, say=print)
+    for path in args.also:
+        alternatives[f"--also {path}"] = load_profile(path)
     res = refine(profile, args.model, budget, args.rounds, data, tokens, args.window or details.get("window", 256),
-                 progress=not args.no_progress, say=print,
-                 alternatives=calibration_source(details, args.profile, say=print))
+                 progress=not args.no_progress, say=print, alternatives=alternatives)
     save_plan(res.best.plan, args.output)
     print(f"handed over '{res.best.name}' (measured KL {res.best.kl:.4g} nats/token on {res.tokens:,} tokens; "
           f"{len(res.measured)} plans measured in {res.seconds:.0f} s); multipliers {res.multipliers.to_json()}")

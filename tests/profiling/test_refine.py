@@ -99,6 +99,14 @@ def test_cli_writes_plan_profile_and_log(tiny: Path, profile, tmp_path: Path) ->
     assert plan.bytes.total <= int(budget) and best["name"] in plan.solve.message
     assert load_profile(tmp_path / "p2.json").architecture.shape_hash() == profile.architecture.shape_hash()
     assert main(args[:-1] + ["--budget", "1B", "-o", str(tmp_path / "x.json")]) == 2
+    # --also: another profile's ILP plan is measured too (here the profile itself: its plan is no new candidate,
+    # so the log is the same); a profile of another model is refused with one line
+    assert main(args + ["--also", str(tmp_path / "p.json"), "--log", str(tmp_path / "log2.json"),
+                        "-o", str(tmp_path / "plan2.json")]) == 0
+    assert len(json.loads((tmp_path / "log2.json").read_text())["measured"]) == len(log["measured"])
+    save_profile(made_up_profile(load_architecture(make_tiny_model("deepseek_v3", tmp_path / "dsv3"))),
+                 tmp_path / "other.json")
+    assert main(args + ["--also", str(tmp_path / "other.json"), "-o", str(tmp_path / "plan3.json")]) == 2
     assert not (tmp_path / "x.json").exists()
 
 
