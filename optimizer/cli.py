@@ -55,16 +55,21 @@ def _num(x: float) -> str:
     return str(x) if isinstance(x, int) else f"{x:g}"
 
 
+def _add_budget_arguments(p: argparse.ArgumentParser, output_help: str, output_default: str) -> None:
+    """The profile, the output and the budget with its reserves: what ``solve`` and ``pareto`` both take."""
+    p.add_argument("profile", help="profile.json (or .json.gz)")
+    p.add_argument("-o", "--output", default=output_default, help=output_help)
+    p.add_argument("--budget", default="128GB", help="memory budget, e.g. 128GB or 120GiB (default 128GB)")
+    p.add_argument("--context", type=int, default=8192, help="tokens of KV cache to reserve (default 8192)")
+    p.add_argument("--overhead", default="2GiB", help="runtime overhead to reserve (default 2GiB)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m optimizer", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("solve", help="choose kept experts, per-layer top-k and per-block formats under a budget")
-    s.add_argument("profile", help="profile.json (or .json.gz)")
-    s.add_argument("-o", "--output", default="plan.json", help="where to write the plan (default plan.json)")
-    s.add_argument("--budget", default="128GB", help="memory budget, e.g. 128GB or 120GiB (default 128GB)")
-    s.add_argument("--context", type=int, default=8192, help="tokens of KV cache to reserve (default 8192)")
-    s.add_argument("--overhead", default="2GiB", help="runtime overhead to reserve (default 2GiB)")
+    _add_budget_arguments(s, "where to write the plan (default plan.json)", "plan.json")
     s.add_argument("--target", choices=("hf", "llamacpp"), default="hf",
                    help="hf: per-expert formats and per-layer k; llamacpp: one format per (layer, projection), "
                         "one expert count, one k")
@@ -98,11 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print a JSON summary instead of tables")
 
     f = sub.add_parser("pareto", help="the loss-vs-decode-speed frontier at a budget (table, CSV, JSON, PNG)")
-    f.add_argument("profile", help="profile.json (or .json.gz)")
-    f.add_argument("-o", "--output", default="pareto", help="directory for pareto.csv/.json/.png (default pareto)")
-    f.add_argument("--budget", default="128GB", help="memory budget (default 128GB)")
-    f.add_argument("--context", type=int, default=8192, help="tokens of KV cache to reserve (default 8192)")
-    f.add_argument("--overhead", default="2GiB", help="runtime overhead to reserve (default 2GiB)")
+    _add_budget_arguments(f, "directory for pareto.csv/.json/.png (default pareto)", "pareto")
     f.add_argument("--formulation", default="importance", help="objective (see `python -m optimizer objectives`)")
     f.add_argument("--points", type=int, default=8, help="speed floors between the optimum's speed and the fastest "
                    "(default 8)")

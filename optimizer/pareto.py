@@ -48,16 +48,11 @@ class FrontierPoint:
     seconds: float
 
 
-def _speed(inst: Instance, d: Decisions) -> float:
-    extra = inst.fixed_read + inst.budget.reserves.get("kv_cache", 0)
-    return inst.profile.device.memory_bandwidth_bytes_per_s / (plan_read(inst, d) + extra)
-
-
 def _point(inst: Instance, d: Decisions, floor: float | None, bound: float, proven: bool,
            seconds: float) -> FrontierPoint:
     obj = d.objective(inst)
     gap = max(0.0, (obj - bound) / max(abs(obj), 1e-12))
-    return FrontierPoint(floor, _speed(inst, d), obj, bound, gap, proven, float(np.mean(d.top_k)),
+    return FrontierPoint(floor, inst.tokens_per_s(plan_read(inst, d)), obj, bound, gap, proven, float(np.mean(d.top_k)),
                          int(d.keep.sum()), d.weight_bytes(inst), round(seconds, 3))
 
 
@@ -77,8 +72,7 @@ def speed_frontier(profile: Profile, budget: Budget, formulation: FormulationOpt
     if first is None:
         raise InputError("pareto: no plan fits the budget")
     out = [_point(inst, first.decisions, None, first.bound, first.gap <= rel_gap, time.perf_counter() - t0)]
-    bandwidth = profile.device.memory_bandwidth_bytes_per_s
-    fastest = bandwidth / (fastest_read(inst) + inst.fixed_read + inst.budget.reserves.get("kv_cache", 0))
+    fastest = inst.tokens_per_s(fastest_read(inst))
     slow = out[0].tokens_per_s
     if fastest <= slow * 1.001:
         return out

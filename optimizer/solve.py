@@ -39,7 +39,7 @@ from .formulation.decisions import Decisions, check_decisions, from_vector, to_v
 from .formulation.decomposition import applicable, lagrangian, min_weight_bytes
 from .formulation.instance import FormulationOptions, Instance, build_instance
 from .formulation.llamacpp import llamacpp_plan
-from .formulation.speed import fastest_read, read_limit, speed_bound, speed_plan
+from .formulation.speed import fastest_read, speed_bound, speed_plan
 from .plan import LayerPlan, Plan, PlanBytes, SolveRecord, SolveStatus, Target
 from .profile import Profile
 from .solvers.base import Solver, SolverOptions, Termination, relative_gap
@@ -278,9 +278,9 @@ def _speed_start(inst: Instance, model, variables, options: SolveOptions, info: 
     """``--min-tokens-per-s`` (hf): the plan of :func:`~optimizer.formulation.speed.speed_plan`, bounded by the
     unconstrained Lagrangian bound and, where the floor binds, :func:`~optimizer.formulation.speed.speed_bound`
     (both relaxations, so valid); a floor above what any plan reaches is refused with that speed."""
-    reachable = inst.profile.device.memory_bandwidth_bytes_per_s / (
-        fastest_read(inst) + inst.fixed_read + inst.budget.reserves.get("kv_cache", 0))
-    if fastest_read(inst) > read_limit(inst):
+    fastest = fastest_read(inst)
+    reachable = inst.tokens_per_s(fastest)
+    if fastest > inst.read_limit:
         raise InfeasibleError(f"infeasible: no plan reads little enough per token for --min-tokens-per-s "
                               f"{inst.options.min_tokens_per_s:g}: even top-k {inst.min_top_k} everywhere with every "
                               f"block at its fewest-read format reaches at most {reachable:.4g} tokens/s on this "

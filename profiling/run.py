@@ -77,7 +77,7 @@ class RunOptions:
     device_repeats: int = 5
     progress: bool = True
     resume: bool = False  # continue an interrupted run from its journal (profiling.journal)
-    target: str = Target.HF.value  # whose formats are the default candidates (TARGETS)
+    target: str = Target.HF.value  # whose formats are the default candidates: a Target value
 
 
 @dataclass
@@ -97,10 +97,6 @@ def details_path(profile_path: Path) -> Path:
     return profile_path.with_name(name + ".details.json")
 
 
-#: targets ``profiling run`` chooses default formats for: moecc's runtime and llama.cpp (``--target llamacpp``)
-TARGETS = (Target.HF.value, Target.LLAMACPP.value)
-
-
 def default_formats(arch: Architecture, target: str = Target.HF.value) -> list[str]:
     """The default candidates: for moecc's runtime (target ``hf``), int formats (bits 2,3,4,5,6,8) with the
     largest group size that stores the most quantizable parameters of this model, plus BF16; for ``llamacpp``,
@@ -111,7 +107,7 @@ def default_formats(arch: Architecture, target: str = Target.HF.value) -> list[s
     if target == Target.LLAMACPP.value:
         return [f for f in LLAMACPP_DEFAULT_FORMATS if any(get_format(f).admits(b.shape) for b in quant)]
     if target != Target.HF.value:
-        raise ProfilingError(f"--target {target}: expected one of {', '.join(TARGETS)}")
+        raise ProfilingError(f"--target {target}: expected one of {', '.join(t.value for t in Target)}")
 
     def stored(g: int) -> int:
         return sum(num_elements(b.shape) for b in quant if b.shape[-1] % g == 0)

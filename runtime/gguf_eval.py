@@ -33,7 +33,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +46,7 @@ from .checkpoint import checkpoint_files, read_headers
 from .evaluate import DEFAULT_WINDOW, EvalError, read_text
 from .export import GGUF_ARCH, NEEDS_OUTPUT
 from .gguf_export import check_convertible
-from .llamacpp import PINNED_VERSION, LlamaCpp, repo_root, resolve
+from .llamacpp import PINNED_VERSION, LlamaCpp, repo_root, resolve, run_tool
 from .prune_checkpoint import is_tied, write_reference_checkpoint, zero_gate_names
 
 GGUF_MAGIC = b"GGUF"
@@ -166,29 +165,6 @@ def _context_length(path: Path) -> int | None:
         return None
 
 
-def _run_tool(name: str, cmd: list[str], log: Path, progress: Callable[[str], None] | None = None) -> str:
-    """Run ``cmd`` with its output streamed to ``log`` (and, so far, to ``progress``); its output."""
-    print(f"[eval] {name}: {' '.join(cmd)}", flush=True)
-    t0 = time.perf_counter()
-    chunks: list[str] = []
-    with open(log, "w", encoding="utf-8") as fh, subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
-        assert proc.stdout is not None  # PIPE was asked for
-        while piece := proc.stdout.read1(8192):  # type: ignore[attr-defined]
-            text = piece.decode("utf-8", errors="replace")
-            chunks.append(text)
-            fh.write(text)
-            if progress is not None:
-                progress("".join(chunks))
-        code = proc.wait()
-    out = "".join(chunks)
-    if code:
-        tail = " | ".join(out.strip().splitlines()[-8:])
-        raise RuntimeError(f"{name} failed (exit code {code}); log {log}: {tail}")
-    print(f"[eval] {name}: done in {time.perf_counter() - t0:.1f} s", flush=True)
-    return out
-
-
 def _chunk_bar(total: int | None, pattern: str, desc: str) -> tuple[Callable[[str], None], Callable[[], None]]:
     """A progress bar of ``total`` windows advanced by the highest window index ``pattern`` finds so far."""
     from tqdm.auto import tqdm
@@ -229,8 +205,9 @@ def reference_gguf(model_dir: Path, llama: LlamaCpp, cache: Path) -> Path:
         if untie or zero_gate_names(model_dir):
             source = write_reference_checkpoint(arch, model_dir, Path(tmp) / "checkpoint", untie_embeddings=untie).out
         partial = Path(tmp) / out.name
-        _run_tool("convert reference", [sys.executable, str(llama.converter), str(source), "--outtype", outtype,
-                                        "--outfile", str(partial)], Path(tmp) / "convert.log")
+        run_tool("convert reference", [sys.executable, str(llama.converter), str(source), "--outtype", outtype,
+                                       "--outfile", str(partial)], Path(tmp) / "convert.log", "eval",
+                 env=llama.converter_env())
         os.replace(partial, out)
     return out
 
@@ -262,8 +239,8 @@ def _base_logits(ref: Path, text: str, window: int, windows: int | None, llama: 
                "-b", str(window), "-t", str(threads), "--kl-divergence-base", str(partial)]
         update, close = _chunk_bar(windows, r"\[(\d+)\]", "reference")
         try:
-            out = _run_tool("reference log-probabilities", cmd + (["--chunks", str(windows)] if windows else []),
-                            Path(tmp) / "reference.log", update)
+            out = run_tool("reference log-probabilities", cmd + (["--chunks", str(windows)] if windows else []),
+                           Path(tmp) / "reference.log", "eval", progress=update)
         finally:
             close()
         if "you need at least" in out or not partial.is_file() or partial.stat().st_size == 0:
@@ -275,9 +252,9 @@ def _base_logits(ref: Path, text: str, window: int, windows: int | None, llama: 
 
 
 def _bench(model: Path, llama: LlamaCpp, threads: int, log: Path) -> float:
-    out = _run_tool("llama-bench", [str(llama.tool("llama-bench")), "-m", str(model), "-p", "0", "-n",
-                                    str(BENCH_TOKENS), "-r", str(BENCH_REPETITIONS), "-t", str(threads),
-                                    "-o", "json"], log)
+    out = run_tool("llama-bench", [str(llama.tool("llama-bench")), "-m", str(model), "-p", "0", "-n",
+                                   str(BENCH_TOKENS), "-r", str(BENCH_REPETITIONS), "-t", str(threads),
+                                   "-o", "json"], log, "eval")
     return parse_bench_json(out)
 
 
@@ -314,9 +291,10 @@ def evaluate_gguf(model: str | Path, reference: str | Path | None, corpus: str =
     with tempfile.TemporaryDirectory(prefix=".moecc-eval-") as tmp:
         update, close = _chunk_bar(windows, r"^\s*(\d+)\s+[-0-9.]", "model")
         try:
-            out = _run_tool("KL divergence", [str(llama.tool("llama-perplexity")), "-m", str(model), "-c", str(window),
-                                              "-b", str(window), "-t", str(threads), "--kl-divergence-base",
-                                              str(base), "--kl-divergence"], Path(tmp) / "kld.log", update)
+            out = run_tool("KL divergence", [str(llama.tool("llama-perplexity")), "-m", str(model), "-c", str(window),
+                                             "-b", str(window), "-t", str(threads), "--kl-divergence-base",
+                                             str(base), "--kl-divergence"], Path(tmp) / "kld.log", "eval",
+                           progress=update)
         finally:
             close()
         values = parse_kld_output(out)

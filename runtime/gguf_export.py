@@ -26,7 +26,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +46,7 @@ from .export import (
     llamacpp_recipe,
     untie_needed,
 )
-from .llamacpp import LlamaCpp, resolve
+from .llamacpp import LlamaCpp, resolve, run_tool
 from .plan_check import check_plan
 from .prune_checkpoint import ZERO_GATE_NUDGE, is_tied, plan_digest, write_pruned_checkpoint, zero_gate_names
 
@@ -195,20 +194,6 @@ def check_gguf(path: str | Path, plan: Plan, arch) -> GGUFCheck:
     return check
 
 
-def _step(name: str, cmd: list[str], log: Path, env: dict | None = None) -> float:
-    """Run one tool, its output to ``log``; seconds taken. A failure raises with the log's tail."""
-    print(f"[export] {name}: {' '.join(cmd)}", flush=True)
-    t0 = time.perf_counter()
-    with open(log, "w", encoding="utf-8") as fh:
-        res = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-    seconds = time.perf_counter() - t0
-    if res.returncode:
-        tail = log.read_text(encoding="utf-8", errors="replace")[-1500:].strip().splitlines()[-8:]
-        raise RuntimeError(f"{name} failed (exit code {res.returncode}); log {log}: " + " | ".join(tail))
-    print(f"[export] {name}: done in {seconds:.1f} s", flush=True)
-    return seconds
-
-
 def check_layers_runnable(arch, model: Path) -> None:
     """Refuse a model whose dense (non-MoE) decoder layers llama.cpp's arch cannot hold: qwen2moe, qwen3moe,
     olmoe and Mixtral's llama have MoE in every layer; deepseek2 allows leading dense layers only."""
@@ -296,20 +281,20 @@ def export_gguf(plan_path: str | Path, model: str | Path | None, out: str | Path
                   "embedding in its type, beyond the plan's bytes".format(GGUF_ARCH[arch.family]), flush=True)
         outtype = "f32" if used & {"F32", "F16"} else "bf16"
         source = work / f"model-{outtype}.gguf"
-        _step("convert", [sys.executable, str(llama.converter), str(work / CHECKPOINT_DIR), "--outtype", outtype,
-                          "--outfile", str(source)], work / "convert.log", llama.converter_env())
+        run_tool("convert", [sys.executable, str(llama.converter), str(work / CHECKPOINT_DIR), "--outtype", outtype,
+                             "--outfile", str(source)], work / "convert.log", "export", env=llama.converter_env())
         quantize = [str(llama.tool("llama-quantize"))]
         if iquants and calibration_text is not None:
             imatrix = work / "imatrix.gguf"
-            _step("imatrix", [str(llama.tool("llama-imatrix")), "-m", str(source), "-f", str(calibration_text),
-                              "-o", str(imatrix), "-t", str(threads)], work / "imatrix.log")
+            run_tool("imatrix", [str(llama.tool("llama-imatrix")), "-m", str(source), "-f", str(calibration_text),
+                                 "-o", str(imatrix), "-t", str(threads)], work / "imatrix.log", "export")
             quantize += ["--imatrix", str(imatrix)]
         elif iquants:
             print(f"note: the plan uses {', '.join(iquants)} without an importance matrix "
                   "(give --calibration-text for one)", flush=True)
         result = work / "model-plan.gguf"
-        _step("quantize", [*quantize, "--tensor-type-file", str(work / "tensor-types.txt"), str(source), str(result),
-                           "Q8_0", str(threads)], work / "quantize.log")
+        run_tool("quantize", [*quantize, "--tensor-type-file", str(work / "tensor-types.txt"), str(source),
+                              str(result), "Q8_0", str(threads)], work / "quantize.log", "export")
         check = check_gguf(result, plan, arch)
         os.replace(result, out)
         ok = True

@@ -24,6 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from optimizer.errors import InputError
 
@@ -136,6 +137,32 @@ def _run(cmd: list[str], cwd: Path | None = None) -> None:
     res = subprocess.run(cmd, cwd=cwd)
     if res.returncode:
         raise RuntimeError(f"{cmd[0]} failed with exit code {res.returncode}")
+
+
+def run_tool(name: str, cmd: list[str], log: Path, prefix: str, env: dict[str, str] | None = None,
+             progress: Callable[[str], None] | None = None) -> str:
+    """Run one llama.cpp step (a tool, or the converter with ``env``), its output streamed to ``log`` and, as it
+    grows, to ``progress``; ``[prefix] name: ...`` lines say what runs and how long it took. Returns the output;
+    a failure raises RuntimeError with the log's tail."""
+    print(f"[{prefix}] {name}: {' '.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    chunks: list[str] = []
+    with open(log, "w", encoding="utf-8") as fh, subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as proc:
+        assert proc.stdout is not None  # PIPE was asked for
+        while piece := proc.stdout.read1(8192):  # type: ignore[attr-defined]
+            text = piece.decode("utf-8", errors="replace")
+            chunks.append(text)
+            fh.write(text)
+            if progress is not None:
+                progress("".join(chunks))
+        code = proc.wait()
+    out = "".join(chunks)
+    if code:
+        tail = " | ".join(out.strip().splitlines()[-8:])
+        raise RuntimeError(f"{name} failed (exit code {code}); log {log}: {tail}")
+    print(f"[{prefix}] {name}: done in {time.perf_counter() - t0:.1f} s", flush=True)
+    return out
 
 
 def _download(version: str, dest: Path) -> Path:

@@ -15,15 +15,8 @@ in memory), so its rows from the single-effect profile compare directly.
 """
 from __future__ import annotations
 
-from experiments.sweep import Sweep, grid, with_fields
+from experiments.sweeps._common import curves_sweep
 from experiments.sweeps.r1 import BUDGETS, FORMATS, MODEL, TOKENS
 
 PROFILE = "experiments/profiles/r1/english-predicted.json"
-_common = dict(model=MODEL, profile=PROFILE, eval_tokens=TOKENS)
-SWEEP = Sweep(
-    name="r1_curves",
-    cells=tuple(grid(**_common, budget=BUDGETS, method=("refine", "ilp", "quantize_only"))
-                + grid(**_common, budget="1TB", method=tuple(f"uniform:{f}" for f in FORMATS))),
-    smoke=tuple(with_fields(grid(model=MODEL, profile=PROFILE, budget="4MB", method=("ilp",)), eval_tokens=512)),
-    description="R1, calibrated costs with prune curves and a KL map: refine, ILP, mixed precision, uniform",
-)
+SWEEP = curves_sweep("r1_curves", "R1", MODEL, PROFILE, BUDGETS, FORMATS, TOKENS, smoke_budget="4MB")

@@ -15,15 +15,8 @@ in memory), so its rows from the single-effect profile compare directly.
 """
 from __future__ import annotations
 
-from experiments.sweep import Sweep, grid, with_fields
+from experiments.sweeps._common import curves_sweep
 from experiments.sweeps.r2 import BUDGETS, FORMATS, MODEL, TOKENS
 
 PROFILE = "experiments/profiles/r2/english-predicted.json"
-_common = dict(model=MODEL, profile=PROFILE, eval_tokens=TOKENS)
-SWEEP = Sweep(
-    name="r2_curves",
-    cells=tuple(grid(**_common, budget=BUDGETS, method=("refine", "ilp", "quantize_only"))
-                + grid(**_common, budget="1TB", method=tuple(f"uniform:{f}" for f in FORMATS))),
-    smoke=tuple(with_fields(grid(model=MODEL, profile=PROFILE, budget="3MB", method=("ilp",)), eval_tokens=512)),
-    description="R2, calibrated costs with prune curves and a KL map: refine, ILP, mixed precision, uniform",
-)
+SWEEP = curves_sweep("r2_curves", "R2", MODEL, PROFILE, BUDGETS, FORMATS, TOKENS, smoke_budget="3MB")

@@ -203,8 +203,6 @@ def llamacpp_ties(mb: MilpBuilder, inst: Instance, v: Variables) -> None:
 
 def decode_speed(mb: MilpBuilder, inst: Instance, v: Variables) -> None:
     """(5) Bytes read per token over the measured bandwidth reach the requested tokens/s."""
-    device = inst.profile.device
-    limit = float(np.floor(device.memory_bandwidth_bytes_per_s / inst.options.min_tokens_per_s))
     n = len(inst.layer_top_k)
     expert_pair = inst.block_owner[inst.pair_block] >= 0
     # c[i] >= read bytes of expert e, for every expert
@@ -233,9 +231,8 @@ def decode_speed(mb: MilpBuilder, inst: Instance, v: Variables) -> None:
     kvals = np.concatenate(v.k_values).astype(float)
     # router rows are read for every token (a kept expert's row costs its bytes)
     vals = np.concatenate([inst.pair_read[nonexpert].astype(float), kvals, inst.router_bytes.astype(float)])
-    kv_read = inst.budget.reserves.get("kv_cache", 0)
     mb.add_rows("(5) bytes read per token <= bandwidth / tokens_per_s", np.zeros(len(cols), int), cols, vals,
-                -INF, limit - inst.fixed_read - kv_read, count=1)
+                -INF, inst.read_limit, count=1)
 
 
 def prune_count(mb: MilpBuilder, inst: Instance, v: Variables) -> None:

@@ -56,6 +56,16 @@ def applicable(inst: Instance) -> bool:
     return inst.options.target == Target.HF and inst.options.min_tokens_per_s is None
 
 
+def block_minima(inst: Instance, pv: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per quantizable block (``starts``: its first pair), the least of the pair values ``pv`` and the first pair
+    that attains it, in block order."""
+    minv = np.minimum.reduceat(pv, starts)
+    hit = np.flatnonzero(pv <= np.repeat(minv, np.diff(np.append(starts, len(pv)))))
+    first = np.ones(len(hit), dtype=bool)
+    first[1:] = inst.pair_block[hit][1:] != inst.pair_block[hit][:-1]
+    return minv, hit[first]
+
+
 class _Relaxation:
     """Evaluates the relaxed problem for a multiplier; arrays are precomputed once."""
 
@@ -90,12 +100,7 @@ class _Relaxation:
         """Minimise the relaxed objective; return (L(lam), decisions, bytes)."""
         inst = self.inst
         pv = cost_weight * inst.pair_cost + lam * inst.pair_bytes
-        minv = np.minimum.reduceat(pv, self.starts)
-        per_pair_min = np.repeat(minv, np.diff(np.append(self.starts, len(pv))))
-        hit = np.flatnonzero(pv <= per_pair_min)
-        first = np.ones(len(hit), dtype=bool)
-        first[1:] = inst.pair_block[hit][1:] != inst.pair_block[hit][:-1]
-        best_pair = hit[first]  # one per quantizable block, in block order
+        minv, best_pair = block_minima(inst, pv, self.starts)
         keep_value = np.bincount(self.owner[self.expert_mask], weights=minv[self.expert_mask],
                                  minlength=inst.num_experts)
         delta = keep_value + lam * inst.router_bytes - cost_weight * inst.drop_cost

@@ -91,6 +91,24 @@ class Instance:
         return self.budget.available - self.fixed_bytes
 
     @property
+    def fixed_read_per_token(self) -> int:
+        """Bytes every plan reads per decoded token: the fixed blocks and the KV cache at its reserve."""
+        return int(self.fixed_read + self.budget.reserves.get("kv_cache", 0))
+
+    @property
+    def read_limit(self) -> float:
+        """Bytes the decisions may read per token under ``--min-tokens-per-s``: bandwidth / tokens per second
+        (floored), less :attr:`fixed_read_per_token` (the right side of the speed row (5))."""
+        if self.options.min_tokens_per_s is None:
+            raise InputError("no --min-tokens-per-s: there is no read limit")
+        bandwidth = self.profile.device.memory_bandwidth_bytes_per_s
+        return float(math.floor(bandwidth / self.options.min_tokens_per_s) - self.fixed_read_per_token)
+
+    def tokens_per_s(self, read: float) -> float:
+        """Decode speed when the decisions read ``read`` bytes per token (the speed row's bandwidth model)."""
+        return self.profile.device.memory_bandwidth_bytes_per_s / (read + self.fixed_read_per_token)
+
+    @property
     def prune_count_cost(self) -> tuple[np.ndarray, ...] | None:
         """g_i(n) for n = 0..E_i experts pruned in MoE layer i (:mod:`.objectives`); None without prune curves."""
         return self.objective.prune_count

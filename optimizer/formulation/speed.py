@@ -35,18 +35,11 @@ import numpy as np
 
 from ..formats import get_format
 from .decisions import Decisions
-from .decomposition import LagrangianResult, lagrangian
+from .decomposition import LagrangianResult, block_minima, lagrangian
 from .instance import Instance
 
 #: rounds of (moves, re-solve) before giving up
 MAX_ROUNDS = 60
-
-
-def read_limit(inst: Instance) -> float:
-    """Bytes that may be read per token: bandwidth / tokens per s, less the fixed blocks' and the KV cache's."""
-    device = inst.profile.device
-    limit = math.floor(device.memory_bandwidth_bytes_per_s / float(inst.options.min_tokens_per_s or 1.0))
-    return float(limit - inst.fixed_read - inst.budget.reserves.get("kv_cache", 0))
 
 
 def _expert_read(inst: Instance, d: Decisions) -> np.ndarray:
@@ -227,7 +220,7 @@ def speed_plan(inst: Instance, rel_gap: float = 1e-4, deadline: float | None = N
                start: LagrangianResult | None = None) -> Decisions | None:
     """A plan meeting the budget and the speed row (see the module docstring); None if none was found.
     ``start``: the unconstrained Lagrangian result, when the caller has it."""
-    limit = read_limit(inst)
+    limit = inst.read_limit
     free = replace(inst, options=replace(inst.options, min_tokens_per_s=None))
     first = start or lagrangian(free, rel_gap, deadline=deadline)
     if first is None:
@@ -273,13 +266,12 @@ class _SpeedRelaxation:
         self.inst = inst
         owner = inst.block_owner[inst.pair_block]
         self.expert_pair = owner >= 0
-        self.pair_owner = owner
         self.pair_layer = np.where(owner >= 0, inst.expert_layer[np.maximum(owner, 0)], -1)
         q = np.flatnonzero(inst.block_quantizable)
         self.starts = inst.pair_ptr[q]
         self.block_is_expert = inst.block_owner[q] >= 0
         self.block_owner = inst.block_owner[q]
-        self.limit = read_limit(inst)
+        self.limit = inst.read_limit
         self.ks = sorted({int(k) for K in inst.layer_top_k for k in range(inst.min_top_k, int(K) + 1)})
 
     def value(self, lam: float, mu: float) -> tuple[float, float, float]:
@@ -289,8 +281,7 @@ class _SpeedRelaxation:
         E = inst.layer_experts.astype(float)
         scale = np.where(self.expert_pair, 0.0, 1.0)  # non-expert blocks: mu * read
         pv0 = base + mu * scale * inst.pair_read
-        minv0 = np.minimum.reduceat(pv0, self.starts)
-        arg0 = self._argmin(pv0, minv0)
+        minv0, arg0 = block_minima(inst, pv0, self.starts)
         total = float(minv0[~self.block_is_expert].sum()) + float(inst.drop_cost.sum())
         nbytes = float(inst.pair_bytes[arg0[~self.block_is_expert]].sum())
         read = float(inst.pair_read[arg0[~self.block_is_expert]].sum())
@@ -298,8 +289,7 @@ class _SpeedRelaxation:
         for k in self.ks:  # expert blocks priced with mu k / E_i per byte read
             factor = np.where(self.expert_pair, k / E[np.maximum(self.pair_layer, 0)], 0.0)
             pv = base + mu * factor * inst.pair_read
-            minv = np.minimum.reduceat(pv, self.starts)
-            arg = self._argmin(pv, minv)
+            minv, arg = block_minima(inst, pv, self.starts)
             ex = self.block_is_expert
             keep_value = np.bincount(self.block_owner[ex], weights=minv[ex], minlength=inst.num_experts)
             eb = np.bincount(self.block_owner[ex], weights=inst.pair_bytes[arg[ex]].astype(float),
@@ -335,13 +325,6 @@ class _SpeedRelaxation:
             nbytes += best[1]
             read += best[2]
         return (total - lam * inst.capacity - mu * self.limit, nbytes - inst.capacity, read - self.limit)
-
-    def _argmin(self, pv: np.ndarray, minv: np.ndarray) -> np.ndarray:
-        per = np.repeat(minv, np.diff(np.append(self.starts, len(pv))))
-        hit = np.flatnonzero(pv <= per)
-        first = np.ones(len(hit), dtype=bool)
-        first[1:] = self.inst.pair_block[hit][1:] != self.inst.pair_block[hit][:-1]
-        return hit[first]
 
 
 def speed_bound(inst: Instance, lam0: float, deadline: float | None = None, evaluations: int = 60) -> float:
@@ -395,4 +378,4 @@ def speed_bound(inst: Instance, lam0: float, deadline: float | None = None, eval
     return best
 
 
-__all__ = ["speed_plan", "speed_bound", "plan_read", "fastest_read", "read_limit"]
+__all__ = ["speed_plan", "speed_bound", "plan_read", "fastest_read"]

@@ -420,7 +420,7 @@ def test_decode_speed_constraint_binds(target: Target, arch_kw: dict) -> None:
 def test_speed_heuristic_meets_the_floor_and_the_exact_solve_does_no_worse(arch_kw: dict, faster: float) -> None:
     from optimizer.formulation.constraints import build_milp
     from optimizer.formulation.decisions import check_decisions
-    from optimizer.formulation.speed import plan_read, read_limit, speed_bound, speed_plan
+    from optimizer.formulation.speed import plan_read, speed_bound, speed_plan
 
     p = speed_profile(**arch_kw)
     bw = p.device.memory_bandwidth_bytes_per_s
@@ -433,7 +433,7 @@ def test_speed_heuristic_meets_the_floor_and_the_exact_solve_does_no_worse(arch_
     assert d is not None
     model, variables = build_milp(inst)
     assert check_decisions(inst, model, variables, d) == []  # every row, the speed row (5) included
-    assert plan_read(inst, d) <= read_limit(inst)
+    assert plan_read(inst, d) <= inst.read_limit
     exact = solve_checked(p, budget, fo_speed, SolveOptions(time_limit=30, rel_gap=1e-9, accelerate=False))
     assert d.objective(inst) >= exact.solve.objective * (1 - 1e-9)  # a heuristic: never better than the optimum
     # the speed row's relaxed Lagrangian: a valid bound, and above the unconstrained one when the floor binds
