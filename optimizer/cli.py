@@ -16,6 +16,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from .budget import MAX_CONTEXT, parse_bytes
@@ -62,6 +63,9 @@ def _add_budget_arguments(p: argparse.ArgumentParser, output_help: str, output_d
     p.add_argument("--budget", default="128GB", help="memory budget, e.g. 128GB or 120GiB (default 128GB)")
     p.add_argument("--context", type=int, default=8192, help="tokens of KV cache to reserve (default 8192)")
     p.add_argument("--overhead", default="2GiB", help="runtime overhead to reserve (default 2GiB)")
+    p.add_argument("--device", default=None,
+                   help="who decodes: a preset (see `python -m optimizer devices`) or a device JSON (`python -m "
+                        "profiling device -o FILE`); replaces the profile's bandwidth and format throughput")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -113,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
 
     sub.add_parser("objectives", help="list the registered objectives")
+    sub.add_parser("devices", help="list the --device presets (published memory bandwidths, with sources)")
 
     x = sub.add_parser("example",
                        help="build the bundled DeepSeek-V3 profile (real routing statistics, prior sensitivities), "
@@ -156,6 +161,11 @@ def _run(args: argparse.Namespace) -> int:
         for name, (_, summary) in sorted(OBJECTIVES.items()):
             print(f"{name:16s} {summary}")
         return 0
+    if args.command == "devices":
+        from .devices import render_presets
+
+        print(render_presets())
+        return 0
     if args.command == "explain":
         from .plan import load_plan
 
@@ -171,6 +181,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _pareto(args: argparse.Namespace) -> int:
     from .budget import make_budget, parse_bytes
+    from .devices import load_device
     from .formulation.instance import FormulationOptions
     from .formulation.objectives import get_objective
     from .pareto import render_frontier, speed_frontier, write_frontier
@@ -180,7 +191,10 @@ def _pareto(args: argparse.Namespace) -> int:
     check_range(args.points, "--points", 1, 100)
     check_range(args.context, "--context", 0, 2**31 - 1)
     overhead = parse_bytes(args.overhead, "--overhead", minimum=0)
+    device = load_device(args.device) if args.device is not None else None
     profile = load_profile(args.profile)
+    if device is not None:
+        profile = replace(profile, device=device)
     budget = make_budget(profile.architecture, args.budget, args.context, overhead)
     rows = speed_frontier(profile, budget, FormulationOptions(objective=args.formulation), args.points)
     print(render_frontier(rows))
@@ -193,6 +207,7 @@ def _solve(args: argparse.Namespace) -> int:
     from . import report
     from .baselines import BaselineOptions
     from .budget import make_budget
+    from .devices import load_device
     from .formulation.instance import FormulationOptions
     from .formulation.objectives import ObjectiveOptions, get_objective
     from .llamacpp_mixes import check_mix
@@ -206,9 +221,12 @@ def _solve(args: argparse.Namespace) -> int:
     get_objective(args.formulation)
     mix = check_mix(args.mix)
     total, overhead, formats = _check_solve_flags(args)  # all before the profile is read
+    device = load_device(args.device) if args.device is not None else None
     out = check_output_path(args.output, "-o")
     started = time.perf_counter()  # --time-limit covers reading the profile too
     profile = load_profile(args.profile)
+    if device is not None:
+        profile = replace(profile, device=device)
     if args.target == "llamacpp":
         _check_llamacpp_formats(formats or profile.sensitivity.formats)
     budget = make_budget(profile.architecture, total, args.context, overhead)
@@ -223,6 +241,7 @@ def _solve(args: argparse.Namespace) -> int:
         started=started, solver=args.solver, time_limit=args.time_limit, rel_gap=args.gap, threads=args.threads,
         seed=args.seed, accelerate=not args.no_accelerate, reproducible=args.reproducible,
         baseline=BaselineOptions(retain_ratio=args.retain_ratio, importance_alpha=args.importance_alpha, mix=mix),
+        device=args.device,
     )
     plan = optimize(profile, budget, formulation, options)
     save_plan(plan, out)

@@ -475,6 +475,20 @@ def _topk_from_json(r: Reader, arch: Architecture) -> TopkCost:
     return TopkCost(tuple(values), meas)
 
 
+def device_to_json(device: Device) -> dict[str, Any]:
+    """A profile's ``device`` section (also the whole of a ``--device`` file; :mod:`optimizer.devices`)."""
+    out: dict[str, Any] = {"memory_bandwidth_bytes_per_s": device.memory_bandwidth_bytes_per_s}
+    if device.format_throughput:
+        out["format_throughput"] = dict(device.format_throughput)
+    out["measurement"] = device.measurement.to_json()
+    return out
+
+
+def device_from_json(doc: Any, path: str = "device") -> Device:
+    """Inverse of :func:`device_to_json`; InputError naming ``path`` for a malformed section."""
+    return _device_from_json(Reader(doc, path))
+
+
 def _device_from_json(r: Reader) -> Device:
     bw = r.number("memory_bandwidth_bytes_per_s")
     if bw <= 0:
@@ -515,10 +529,7 @@ def profile_to_json(p: Profile) -> dict:
                                   for c in p.experts.prune_curve]
         experts["prune_curve_measurement"] = _written(p.experts.prune_curve_measurement, "prune_curve").to_json()
     experts["measurement"] = p.experts.measurement.to_json()
-    device: dict[str, Any] = {"memory_bandwidth_bytes_per_s": p.device.memory_bandwidth_bytes_per_s}
-    if p.device.format_throughput:
-        device["format_throughput"] = dict(p.device.format_throughput)
-    device["measurement"] = p.device.measurement.to_json()
+    device = device_to_json(p.device)
     return {
         "schema": PROFILE_SCHEMA,
         "version": PROFILE_VERSION,

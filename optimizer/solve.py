@@ -61,6 +61,8 @@ class SolveOptions:
     # time.perf_counter() at which the time limit starts (a caller that loads the profile first passes the time
     # before loading it); None: when optimize() is called
     started: float | None = None
+    # the --device that replaced the profile's device section (recorded in the plan's options); None: the profile's
+    device: str | None = None
 
 
 #: Plan status of a search that ended without a plan (no plan.json is written for these; errors are raised).
@@ -391,6 +393,8 @@ def _to_plan(inst: Instance, d: Decisions, options: SolveOptions, status: SolveS
         "time_limit": options.time_limit, "rel_gap": options.rel_gap, "threads": options.threads, "seed": options.seed,
         "accelerate": options.accelerate,
     }
+    if options.device is not None:
+        opts["device"] = {"name": options.device, "bandwidth_bytes_per_s": profile.device.memory_bandwidth_bytes_per_s}
     if not options.reproducible:
         opts["timing"] = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in info.items()}
     else:

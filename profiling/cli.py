@@ -222,7 +222,9 @@ def _add_device(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--profile", type=Path, default=None,
                    help="a profile whose device section is replaced by this measurement (needs -o)")
-    p.add_argument("-o", "--output", type=Path, default=None, help="where the updated --profile is written")
+    p.add_argument("-o", "--output", type=Path, default=None,
+                   help="where the updated --profile is written; without --profile, a device JSON for "
+                        "`optimizer solve --device FILE`")
     p.add_argument("--json", dest="print_json", action="store_true", help="print the measurement as one JSON line")
 
 
@@ -339,12 +341,13 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_device(args) -> int:
-    from optimizer.profile import load_profile, save_profile
+    from optimizer.jsonio import write_json
+    from optimizer.profile import device_to_json, load_profile, save_profile
 
     from .device import measure_device
 
-    if (args.profile is None) != (args.output is None):
-        raise InputError("--profile and -o go together: the profile to update and where to write it")
+    if args.profile is not None and args.output is None:
+        raise InputError("--profile needs -o: where to write the profile with this machine's device section")
     profile = load_profile(args.profile) if args.profile is not None else None
     formats = args.formats or (list(profile.formats) if profile is not None else
                                [f"int{b}_g64" for b in (2, 3, 4, 5, 6, 8)] + ["BF16"])
@@ -360,6 +363,9 @@ def _cmd_device(args) -> int:
     if profile is not None:
         digest = save_profile(replace(profile, device=device), args.output)
         print(f"wrote {args.output} ({digest}): {args.profile} with this machine's device section")
+    elif args.output is not None:
+        write_json(args.output, device_to_json(device))
+        print(f"wrote {args.output}: this machine's device, for `python -m optimizer solve --device {args.output}`")
     return 0
 
 

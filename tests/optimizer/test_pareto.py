@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from optimizer.errors import InputError
 from optimizer.formulation.instance import FormulationOptions
 from optimizer.pareto import speed_frontier, write_frontier
 from optimizer.plan import Target
-from optimizer.profile import save_profile
+from optimizer.profile import device_to_json, save_profile
 from tests.optimizer.test_formulation import budget_at, speed_profile
 
 
@@ -51,6 +52,17 @@ def test_frontier_files_and_command(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert (tmp_path / "out" / "pareto.png").stat().st_size > 0
     assert main([*args[:-2], "--points", "0", "-o", str(tmp_path / "x")]) == 2
     assert "--points: must lie in [1, 100]" in capsys.readouterr().err
+    # --device FILE: a device twice as fast in bandwidth and in every format's throughput reads the same bytes
+    # per token twice as fast, so the unconstrained optimum (point 0) keeps its plan and doubles its speed
+    d = p.device
+    twice = replace(d, memory_bandwidth_bytes_per_s=2 * d.memory_bandwidth_bytes_per_s,
+                    format_throughput={f: 2 * v for f, v in d.format_throughput.items()})
+    (tmp_path / "d.json").write_text(json.dumps(device_to_json(twice)))
+    assert main([*args[:-2], "--device", str(tmp_path / "d.json"), "-o", str(tmp_path / "fast")]) == 0
+    fast = json.loads((tmp_path / "fast" / "pareto.json").read_text())
+    slow = json.loads((tmp_path / "out" / "pareto.json").read_text())
+    assert fast[0]["tokens_per_s"] == pytest.approx(2 * slow[0]["tokens_per_s"], rel=1e-9)
+    assert fast[0]["objective"] == slow[0]["objective"]
 
 
 def test_frontier_refuses_what_it_sweeps_itself(tmp_path: Path) -> None:

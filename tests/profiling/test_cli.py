@@ -175,7 +175,19 @@ def test_device_measures_this_machine_and_replaces_only_the_device_section(capsy
 
 def test_device_refusals(capsys, tmp_path):
     assert "unknown format 'int9'" in _error(capsys, ["device", "--formats", "int9"])
-    assert "--profile and -o go together" in _error(capsys, ["device", "--profile", str(tmp_path / "p.json")])
+    assert "--profile needs -o" in _error(capsys, ["device", "--profile", str(tmp_path / "p.json")])
+
+
+def test_device_file_is_what_optimizer_solve_device_reads(capsys, tmp_path):
+    from optimizer.devices import load_device
+
+    assert main(["device", "--repeats", "1", "--formats", "int4_g32", "BF16", "-o", str(tmp_path / "d.json"),
+                 "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out.splitlines()[0])
+    device = load_device(str(tmp_path / "d.json"))
+    assert device.memory_bandwidth_bytes_per_s == printed["memory_bandwidth_bytes_per_s"]
+    assert device.format_throughput == printed["format_throughput"]
+    assert not device.measurement.prior
     assert "--repeats" in _error(capsys, ["device", "--repeats", "0"])
 
 
