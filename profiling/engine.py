@@ -14,6 +14,7 @@ KL(reference || perturbed), both over every calibration token.
 """
 from __future__ import annotations
 
+import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Hashable, Iterator, Sequence
@@ -54,6 +55,8 @@ class Engine:
         self.kwargs: list[list[dict]] = []  # kwargs[b][l]
         self.ref_logp: list[torch.Tensor] = []
         self.ref_nll = 0.0
+        self.layer_seconds: list[dict[str, float]] = []  # reference pass, per decoder layer: load/forward/...
+        self.head_seconds = 0.0  # reference pass: final norm, lm_head, log-softmax (and the head's statistics)
 
     def _bar(self, total: int, desc: str):
         return tqdm(total=total, desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True)
@@ -72,15 +75,23 @@ class Engine:
             self.kwargs.append(kw)
         self.hidden = [h0]
         bar = self._bar(L, "reference pass")
+        self.layer_seconds = []
         for layer in range(L):
+            t0 = time.perf_counter()
             with self.runner.layer(layer) as mod:
+                t1 = time.perf_counter()
                 done = on_layer(layer, mod) if on_layer else None
                 self.hidden.append([run_layer(mod, h, self.kwargs[i][layer])
                                     for i, h in enumerate(self.hidden[layer])])
+                t2 = time.perf_counter()
                 if done:
                     done()
+                t3 = time.perf_counter()
+            self.layer_seconds.append({"load": t1 - t0, "forward": t2 - t1, "statistics": t3 - t2,
+                                       "unload": time.perf_counter() - t3})
             bar.update()
         bar.close()
+        t_head = time.perf_counter()
         done = on_head() if on_head else None
         self.ref_logp, nll = [], 0.0
         for i, b in enumerate(self.batches):
@@ -92,6 +103,7 @@ class Engine:
             self.ref_logp.append(torch.cat(parts))
         if done:
             done()
+        self.head_seconds = time.perf_counter() - t_head
         self.ref_nll = nll / self.tokens
 
     def _head_chunks(self, hidden: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:

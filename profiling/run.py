@@ -359,6 +359,7 @@ def _details(opts: RunOptions, arch: Architecture, out: Path, digest: str, sourc
         "seed": opts.seed, "streamed": opts.streamed, "quant_method": opts.method, "formats": formats,
         "cost": opts.cost,
         "reference_nll": engine.ref_nll, "timings_s": timings, "peak_rss_bytes": peak_rss_bytes(),
+        "reference_layer_s": engine.layer_seconds, "reference_head_s": engine.head_seconds,
         "torch_threads": torch.get_num_threads(),
         "blocks": [r.name for r in refs], "block_index": {r.name: r.index for r in refs}, "groups": table.group_of,
         "measured_blocks": [r.name for r in effects.measured_refs],

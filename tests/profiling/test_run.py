@@ -124,6 +124,11 @@ def test_details_side_file(runs):
                 "peak_rss_bytes"):
         assert key in d
     assert d["peak_rss_bytes"] > 0
+    # one reference-pass timing per decoder layer, every phase measured (non-negative, nothing missing)
+    assert len(d["reference_layer_s"]) == 3
+    assert all(set(t) == {"load", "forward", "statistics", "unload"} and min(t.values()) >= 0
+               for t in d["reference_layer_s"])
+    assert d["reference_head_s"] > 0
     # sampled model: 12 measured blocks, the other cells hold the fitted proxy
     assert len(d["measured_blocks"]) == 12
     p = load_profile(res.profile_path)
