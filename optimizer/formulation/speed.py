@@ -197,21 +197,39 @@ class _Policy:
         return Decisions(d.keep, d.top_k, chosen)
 
 
+def _layer_read(inst: Instance, d: Decisions, reads: np.ndarray, i: int) -> float:
+    """Layer i's expert term of the speed row: k_i times its slowest kept expert's read."""
+    kept = d.keep & (inst.expert_layer == i)
+    return float(d.top_k[i]) * float(reads[kept].max()) if kept.any() else 0.0
+
+
 def _slow_down(inst: Instance, pol: _Policy, d: Decisions, limit: float, deadline: float | None
                ) -> Decisions | None:
-    """Apply the cheapest moves (per byte read saved) until ``d`` meets the speed row; None if it cannot."""
+    """Apply the cheapest moves (per byte read saved) until ``d`` meets the speed row; None if it cannot.
+
+    The row's left side is kept up to date move by move (a move changes one layer's term or one block's read);
+    every read is a whole number of bytes, so the running float sum is exact and equals :func:`plan_read`."""
     reads = _expert_read(inst, d)
     layers = len(inst.layer_top_k)
     blocks = np.flatnonzero(inst.block_quantizable & (inst.block_owner < 0))
     moves = [pol.layer_move(d, reads, i) for i in range(layers)] + [pol.block_move(d, int(b)) for b in blocks]
     scores = np.array([m[0] for m in moves])
-    while plan_read(inst, d) > limit:
+    read = plan_read(inst, d)
+    while read > limit:
         j = int(np.argmin(scores))
         if math.isinf(scores[j]) or (deadline is not None and time.perf_counter() >= deadline):
             return None
-        target = j if j < layers else int(blocks[j - layers])
-        d = pol.apply(d, reads, target, moves[j])
-        moves[j] = pol.layer_move(d, reads, j) if j < layers else pol.block_move(d, target)
+        if j < layers:
+            before = _layer_read(inst, d, reads, j)
+            d = pol.apply(d, reads, j, moves[j])
+            read += _layer_read(inst, d, reads, j) - before
+            moves[j] = pol.layer_move(d, reads, j)
+        else:
+            target = int(blocks[j - layers])
+            _, _, old, new = moves[j]
+            d = pol.apply(d, reads, target, moves[j])
+            read += float(inst.pair_read[new].sum() - inst.pair_read[old].sum())
+            moves[j] = pol.block_move(d, target)
         scores[j] = moves[j][0]
     return d
 
