@@ -17,8 +17,9 @@ DEFAULT_FORMATS = ("Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q8_0", "BF16")
 def synthetic_architecture(num_layers: int = 3, num_experts: int = 8, top_k: int = 2, hidden: int = 256,
                            expert_inter: int = 256, dense_inter: int = 512, vocab: int = 512,
                            first_dense: int = 1, groups: int = 1, topk_groups: int = 1,
-                           shared: int = 1) -> Architecture:
-    """A DeepSeek-like layout: ``first_dense`` dense layers, then MoE layers with routed + shared experts."""
+                           shared: int = 1, tied: bool = False) -> Architecture:
+    """A DeepSeek-like layout: ``first_dense`` dense layers, then MoE layers with routed + shared experts;
+    ``tied``: no ``lm_head`` block (the embedding is the output projection)."""
     blocks: list[Block] = [Block("model.embed_tokens.weight", BlockKind.EMBEDDING, (vocab, hidden))]
     moe_layers = []
     for layer in range(num_layers):
@@ -49,7 +50,8 @@ def synthetic_architecture(num_layers: int = 3, num_experts: int = 8, top_k: int
                 blocks.append(Block(f"{p}.mlp.shared_experts.{proj}.weight", BlockKind.SHARED_EXPERT, shape, layer,
                                     projection=proj))
     blocks.append(Block("model.norm.weight", BlockKind.NORM, (hidden,), quantizable=False, fixed_format="F32"))
-    blocks.append(Block("lm_head.weight", BlockKind.LM_HEAD, (vocab, hidden)))
+    if not tied:
+        blocks.append(Block("lm_head.weight", BlockKind.LM_HEAD, (vocab, hidden)))
     return Architecture(
         family="synthetic", num_layers=num_layers, hidden_size=hidden, vocab_size=vocab, moe_layers=tuple(moe_layers),
         shared_experts=shared, blocks=tuple(blocks), kv_cache=KVCacheSpec("gqa", 2 * hidden, num_layers),

@@ -269,15 +269,17 @@ def _read_bytes(profile: Profile, table: np.ndarray, formats: tuple[str, ...]) -
     """Bytes-equivalent read per decoded token: bytes * bandwidth / throughput(format), rounded up.
 
     A format whose measured dequant+matmul throughput is below the memory bandwidth costs proportionally
-    more time per byte; an embedding reads one row per token.
+    more time per byte; an embedding reads one row per token, unless the head is tied to it (no ``lm_head``
+    block): then the same matrix is the output projection and is read whole.
     """
     bw = profile.device.memory_bandwidth_bytes_per_s
     slow = np.array([max(1.0, bw / profile.device.format_throughput[f])
                      if profile.device.format_throughput.get(f) else 1.0
                      for f in formats])
     read = np.where(table >= 0, np.ceil(table * slow[None, :]), -1).astype(np.int64)
+    tied = not any(block.kind == BlockKind.LM_HEAD for block in profile.architecture.blocks)
     for b, block in enumerate(profile.architecture.blocks):
-        if block.kind == BlockKind.EMBEDDING:
+        if block.kind == BlockKind.EMBEDDING and not tied:
             read[b] = np.where(read[b] >= 0, -(-read[b] // block.shape[0]), -1)
     return read
 

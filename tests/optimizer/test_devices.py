@@ -71,3 +71,24 @@ def test_devices_lists_every_preset(capsys):
     assert main(["devices"]) == 0
     out = capsys.readouterr().out
     assert all(name in out and p.source in out for name, p in PRESETS.items())
+
+
+def test_a_tied_embedding_is_read_whole_per_token():
+    """With a separate lm_head the embedding reads one row per token; tied (no lm_head block), the embedding
+    matrix is the output projection too and every token reads all of it (hand count: vocab 64 x hidden 32 in
+    BF16 = 4,096 bytes; one row 64 bytes)."""
+    from optimizer.budget import make_budget
+    from optimizer.formulation.instance import FormulationOptions, build_instance
+    from optimizer.model_spec import BlockKind
+
+    def read_of_embedding(tied: bool) -> int:
+        p = synthetic_profile(seed=1, num_layers=2, num_experts=4, top_k=2, hidden=32, vocab=64, formats=("BF16",),
+                              tied=tied)
+        emb = [i for i, b in enumerate(p.architecture.blocks) if b.kind == BlockKind.EMBEDDING][0]
+        assert p.architecture.blocks[emb].shape == (64, 32)
+        assert any(b.kind == BlockKind.LM_HEAD for b in p.architecture.blocks) != tied
+        inst = build_instance(p, make_budget(p.architecture, "1GB", 0, 0), FormulationOptions())
+        return int(inst.pair_read[inst.pairs_of(emb)][0])
+
+    assert read_of_embedding(tied=False) == 64  # one BF16 row of 32
+    assert read_of_embedding(tied=True) == 64 * 32 * 2
