@@ -31,7 +31,9 @@ from .checkpoint import checkpoint_files
 from .outdir import check_output_dir, output_dir
 from .plan_check import check_plan
 from .prune_checkpoint import (
+    CONVERTER_CONFIG,
     ZERO_GATE_NUDGE,
+    converter_config_fixes,
     is_tied,
     plan_digest,
     plan_prunes,
@@ -42,11 +44,14 @@ from .prune_checkpoint import (
 from .quant import FLOAT_DTYPES, storage_format
 
 TARGETS = ("llamacpp", "gptqmodel", "torchao")
-#: GGUF architecture name (key prefix) of each family, as llama.cpp's convert_hf_to_gguf.py writes it.
-GGUF_ARCH = {"deepseek_v3": "deepseek2", "deepseek_v2": "deepseek2", "qwen3_moe": "qwen3moe",
-             "qwen2_moe": "qwen2moe", "mixtral": "llama", "olmoe": "olmoe"}
+#: GGUF architecture name (key prefix) of each family, as llama.cpp's convert_hf_to_gguf.py writes it; a family
+#: missing here has no converter there (flex_olmo: no FlexOlmoForCausalLM) and is refused by :func:`gguf_arch`.
+GGUF_ARCH = {"deepseek_v3": "deepseek2", "deepseek_v2": "deepseek2", "glm4_moe": "glm4moe", "dots1": "dots1",
+             "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama", "olmoe": "olmoe"}
 #: GGUF archs whose llama.cpp loader requires ``output.weight`` (no fallback to a tied embedding)
-NEEDS_OUTPUT = {"qwen2moe", "olmoe"}
+NEEDS_OUTPUT = {"qwen2moe", "olmoe", "dots1"}
+#: GGUF archs whose llama.cpp loader takes leading dense layers (``leading_dense_block_count``)
+LEADING_DENSE = {"deepseek2", "glm4moe", "dots1"}
 _SOLVE_HINT = "solve with `python -m optimizer solve ... --target llamacpp`"
 
 
@@ -59,6 +64,15 @@ def _architecture(plan: Plan, model: Path | None) -> Architecture:
     if arch.shape_hash() != plan.architecture_hash:
         raise InputError(f"plan was made for a different model than {model} (architecture hashes differ)")
     return arch
+
+
+def gguf_arch(family: str) -> str:
+    """The GGUF architecture of ``family``; InputError (one line) when llama.cpp's converter has none."""
+    found = GGUF_ARCH.get(family)
+    if found is None:
+        raise InputError(f"llama.cpp's converter has no architecture for {family} models, so there is no GGUF or "
+                         f"llama.cpp recipe for them; llama.cpp exports: {', '.join(sorted(GGUF_ARCH))}")
+    return found
 
 
 _FIXED_RE = re.compile(r"(norm\.weight|\.bias|\.gate\.weight|e_score_correction_bias|shared_expert_gate\.weight)$")
@@ -77,7 +91,7 @@ def gguf_name(block_name: str, family: str, num_layers: int) -> str | None:
         m = re.search(r"layers\.(\d+)\.", block_name)
         return f"blk.{m.group(1)}.exp_probs_b.bias" if m else None
     name = re.sub(r"\.experts\.\d+\.", ".experts.", block_name)
-    arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[GGUF_ARCH[family]]
+    arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[gguf_arch(family)]
     for a in (arch_enum, gguf.MODEL_ARCH.LLAMA):  # llama's map covers dense MLPs that MoE archs omit
         found = gguf.get_tensor_name_map(a, num_layers).get_name(name, try_suffixes=(".weight", ".bias"))
         if found is not None:
@@ -119,8 +133,7 @@ def llamacpp_recipe(plan: Plan, arch: Architecture | None = None, model: Path | 
     is the original checkpoint, named in the README's commands.
     """
     family = arch.family if arch is not None else plan.family
-    if family not in GGUF_ARCH:
-        raise InputError(f"no llama.cpp architecture known for family {family}")
+    prefix = gguf_arch(family)
     num_layers = arch.num_layers if arch is not None else _layer_count(plan)
     counts = {len(lp.kept_experts) for lp in plan.layers}
     ks = {lp.top_k for lp in plan.layers}
@@ -153,7 +166,7 @@ def llamacpp_recipe(plan: Plan, arch: Architecture | None = None, model: Path | 
     untie = untie_needed(plan, family)
     if untie and "token_embd.weight" in types:
         types["output.weight"] = types["token_embd.weight"]
-    kv = [f"{GGUF_ARCH[family]}.expert_used_count=int:{k}"]
+    kv = [f"{prefix}.expert_used_count=int:{k}"]
     kept = {str(lp.layer): list(lp.kept_experts) for lp in plan.layers}
     return {"tensor-types.txt": "".join(_types_line(t, ty) for t, ty in sorted(types.items(), key=_natural)),
             "override-kv.txt": "".join(line + "\n" for line in kv),
@@ -163,7 +176,7 @@ def llamacpp_recipe(plan: Plan, arch: Architecture | None = None, model: Path | 
 
 
 def untie_needed(plan: Plan, family: str) -> bool:
-    """Whether llama.cpp needs an ``output.weight`` the plan's tied checkpoint lacks (qwen2moe, olmoe)."""
+    """Whether llama.cpp needs an ``output.weight`` the plan's tied checkpoint lacks (:data:`NEEDS_OUTPUT`)."""
     return GGUF_ARCH.get(family) in NEEDS_OUTPUT and "lm_head.weight" not in plan.formats
 
 
@@ -194,6 +207,14 @@ def _readme(plan: Plan, arch: Architecture | None, n: int, k: int, kv: str, used
                   "    python -m runtime export PLAN --to llamacpp --model path/to/hf-model -o THIS_DIR", "",
                   "then convert `hf-pruned` instead of the original checkpoint below.", ""]
         source = "hf-pruned"
+    converter = CONVERTER_CONFIG.get(plan.family, {})
+    if converter:
+        entries = ", ".join(f"`{key}: {value}`" for key, value in converter.items())
+        lines += [f"llama.cpp's converter needs {entries} in a {plan.family} config.json (transformers routes that "
+                  "way without it; without it llama.cpp aborts on the first MoE layer): "
+                  + (f"`{checkpoint}/config.json` has it." if checkpoint else
+                     "add it to the checkpoint's config.json, or let `--pruned-checkpoint` write one that has it."),
+                  ""]
     lines += ["From this directory, with `LLAMA_CPP` a llama.cpp checkout whose tools are built (`python -m runtime "
               "llama-cpp build` makes one in moecc's `cache/llama.cpp`; `python -m runtime export PLAN --to gguf` "
               "runs all of this and checks the result against the plan):", "",
@@ -211,7 +232,7 @@ def _readme(plan: Plan, arch: Architecture | None, n: int, k: int, kv: str, used
               "F16 if that does not fit either); plans solved with "
               "`--target llamacpp` only choose types the shapes admit."]
     if untie:
-        lines.append(f"* llama.cpp's {GGUF_ARCH[plan.family]} has no tied output head: "
+        lines.append(f"* llama.cpp's {gguf_arch(plan.family)} has no tied output head: "
                      + (f"`{checkpoint}/` stores `lm_head.weight` as a copy of the embedding" if checkpoint else
                         "convert a checkpoint with `lm_head.weight` (a copy of the embedding; `--pruned-checkpoint` "
                         "writes one)")
@@ -311,6 +332,7 @@ def export(plan_path: str | Path, to: str, out: str | Path, model: str | Path | 
     checkpoint = None
     if to == "llamacpp":
         arch = _architecture(plan, model) if model else None
+        gguf_arch(arch.family if arch is not None else plan.family)  # refused before anything is written
         if pruned_checkpoint and (model is None or not model.is_dir()):
             raise InputError("--pruned-checkpoint: --model must be the checkpoint directory")
         untie = arch is not None and untie_needed(plan, arch.family)
@@ -320,9 +342,14 @@ def export(plan_path: str | Path, to: str, out: str | Path, model: str | Path | 
                              f"all zero ({zero_gates[0]}, ...); llama.cpp computes that gate as silu(x)/x, which is "
                              f"NaN for them. Drop --no-pruned-checkpoint: {CHECKPOINT_DIR}/ then sets them to "
                              f"{ZERO_GATE_NUDGE:g}, the same function in float32")
+        fixes = converter_config_fixes(model) if arch is not None and model.is_dir() else {}
+        if fixes and pruned_checkpoint is False:
+            raise InputError(f"--no-pruned-checkpoint: llama.cpp's converter needs {fixes} in {model}/config.json "
+                             f"(without it llama.cpp aborts on the first MoE layer). Drop --no-pruned-checkpoint: "
+                             f"{CHECKPOINT_DIR}/config.json then has it")
         write = pruned_checkpoint if pruned_checkpoint is not None else (
             arch is not None and model.is_dir()
-            and (plan_prunes(plan, arch) or (untie and is_tied(model)) or bool(zero_gates)))
+            and (plan_prunes(plan, arch) or (untie and is_tied(model)) or bool(zero_gates) or bool(fixes)))
         if write:
             uniform_layers(plan, arch)  # refuse before any file is written
             checkpoint = CHECKPOINT_DIR

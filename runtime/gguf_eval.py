@@ -44,10 +44,10 @@ from optimizer.architectures import load_architecture
 
 from .checkpoint import checkpoint_files, read_headers
 from .evaluate import DEFAULT_WINDOW, EvalError, read_text
-from .export import GGUF_ARCH, NEEDS_OUTPUT
+from .export import NEEDS_OUTPUT, gguf_arch
 from .gguf_export import check_convertible
 from .llamacpp import PINNED_VERSION, LlamaCpp, repo_root, resolve, run_tool
-from .prune_checkpoint import is_tied, write_reference_checkpoint, zero_gate_names
+from .prune_checkpoint import converter_config_fixes, is_tied, write_reference_checkpoint, zero_gate_names
 
 GGUF_MAGIC = b"GGUF"
 #: decode tokens per llama-bench run, and repetitions
@@ -199,10 +199,10 @@ def reference_gguf(model_dir: Path, llama: LlamaCpp, cache: Path) -> Path:
         print(f"[eval] reference GGUF: {out} (cached)", flush=True)
         return out
     cache.mkdir(parents=True, exist_ok=True)
-    untie = GGUF_ARCH[arch.family] in NEEDS_OUTPUT and is_tied(model_dir)
+    untie = gguf_arch(arch.family) in NEEDS_OUTPUT and is_tied(model_dir)
     with tempfile.TemporaryDirectory(prefix=".reference-", dir=cache) as tmp:
         source = model_dir
-        if untie or zero_gate_names(model_dir):
+        if untie or zero_gate_names(model_dir) or converter_config_fixes(model_dir):
             source = write_reference_checkpoint(arch, model_dir, Path(tmp) / "checkpoint", untie_embeddings=untie).out
         partial = Path(tmp) / out.name
         run_tool("convert reference", [sys.executable, str(llama.converter), str(source), "--outtype", outtype,

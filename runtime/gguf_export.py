@@ -39,8 +39,9 @@ from optimizer.plan import Plan, load_plan
 
 from .export import (
     CHECKPOINT_DIR,
-    GGUF_ARCH,
+    LEADING_DENSE,
     _architecture,
+    gguf_arch,
     gguf_name,
     gguf_split_names,
     llamacpp_recipe,
@@ -174,7 +175,7 @@ def check_gguf(path: str | Path, plan: Plan, arch) -> GGUFCheck:
             check.planned_bytes += nbytes
     check.extra = {n: int(t.n_bytes) for n, t in got.items()
                    if n not in split and (n not in expected or not expected[n].planned)}
-    prefix = GGUF_ARCH.get(arch.family)
+    prefix = gguf_arch(arch.family)
 
     def field_int(key: str) -> int | None:
         f = reader.fields.get(key)
@@ -196,14 +197,16 @@ def check_gguf(path: str | Path, plan: Plan, arch) -> GGUFCheck:
 
 def check_layers_runnable(arch, model: Path) -> None:
     """Refuse a model whose dense (non-MoE) decoder layers llama.cpp's arch cannot hold: qwen2moe, qwen3moe,
-    olmoe and Mixtral's llama have MoE in every layer; deepseek2 allows leading dense layers only."""
+    olmoe and Mixtral's llama have MoE in every layer; deepseek2, glm4moe and dots1 allow leading dense layers
+    only (:data:`~runtime.export.LEADING_DENSE`). A family without a GGUF arch is refused (:func:`gguf_arch`)."""
     moe = {m.index for m in arch.moe_layers}
     dense = [i for i in range(arch.num_layers) if i not in moe]
-    gguf_arch = GGUF_ARCH[arch.family]
-    if not dense or (gguf_arch == "deepseek2" and dense == list(range(len(dense)))):
+    target = gguf_arch(arch.family)
+    leading = target in LEADING_DENSE
+    if not dense or (leading and dense == list(range(len(dense)))):
         return
-    raise InputError(f"llama.cpp's {gguf_arch} needs an MoE block in every layer"
-                     + (" after the leading dense ones" if gguf_arch == "deepseek2" else "")
+    raise InputError(f"llama.cpp's {target} needs an MoE block in every layer"
+                     + (" after the leading dense ones" if leading else "")
                      + f", but layers {dense} of {model} are dense (mlp_only_layers / decoder_sparse_step / "
                      "first_k_dense_replace in config.json); llama.cpp cannot load this model")
 
@@ -212,7 +215,7 @@ def check_convertible(arch, model: Path) -> None:
     """Refuse a checkpoint llama.cpp's converter or loader cannot take (:func:`check_layers_runnable`; the
     converter's llama class needs the sentencepiece package even with a tokenizer.json)."""
     check_layers_runnable(arch, model)
-    if GGUF_ARCH[arch.family] == "llama" and importlib.util.find_spec("sentencepiece") is None:
+    if gguf_arch(arch.family) == "llama" and importlib.util.find_spec("sentencepiece") is None:
         raise InputError("llama.cpp's converter imports the sentencepiece package for llama-architecture models "
                          f"({arch.family}), even with a tokenizer.json: `pip install sentencepiece` first")
 
@@ -278,7 +281,7 @@ def export_gguf(plan_path: str | Path, model: str | Path | None, out: str | Path
                   "sigmoid(1e-20 x) is the same 0.5 in float32", flush=True)
         if untie:
             print("note: llama.cpp's {} needs an output head: the GGUF stores output.weight, a copy of the "
-                  "embedding in its type, beyond the plan's bytes".format(GGUF_ARCH[arch.family]), flush=True)
+                  "embedding in its type, beyond the plan's bytes".format(gguf_arch(arch.family)), flush=True)
         outtype = "f32" if used & {"F32", "F16"} else "bf16"
         source = work / f"model-{outtype}.gguf"
         run_tool("convert", [sys.executable, str(llama.converter), str(work / CHECKPOINT_DIR), "--outtype", outtype,

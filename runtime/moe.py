@@ -2,9 +2,12 @@
 
 transformers keeps the routed experts of a layer fused in memory: ``experts.gate_up_proj`` ``[E, 2I, H]``
 (gate = first I rows, up = last I rows) and ``experts.down_proj`` ``[E, H, I]``; the router is the block's
-``gate`` (``.weight`` ``[E, H]``, ``.top_k``, ``.num_experts``; DeepSeek-V3 adds the buffer
-``e_score_correction_bias`` ``[E]`` and group-limited routing over ``num_group`` equal groups). Expert counts
-and top-k are attributes of each module, so they may differ per layer; this module edits them in place.
+``gate`` (``.weight`` ``[E, H]``, ``.top_k``, ``.num_experts``; DeepSeek-V3's router, which GLM-4-MoE and dots1
+copy line for line, adds the buffer ``e_score_correction_bias`` ``[E]`` and group-limited routing over
+``num_group`` equal groups). Expert counts and top-k are attributes of each module, so they may differ per
+layer; this module edits them in place. Routers are told apart by those attributes, not by family:
+DeepSeek-V2's has ``topk_method``, the DeepSeek-V3 kind ``e_score_correction_bias``, the rest (Qwen2/3-MoE,
+Mixtral, OLMoE, FlexOlmo) are softmax top-k routers.
 
 * :func:`moe_layers` / :func:`get_layer`: the MoE layers (index, block, router, experts, shared experts).
 * :func:`set_top_k`: change how many experts a layer's router activates.
@@ -185,7 +188,7 @@ def drop_experts(model: nn.Module, layer: int, keep: Sequence[int]) -> None:
 
 
 def _masked_softmax_forward(router: nn.Module, hidden_states: torch.Tensor, mask: torch.Tensor):
-    """Softmax top-k routing (Qwen2/3-MoE, OLMoE, Mixtral) with ``mask``ed experts' logits at -inf."""
+    """Softmax top-k routing (Qwen2/3-MoE, OLMoE, FlexOlmo, Mixtral) with ``mask``ed experts' logits at -inf."""
     hidden_states = hidden_states.reshape(-1, router.hidden_dim)
     router_logits = F.linear(hidden_states, router.weight)
     masked = router_logits.masked_fill(mask.to(router_logits.device), float("-inf"))
@@ -199,7 +202,7 @@ def _masked_softmax_forward(router: nn.Module, hidden_states: torch.Tensor, mask
 
 
 def _masked_grouped_forward(router: nn.Module, hidden_states: torch.Tensor, mask: torch.Tensor):
-    """DeepSeek-V3 sigmoid, group-limited routing with ``mask``ed experts never chosen.
+    """DeepSeek-V3 (and GLM-4-MoE, dots1) sigmoid, group-limited routing with ``mask``ed experts never chosen.
 
     A group's score is the sum of its two best unmasked experts (its only one, if one is left; -inf if none),
     which equals the dropped model's group score whenever every group keeps >= 2 experts.
@@ -246,7 +249,7 @@ def _masked_v2_forward(router: nn.Module, hidden_states: torch.Tensor, mask: tor
 def _masked_forward(router: nn.Module, mask: torch.Tensor):
     if hasattr(router, "topk_method"):  # DeepSeek-V2
         fn = _masked_v2_forward
-    elif hasattr(router, "e_score_correction_bias"):  # DeepSeek-V3
+    elif hasattr(router, "e_score_correction_bias"):  # DeepSeek-V3, GLM-4-MoE, dots1
         fn = _masked_grouped_forward
     else:
         fn = _masked_softmax_forward

@@ -6,13 +6,18 @@ quantization (``llama-quantize`` does that):
 
 * the kept experts of every MoE layer, renumbered 0..N-1 in ascending original order;
 * every router's weight rows and DeepSeek's ``e_score_correction_bias`` sliced to the kept experts;
-* every other tensor unchanged (including tensors outside the optimizer's architecture);
+* every other tensor unchanged (including tensors outside the optimizer's architecture), except those of
+  decoder layers past ``num_hidden_layers``: the multi-token-prediction layers of DeepSeek-V3 and GLM-4-MoE
+  checkpoints, which transformers does not build and the plan does not prune (GLM's converter would convert
+  their unpruned experts against the pruned expert count and fail), are left out;
 * with ``untie_embeddings``, for a tied checkpoint without ``lm_head.weight``: ``lm_head.weight`` as a copy
   of the token embedding and ``tie_word_embeddings: false`` (llama.cpp's qwen2moe and olmoe loaders require
   an ``output.weight`` and never fall back to the embedding);
 * all-zero ``shared_expert_gate`` rows (Qwen2-MoE; R3's, from its zero init) set to 1e-20: llama.cpp computes
   that gate as ``silu(x) / x``, which is 0/0 = NaN for a zero row, while ``sigmoid(1e-20 h)`` is exactly the
   0.5 of a zero row in float32 (``zero_gate_names``);
+* ``config.json`` with the values llama.cpp's converter reads that transformers' config of the family lacks
+  (:data:`CONVERTER_CONFIG`: dots1's ``scoring_func: sigmoid``; ``converter_config_fixes``);
 * ``config.json`` with the expert count (``n_routed_experts`` / ``num_experts`` / ``num_local_experts``,
   whichever the family uses) and the top-k (``num_experts_per_tok``) of the plan, plus a ``moecc_pruned``
   provenance section; tokenizer and other side files copied.
@@ -44,19 +49,24 @@ from .checkpoint import PlannedTensor, ShardWriter, TensorInfo, copy_side_files,
 from .outdir import check_output_dir, output_dir
 from .plan_check import validate_layers
 
-__all__ = ["EXPERT_COUNT_KEYS", "TOP_K_KEY", "PrunedCheckpoint", "uniform_layers", "plan_prunes",
-           "write_pruned_checkpoint", "write_reference_checkpoint", "is_tied", "plan_digest", "zero_gate_names",
-           "ZERO_GATE_NUDGE"]
+__all__ = ["EXPERT_COUNT_KEYS", "TOP_K_KEY", "CONVERTER_CONFIG", "converter_config_fixes", "PrunedCheckpoint",
+           "uniform_layers", "plan_prunes", "write_pruned_checkpoint", "write_reference_checkpoint", "is_tied",
+           "plan_digest", "zero_gate_names", "ZERO_GATE_NUDGE"]
 
 #: config keys that hold the routed-expert count, by family (any present one is updated)
 EXPERT_COUNT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts")
 TOP_K_KEY = "num_experts_per_tok"
+#: config values llama.cpp's converter needs that transformers' config of a family lacks: dots1 routes with
+#: sigmoid scores (hard-coded in transformers), but the converter writes the GGUF's expert gating function only
+#: from ``scoring_func``, and without one llama.cpp aborts on the first MoE layer ("fatal error" in build_moe_ffn)
+CONVERTER_CONFIG: dict[str, dict[str, str]] = {"dots1": {"scoring_func": "sigmoid"}}
 LM_HEAD = "lm_head.weight"
 DEFAULT_SHARD_BYTES = 4 * 1024 ** 3
 #: what an all-zero shared-expert gate row becomes (see the module docstring)
 ZERO_GATE_NUDGE = 1e-20
 _GATE_SUFFIX = "shared_expert_gate.weight"
 _EXPERT_RE = re.compile(r"^(.*\blayers\.(\d+)\..*\.experts\.)(\d+)(\..+)$")
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 _HINT = "solve with `python -m optimizer solve ... --target llamacpp`"
 
 
@@ -68,7 +78,7 @@ class PrunedCheckpoint:
     experts: int  # kept experts per MoE layer
     top_k: int
     tensors: int
-    dropped: int  # tensors of pruned experts left out
+    dropped: int  # tensors left out: of pruned experts, and of multi-token-prediction layers
     bytes: int  # tensor data written
     shards: int
     nudged_gates: int = 0  # all-zero shared-expert gate rows set to ZERO_GATE_NUDGE
@@ -128,6 +138,9 @@ def _jobs(arch: Architecture, headers: list[TensorInfo], kept: dict[int, list[in
                          f"fused-expert checkpoints are not supported")
     jobs, dropped = [], 0
     for info in headers:
+        if (layer := _LAYER_RE.match(info.name)) and int(layer.group(1)) >= arch.num_layers:
+            dropped += 1  # a multi-token-prediction layer (see the module docstring)
+            continue
         if info.dtype.startswith("F8"):
             raise InputError(f"{info.name}: {info.dtype} checkpoint; dequantize FP8 weights to BF16 first")
         block = blocks.get(info.name)
@@ -161,6 +174,7 @@ def _pruned_config(model_dir: Path, n: int, k: int, provenance: dict, untie: boo
     for key in keys:
         config[key] = n
     config[TOP_K_KEY] = k
+    config.update(converter_config_fixes(config))
     if untie:
         config["tie_word_embeddings"] = False
     config["moecc_pruned"] = provenance
@@ -280,6 +294,15 @@ def zero_gate_names(model_dir: str | Path, headers: list[TensorInfo] | None = No
                 if not fh.get_tensor(info.name).any():
                     out.append(info.name)
     return out
+
+
+def converter_config_fixes(config: dict | str | Path) -> dict[str, str]:
+    """The :data:`CONVERTER_CONFIG` entries a config (a dict, or a checkpoint directory's ``config.json``) lacks
+    or holds otherwise: what its checkpoint needs changed before llama.cpp's converter sees it."""
+    if not isinstance(config, dict):
+        config = json.loads((Path(config) / "config.json").read_text(encoding="utf-8"))
+    wanted = CONVERTER_CONFIG.get(config.get("model_type", ""), {})
+    return {key: value for key, value in wanted.items() if config.get(key) != value}
 
 
 def plan_digest(path: str | Path) -> str:

@@ -15,7 +15,8 @@ import torch
 
 from .byte_tokenizer import BOS_ID, PAD_ID, VOCAB_SIZE, save_byte_tokenizer
 
-FAMILIES = ("deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+FAMILIES = ("deepseek_v3", "deepseek_v2", "glm4_moe", "dots1", "qwen3_moe", "qwen2_moe", "mixtral", "olmoe",
+            "flex_olmo")
 
 _COMMON: dict[str, Any] = dict(
     vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
@@ -44,6 +45,20 @@ def tiny_config(family: str):
             topk_method="group_limited_greedy", first_k_dense_replace=1, norm_topk_prob=False,
             routed_scaling_factor=16.0, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=8,
             v_head_dim=8, head_dim=8)
+    if family == "glm4_moe":  # DeepSeek-V3 routing (groups, score bias, scaled weights) under GQA with q/k/v biases
+        from transformers import Glm4MoeConfig
+
+        return Glm4MoeConfig(**_COMMON, head_dim=8, intermediate_size=64, moe_intermediate_size=16,
+                             n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+                             first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+                             attention_bias=True, use_qk_norm=True)
+    if family == "dots1":  # the same routing ungrouped; q/k norms; as llama.cpp's dots1, no GQA
+        from transformers import Dots1Config
+
+        return Dots1Config(**{**_COMMON, "num_key_value_heads": 4}, head_dim=8, intermediate_size=64,
+                           moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                           n_group=1, topk_group=1, first_k_dense_replace=1, norm_topk_prob=True,
+                           routed_scaling_factor=2.5, sliding_window=None)
     if family == "qwen3_moe":
         from transformers import Qwen3MoeConfig
 
@@ -65,6 +80,10 @@ def tiny_config(family: str):
         from transformers import OlmoeConfig
 
         return OlmoeConfig(**_COMMON, intermediate_size=16, num_experts=8, num_experts_per_tok=2)
+    if family == "flex_olmo":  # OLMoE's router and q/k norms, OLMo-2's post-norms
+        from transformers import FlexOlmoConfig
+
+        return FlexOlmoConfig(**_COMMON, intermediate_size=16, num_experts=8, num_experts_per_tok=2)
     raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
 
 

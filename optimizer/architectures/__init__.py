@@ -1,7 +1,8 @@
 """Build an :class:`~optimizer.model_spec.Architecture` from a model's ``config.json``.
 
-Supported: transformers configs of ``deepseek_v3``, ``deepseek_v2``, ``qwen3_moe``, ``qwen2_moe``,
-``mixtral`` and ``olmoe``, and DeepSeek's reference-inference format (``dim``, ``n_routed_experts``,
+Supported: transformers configs of ``deepseek_v3``, ``deepseek_v2`` (:mod:`.deepseek`), ``glm4_moe``, ``dots1``
+(:mod:`.deepseek_gqa`), ``qwen3_moe``, ``qwen2_moe``, ``mixtral``, ``olmoe`` and ``flex_olmo``
+(:mod:`.gqa_moe`), and DeepSeek's reference-inference format (``dim``, ``n_routed_experts``,
 ``moe_inter_dim``...). Block names are the tensor names transformers' ``save_pretrained`` writes.
 """
 
@@ -14,15 +15,19 @@ from ..errors import InputError
 from ..jsonio import parse_json, read_bytes
 from ..model_spec import Architecture, Block
 from .deepseek import DEEPSEEK_FAMILIES, deepseek_from_hf, deepseek_from_reference, is_reference_config, kv_b_gguf_rows
+from .deepseek_gqa import deepseek_gqa_from_hf
 from .gqa_moe import gqa_moe_from_hf
 
 BUILDERS: dict[str, Callable[[dict, str], Architecture]] = {
     "deepseek_v3": deepseek_from_hf,
     "deepseek_v2": deepseek_from_hf,
+    "glm4_moe": deepseek_gqa_from_hf,
+    "dots1": deepseek_gqa_from_hf,
     "qwen3_moe": gqa_moe_from_hf,
     "qwen2_moe": gqa_moe_from_hf,
     "mixtral": gqa_moe_from_hf,
     "olmoe": gqa_moe_from_hf,
+    "flex_olmo": gqa_moe_from_hf,
 }
 
 __all__ = ["BUILDERS", "architecture_from_config", "load_architecture", "supported_model_types", "gguf_row_lengths"]

@@ -1,4 +1,5 @@
-"""Shared helpers of the architecture builders: a checked config reader and a block-list builder.
+"""Shared helpers of the architecture builders: a checked config reader, a block-list builder and the
+grouped-query attention layout (:class:`GQAAttention`) that several families share.
 
 Every size a config gives is bounded (:data:`~optimizer.model_spec.MAX_DIM` unless told, layer and expert
 counts by their own limits), and :func:`check_layout` refuses a layer x expert count that would build more
@@ -8,10 +9,20 @@ than :data:`~optimizer.model_spec.MAX_BLOCKS` blocks before a single block is ma
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 from ..errors import InputError
-from ..model_spec import DEFAULT_FIXED_FORMAT, MAX_BLOCKS, MAX_DIM, MAX_MODEL_ELEMENTS, Block, BlockKind, check_shape
+from ..model_spec import (
+    DEFAULT_FIXED_FORMAT,
+    MAX_BLOCKS,
+    MAX_DIM,
+    MAX_MODEL_ELEMENTS,
+    Block,
+    BlockKind,
+    KVCacheSpec,
+    check_shape,
+)
 
 _MISSING = object()
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -147,3 +158,60 @@ class BlockList:
         self.norm("model.norm.weight", hidden)
         if not tied:
             self.weight("lm_head.weight", BlockKind.LM_HEAD, (vocab, hidden))
+
+
+@dataclass(frozen=True)
+class GQAAttention:
+    """How a family stores grouped-query attention (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``)."""
+
+    qk_norm: str | None  # None, "head" (RMSNorm over head_dim: Qwen3, GLM-4-MoE, dots1) or "full" (over all heads)
+    qk_norm_key: str | None  # config key switching the q/k norms (GLM-4-MoE's use_qk_norm), None = always
+    qkv_bias_key: str | None  # config key switching q/k/v biases, None = never
+    qkv_bias_default: bool
+    o_bias: bool  # o_proj bias follows the same switch
+
+
+@dataclass(frozen=True)
+class GQADims:
+    """The attention sizes of a config, and the switches its :class:`GQAAttention` reads."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    qkv_bias: bool
+    qk_norm: str | None
+
+    def kv_cache(self, num_layers: int) -> KVCacheSpec:
+        return KVCacheSpec("gqa", 2 * self.kv_heads * self.head_dim, num_layers)
+
+    def extra(self) -> dict:
+        """The :attr:`Architecture.extra` entries of the attention (llama.cpp's mixes read the head counts)."""
+        return {"attention": "gqa", "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads,
+                "head_dim": self.head_dim}
+
+
+def gqa_dims(r: ConfigReader, hidden: int, layout: GQAAttention) -> GQADims:
+    """Head counts and ``head_dim`` (``hidden_size / num_attention_heads`` unless given), as transformers reads them."""
+    heads = r.int("num_attention_heads")
+    kv_heads = r.int("num_key_value_heads", heads)
+    if not r.has("head_dim") and hidden % heads:
+        raise InputError(f"{r.where}: hidden_size={hidden} is not divisible by num_attention_heads={heads}")
+    head_dim = r.int("head_dim", hidden // heads)
+    qkv_bias = r.bool(layout.qkv_bias_key, layout.qkv_bias_default) if layout.qkv_bias_key else False
+    qk_norm = layout.qk_norm if layout.qk_norm_key is None or r.bool(layout.qk_norm_key, False) else None
+    return GQADims(heads, kv_heads, head_dim, qkv_bias, qk_norm)
+
+
+def gqa_attention(out: BlockList, prefix: str, layer: int, hidden: int, dims: GQADims, layout: GQAAttention) -> None:
+    """The projections (and q/k norms) of one layer's attention module ``prefix``, in module order."""
+    a, d = BlockKind.ATTENTION, dims
+    out.linear(f"{prefix}.q_proj", a, d.heads * d.head_dim, hidden, layer, d.qkv_bias, "q_proj")
+    out.linear(f"{prefix}.k_proj", a, d.kv_heads * d.head_dim, hidden, layer, d.qkv_bias, "k_proj")
+    out.linear(f"{prefix}.v_proj", a, d.kv_heads * d.head_dim, hidden, layer, d.qkv_bias, "v_proj")
+    out.linear(f"{prefix}.o_proj", a, hidden, d.heads * d.head_dim, layer, d.qkv_bias and layout.o_bias, "o_proj")
+    if d.qk_norm == "head":
+        out.norm(f"{prefix}.q_norm.weight", d.head_dim, layer)
+        out.norm(f"{prefix}.k_norm.weight", d.head_dim, layer)
+    elif d.qk_norm == "full":
+        out.norm(f"{prefix}.q_norm.weight", d.heads * d.head_dim, layer)
+        out.norm(f"{prefix}.k_norm.weight", d.kv_heads * d.head_dim, layer)

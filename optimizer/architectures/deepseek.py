@@ -3,9 +3,16 @@
 Tensor names are the ones ``save_pretrained`` writes (and the published checkpoints use). The multi-token
 prediction layer of DeepSeek-V3 (``num_nextn_predict_layers``, stored as layer 61 in the published
 checkpoint) is not part of the model transformers builds and is left out.
+
+The MoE side (:class:`DeepSeekMoE`, :func:`deepseek_layers`: leading dense layers, a router with DeepSeek-V3's
+``e_score_correction_bias``, routed experts, ``shared_experts``) is shared with the families that route the
+same way under grouped-query attention (:mod:`.deepseek_gqa`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 from ..errors import InputError
 from ..model_spec import MAX_EXPERTS, MAX_LAYERS, Architecture, Block, BlockKind, KVCacheSpec, MoELayer
@@ -13,12 +20,91 @@ from ._common import BlockList, ConfigReader, check_layout
 
 DEEPSEEK_FAMILIES = ("deepseek_v2", "deepseek_v3")
 
-_EXTRA_KEYS = (
-    "intermediate_size", "moe_intermediate_size", "routed_scaling_factor", "norm_topk_prob", "topk_method",
-    "num_nextn_predict_layers", "first_k_dense_replace", "moe_layer_freq", "q_lora_rank", "kv_lora_rank",
-    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "num_attention_heads", "n_routed_experts",
-    "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group", "tie_word_embeddings",
+#: config keys of the DeepSeek MoE layout kept in :attr:`Architecture.extra`
+MOE_EXTRA_KEYS = (
+    "intermediate_size", "moe_intermediate_size", "routed_scaling_factor", "norm_topk_prob",
+    "num_nextn_predict_layers", "first_k_dense_replace", "n_routed_experts", "n_shared_experts",
+    "num_experts_per_tok", "n_group", "topk_group", "tie_word_embeddings",
 )
+_EXTRA_KEYS = MOE_EXTRA_KEYS + (
+    "topk_method", "moe_layer_freq", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+    "v_head_dim", "num_attention_heads",
+)
+
+
+@dataclass(frozen=True)
+class DeepSeekMoE:
+    """DeepSeek's MoE layout, read from a config: which layers route, to how many experts, in which groups."""
+
+    num_experts: int
+    top_k: int
+    shared: int  # n_shared_experts: one shared MLP of moe_inter * shared
+    first_dense: int  # first_k_dense_replace
+    freq: int  # moe_layer_freq (1 where the family has none)
+    groups: int
+    topk_groups: int
+    inter: int  # dense layers' intermediate_size
+    moe_inter: int
+    mlp_bias: bool  # dense and shared MLPs' biases
+    score_bias: bool  # the router's e_score_correction_bias (DeepSeek-V3's sigmoid routing)
+
+    def is_moe(self, layer: int) -> bool:
+        return layer >= self.first_dense and layer % self.freq == 0
+
+
+def read_deepseek_moe(r: ConfigReader, num_layers: int, *, score_bias: bool, first_dense_default: int = 0,
+                      shared_default: int | None = 0, layer_freq: bool = False, mlp_bias: bool = False
+                      ) -> DeepSeekMoE:
+    """The :class:`DeepSeekMoE` of a config, checked: groups divide the experts, k fits, the layout is bounded.
+
+    The defaults are the family's transformers defaults for a key the config lacks: ``first_dense_default``
+    for ``first_k_dense_replace``; ``shared_default`` for ``n_shared_experts`` (0 allows none; a positive
+    default, or None for a required key, means the family always builds a shared MLP, so at least 1).
+    ``layer_freq``: the family reads ``moe_layer_freq``."""
+    if shared_default is None:
+        shared = r.int("n_shared_experts", maximum=MAX_EXPERTS)
+    else:
+        shared = r.int("n_shared_experts", shared_default, minimum=min(shared_default, 1), maximum=MAX_EXPERTS)
+    moe = DeepSeekMoE(
+        num_experts=r.first_int(("n_routed_experts", "num_local_experts"), maximum=MAX_EXPERTS),
+        top_k=r.int("num_experts_per_tok", maximum=MAX_EXPERTS), shared=shared,
+        first_dense=r.int("first_k_dense_replace", first_dense_default, minimum=0, maximum=MAX_LAYERS),
+        freq=r.int("moe_layer_freq", 1, maximum=MAX_LAYERS) if layer_freq else 1,
+        groups=r.int("n_group", 1, maximum=MAX_EXPERTS), topk_groups=r.int("topk_group", 1, maximum=MAX_EXPERTS),
+        inter=r.int("intermediate_size"), moe_inter=r.int("moe_intermediate_size"),
+        mlp_bias=mlp_bias, score_bias=score_bias,
+    )
+    _check_routing(r.where, moe.num_experts, moe.top_k, moe.groups, moe.topk_groups)
+    check_layout(r.where, num_layers, moe.num_experts)
+    return moe
+
+
+def deepseek_layers(out: BlockList, moe: DeepSeekMoE, num_layers: int, hidden: int,
+                    attention: Callable[[str, int], None]) -> tuple[MoELayer, ...]:
+    """Every decoder layer's blocks, in module order: norms around ``attention(prefix, layer)`` (which adds the
+    attention module's blocks), then a dense MLP or the MoE block. Returns the MoE layers (at least one)."""
+    moe_layers = []
+    for layer in range(num_layers):
+        p = f"model.layers.{layer}"
+        out.norm(f"{p}.input_layernorm.weight", hidden, layer)
+        attention(f"{p}.self_attn", layer)
+        out.norm(f"{p}.post_attention_layernorm.weight", hidden, layer)
+        if not moe.is_moe(layer):
+            out.mlp(f"{p}.mlp", BlockKind.DENSE_MLP, moe.inter, hidden, layer, bias=moe.mlp_bias)
+            continue
+        moe_layers.append(MoELayer(layer, moe.num_experts, moe.top_k))
+        out.fixed(f"{p}.mlp.gate.weight", BlockKind.ROUTER, (moe.num_experts, hidden), layer)
+        if moe.score_bias:
+            out.fixed(f"{p}.mlp.gate.e_score_correction_bias", BlockKind.ROUTER, (moe.num_experts,), layer)
+        for e in range(moe.num_experts):
+            out.mlp(f"{p}.mlp.experts.{e}", BlockKind.ROUTED_EXPERT, moe.moe_inter, hidden, layer, e)
+        if moe.shared:
+            out.mlp(f"{p}.mlp.shared_experts", BlockKind.SHARED_EXPERT, moe.moe_inter * moe.shared, hidden, layer,
+                    bias=moe.mlp_bias)
+    if not moe_layers:
+        raise InputError(f"{out.where}: no MoE layers (first_k_dense_replace={moe.first_dense} >= {num_layers} "
+                         "layers)")
+    return tuple(moe_layers)
 
 
 def _mla_attention(out: BlockList, r: ConfigReader, p: str, layer: int, hidden: int) -> None:
@@ -72,53 +158,25 @@ def deepseek_from_hf(config: dict, where: str = "config") -> Architecture:
     r = ConfigReader(config, f"{where} ({family})")
     hidden, vocab = r.int("hidden_size"), r.int("vocab_size")
     num_layers = r.int("num_hidden_layers", maximum=MAX_LAYERS)
-    inter, moe_inter = r.int("intermediate_size"), r.int("moe_intermediate_size")
-    num_experts = r.first_int(("n_routed_experts", "num_local_experts"), maximum=MAX_EXPERTS)
-    top_k = r.int("num_experts_per_tok", maximum=MAX_EXPERTS)
-    shared = r.int("n_shared_experts", 0, minimum=0, maximum=MAX_EXPERTS)
-    first_dense = r.int("first_k_dense_replace", 0, minimum=0, maximum=MAX_LAYERS)
-    freq = r.int("moe_layer_freq", 1, maximum=MAX_LAYERS)
-    groups = r.int("n_group", 1, maximum=MAX_EXPERTS)
-    topk_groups = r.int("topk_group", 1, maximum=MAX_EXPERTS)
-    mlp_bias = r.bool("mlp_bias", False)
+    moe = read_deepseek_moe(r, num_layers, score_bias=family == "deepseek_v3", layer_freq=True,
+                            mlp_bias=r.bool("mlp_bias", False))
     tied = r.bool("tie_word_embeddings", False)
     r.int("num_attention_heads"), r.int("kv_lora_rank"), r.int("qk_rope_head_dim")  # fail early on bad sizes
-    _check_routing(r.where, num_experts, top_k, groups, topk_groups)
-    check_layout(r.where, num_layers, num_experts)
-    score_bias = family == "deepseek_v3"
 
     out = BlockList(r.where)
     out.embeddings(vocab, hidden)
-    moe_layers = []
-    for layer in range(num_layers):
-        p = f"model.layers.{layer}"
-        out.norm(f"{p}.input_layernorm.weight", hidden, layer)
-        _mla_attention(out, r, f"{p}.self_attn", layer, hidden)
-        out.norm(f"{p}.post_attention_layernorm.weight", hidden, layer)
-        if layer < first_dense or layer % freq != 0:
-            out.mlp(f"{p}.mlp", BlockKind.DENSE_MLP, inter, hidden, layer, bias=mlp_bias)
-            continue
-        moe_layers.append(MoELayer(layer, num_experts, top_k))
-        out.fixed(f"{p}.mlp.gate.weight", BlockKind.ROUTER, (num_experts, hidden), layer)
-        if score_bias:
-            out.fixed(f"{p}.mlp.gate.e_score_correction_bias", BlockKind.ROUTER, (num_experts,), layer)
-        for e in range(num_experts):
-            out.mlp(f"{p}.mlp.experts.{e}", BlockKind.ROUTED_EXPERT, moe_inter, hidden, layer, e)
-        if shared:
-            out.mlp(f"{p}.mlp.shared_experts", BlockKind.SHARED_EXPERT, moe_inter * shared, hidden, layer,
-                    bias=mlp_bias)
+    moe_layers = deepseek_layers(out, moe, num_layers, hidden,
+                                 lambda prefix, layer: _mla_attention(out, r, prefix, layer, hidden))
     out.head(vocab, hidden, tied)
-    if not moe_layers:
-        raise InputError(f"{r.where}: no MoE layers (first_k_dense_replace={first_dense} >= {num_layers} layers)")
 
     extra = r.extra(_EXTRA_KEYS)
     extra["score_func"] = r.get("scoring_func", "sigmoid" if family == "deepseek_v3" else "softmax")
     extra["attention"] = "mla"
     kv = KVCacheSpec("mla", r.int("kv_lora_rank") + r.int("qk_rope_head_dim"), num_layers)
     return Architecture(
-        family=family, num_layers=num_layers, hidden_size=hidden, vocab_size=vocab, moe_layers=tuple(moe_layers),
-        shared_experts=shared, blocks=tuple(out.blocks), kv_cache=kv, expert_groups=groups,
-        topk_groups=topk_groups, extra=extra,
+        family=family, num_layers=num_layers, hidden_size=hidden, vocab_size=vocab, moe_layers=moe_layers,
+        shared_experts=moe.shared, blocks=tuple(out.blocks), kv_cache=kv, expert_groups=moe.groups,
+        topk_groups=moe.topk_groups, extra=extra,
     )
 
 

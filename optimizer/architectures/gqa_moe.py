@@ -1,9 +1,11 @@
-"""Grouped-query-attention MoE families: ``qwen3_moe``, ``qwen2_moe``, ``mixtral`` and ``olmoe``.
+"""Grouped-query-attention MoE families with softmax routers: ``qwen3_moe``, ``qwen2_moe``, ``mixtral``,
+``olmoe`` and ``flex_olmo``.
 
 Tensor names are the ones transformers' ``save_pretrained`` writes (the per-expert checkpoint layout); for
 Mixtral that is ``block_sparse_moe.experts.{e}.w1/w2/w3`` and ``block_sparse_moe.gate``. Mixtral's
 ``w1``, ``w3``, ``w2`` blocks carry the projections ``gate_proj``, ``up_proj``, ``down_proj`` so that every
-family shares :attr:`Architecture.expert_projections`.
+family shares :attr:`Architecture.expert_projections`. FlexOlmo is OLMoE with OLMo-2's norm placement: no
+``input_layernorm``; ``post_attention_layernorm`` and ``post_feedforward_layernorm`` normalise the outputs.
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import InputError
-from ..model_spec import MAX_EXPERTS, MAX_LAYERS, Architecture, BlockKind, KVCacheSpec, MoELayer
-from ._common import BlockList, ConfigReader, check_layout
+from ..model_spec import MAX_EXPERTS, MAX_LAYERS, Architecture, BlockKind, MoELayer
+from ._common import BlockList, ConfigReader, GQAAttention, check_layout, gqa_attention, gqa_dims
 
-GQA_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+GQA_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "flex_olmo")
 MIXTRAL_TENSORS = ("w1", "w3", "w2")  # gate, up, down
 
 _EXTRA_KEYS = (
@@ -31,22 +33,24 @@ class _Layout:
 
     moe_prefix: str  # "mlp" or "block_sparse_moe"
     expert_tensors: tuple[str, str, str]  # checkpoint names of gate, up, down
-    qk_norm: str | None  # None, "head" (Qwen3: over head_dim) or "full" (OLMoE: over all heads)
-    qkv_bias_key: str | None  # config key switching q/k/v biases, None = never
-    qkv_bias_default: bool
-    o_bias: bool  # o_proj bias follows the same switch
+    attention: GQAAttention
     shared_expert: bool  # Qwen2-MoE's shared_expert + shared_expert_gate
     sparse_step: bool  # decoder_sparse_step / mlp_only_layers pick the MoE layers
     expert_inter_key: str
+    post_norms: bool = False  # OLMo-2 placement (FlexOlmo): norms after attention and MLP, none before
 
 
 _MLP = ("gate_proj", "up_proj", "down_proj")
+_OLMOE_ATTENTION = GQAAttention("full", None, "attention_bias", False, True)
 LAYOUTS = {
-    "qwen3_moe": _Layout("mlp", _MLP, "head", "attention_bias", False, True, False, True, "moe_intermediate_size"),
-    "qwen2_moe": _Layout("mlp", _MLP, None, "qkv_bias", True, False, True, True, "moe_intermediate_size"),
-    "mixtral": _Layout("block_sparse_moe", MIXTRAL_TENSORS, None, None, False, False, False, False,
-                       "intermediate_size"),
-    "olmoe": _Layout("mlp", _MLP, "full", "attention_bias", False, True, False, False, "intermediate_size"),
+    "qwen3_moe": _Layout("mlp", _MLP, GQAAttention("head", None, "attention_bias", False, True), False, True,
+                         "moe_intermediate_size"),
+    "qwen2_moe": _Layout("mlp", _MLP, GQAAttention(None, None, "qkv_bias", True, False), True, True,
+                         "moe_intermediate_size"),
+    "mixtral": _Layout("block_sparse_moe", MIXTRAL_TENSORS, GQAAttention(None, None, None, False, False), False,
+                       False, "intermediate_size"),
+    "olmoe": _Layout("mlp", _MLP, _OLMOE_ATTENTION, False, False, "intermediate_size"),
+    "flex_olmo": _Layout("mlp", _MLP, _OLMOE_ATTENTION, False, False, "intermediate_size", post_norms=True),
 }
 
 
@@ -65,11 +69,7 @@ def gqa_moe_from_hf(config: dict, where: str = "config") -> Architecture:
     r = ConfigReader(config, f"{where} ({family})")
     hidden, vocab = r.int("hidden_size"), r.int("vocab_size")
     num_layers = r.int("num_hidden_layers", maximum=MAX_LAYERS)
-    heads = r.int("num_attention_heads")
-    kv_heads = r.int("num_key_value_heads", heads)
-    if not r.has("head_dim") and hidden % heads:
-        raise InputError(f"{r.where}: hidden_size={hidden} is not divisible by num_attention_heads={heads}")
-    head_dim = r.int("head_dim", hidden // heads)
+    dims = gqa_dims(r, hidden, lay.attention)
     num_experts = r.first_int(("num_local_experts", "num_experts"), maximum=MAX_EXPERTS)
     top_k = r.int("num_experts_per_tok", maximum=MAX_EXPERTS)
     if top_k > num_experts:
@@ -79,28 +79,20 @@ def gqa_moe_from_hf(config: dict, where: str = "config") -> Architecture:
     step = r.int("decoder_sparse_step", 1, maximum=MAX_LAYERS) if lay.sparse_step else 1
     mlp_only = r.int_list("mlp_only_layers") if lay.sparse_step else []
     shared_inter = r.int("shared_expert_intermediate_size", 0, minimum=0) if lay.shared_expert else 0
-    qkv_bias = r.bool(lay.qkv_bias_key, lay.qkv_bias_default) if lay.qkv_bias_key else False
     tied = r.bool("tie_word_embeddings", False)
     check_layout(r.where, num_layers, num_experts)
 
     out = BlockList(r.where)
     out.embeddings(vocab, hidden)
     moe_layers = []
-    a = BlockKind.ATTENTION
     for layer in range(num_layers):
         p = f"model.layers.{layer}"
-        out.norm(f"{p}.input_layernorm.weight", hidden, layer)
-        out.linear(f"{p}.self_attn.q_proj", a, heads * head_dim, hidden, layer, qkv_bias, "q_proj")
-        out.linear(f"{p}.self_attn.k_proj", a, kv_heads * head_dim, hidden, layer, qkv_bias, "k_proj")
-        out.linear(f"{p}.self_attn.v_proj", a, kv_heads * head_dim, hidden, layer, qkv_bias, "v_proj")
-        out.linear(f"{p}.self_attn.o_proj", a, hidden, heads * head_dim, layer, qkv_bias and lay.o_bias, "o_proj")
-        if lay.qk_norm == "head":
-            out.norm(f"{p}.self_attn.q_norm.weight", head_dim, layer)
-            out.norm(f"{p}.self_attn.k_norm.weight", head_dim, layer)
-        elif lay.qk_norm == "full":
-            out.norm(f"{p}.self_attn.q_norm.weight", heads * head_dim, layer)
-            out.norm(f"{p}.self_attn.k_norm.weight", kv_heads * head_dim, layer)
+        if not lay.post_norms:
+            out.norm(f"{p}.input_layernorm.weight", hidden, layer)
+        gqa_attention(out, f"{p}.self_attn", layer, hidden, dims, lay.attention)
         out.norm(f"{p}.post_attention_layernorm.weight", hidden, layer)
+        if lay.post_norms:
+            out.norm(f"{p}.post_feedforward_layernorm.weight", hidden, layer)
         if not _is_moe_layer(layer, lay, step, mlp_only):
             out.mlp(f"{p}.mlp", BlockKind.DENSE_MLP, dense_inter, hidden, layer)
             continue
@@ -117,11 +109,11 @@ def gqa_moe_from_hf(config: dict, where: str = "config") -> Architecture:
         raise InputError(f"{r.where}: no MoE layers (check decoder_sparse_step and mlp_only_layers)")
 
     extra = r.extra(_EXTRA_KEYS)
-    extra.update(attention="gqa", head_dim=head_dim, num_key_value_heads=kv_heads, score_func="softmax")
+    extra.update(dims.extra(), score_func="softmax")
     if family == "mixtral":
         extra["expert_tensor_names"] = dict(zip(_MLP, MIXTRAL_TENSORS))
     return Architecture(
         family=family, num_layers=num_layers, hidden_size=hidden, vocab_size=vocab, moe_layers=tuple(moe_layers),
         shared_experts=1 if shared_inter else 0, blocks=tuple(out.blocks),
-        kv_cache=KVCacheSpec("gqa", 2 * kv_heads * head_dim, num_layers), extra=extra,
+        kv_cache=dims.kv_cache(num_layers), extra=extra,
     )

@@ -45,6 +45,21 @@ TINY = {
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
               dict(intermediate_size=32, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
                    attention_bias=True, eos_token_id=None)),
+    "flex_olmo": ("FlexOlmoConfig", "FlexOlmoForCausalLM",
+                  dict(intermediate_size=32, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                       attention_bias=True, pad_token_id=None, eos_token_id=None)),
+    # DeepSeek-V3 routing under GQA; head_dim 32 != hidden / heads, as GLM-4.5's 128 != 5120 / 96
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM",
+                 dict(intermediate_size=96, moe_intermediate_size=32, num_key_value_heads=2, head_dim=32,
+                      n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+                      first_k_dense_replace=1, attention_bias=True)),
+    "glm4_moe_qk_norm_tied": ("Glm4MoeConfig", "Glm4MoeForCausalLM",
+                              dict(intermediate_size=96, moe_intermediate_size=32, num_key_value_heads=2,
+                                   n_routed_experts=4, n_shared_experts=2, num_experts_per_tok=2,
+                                   first_k_dense_replace=0, use_qk_norm=True, tie_word_embeddings=True)),
+    "dots1": ("Dots1Config", "Dots1ForCausalLM",
+              dict(intermediate_size=96, moe_intermediate_size=32, num_key_value_heads=2, n_routed_experts=8,
+                   n_shared_experts=2, num_experts_per_tok=2, first_k_dense_replace=2, attention_bias=True)),
 }
 
 
@@ -201,6 +216,48 @@ def test_qwen3_30b_a3b_is_30_5b() -> None:
     assert len(arch.moe_layers) == 48 and arch.moe_layers[0].num_experts == 128
 
 
+# The architecture keys of GLM-4.5-Air and dots.llm1 as in stored public copies of their configs (search index
+# file ids 54377337437: a Glm4MoeForCausalLM conversion script's CONFIG, hidden 4096 / 96 heads / 128 experts /
+# 46 layers; 55020445748: a trimmed dots.llm1.inst config in a loader's unit test); published totals 106B / 142B.
+GLM_4_5_AIR = dict(
+    model_type="glm4_moe", vocab_size=151552, hidden_size=4096, intermediate_size=10944, moe_intermediate_size=1408,
+    num_hidden_layers=46, num_attention_heads=96, num_key_value_heads=8, head_dim=128, n_routed_experts=128,
+    n_shared_experts=1, num_experts_per_tok=8, n_group=1, topk_group=1, first_k_dense_replace=1,
+    routed_scaling_factor=1.0, norm_topk_prob=True, attention_bias=True, use_qk_norm=False,
+    num_nextn_predict_layers=1, partial_rotary_factor=0.5, tie_word_embeddings=False,
+)
+DOTS_LLM1 = dict(
+    model_type="dots1", vocab_size=152064, hidden_size=4096, intermediate_size=10944, moe_intermediate_size=1408,
+    num_hidden_layers=62, num_attention_heads=32, num_key_value_heads=32, n_routed_experts=128, n_shared_experts=2,
+    num_experts_per_tok=6, n_group=1, topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
+    norm_topk_prob=True, attention_bias=False, tie_word_embeddings=False,
+)
+
+
+def test_glm_4_5_air_is_106b_without_its_mtp_layer() -> None:
+    arch = architecture_from_config(GLM_4_5_AIR)
+    assert _close(arch.num_parameters, 106e9, 0.01), arch.num_parameters
+    assert [m.index for m in arch.moe_layers] == list(range(1, 46)) and arch.moe_layers[0].top_k == 8
+    assert arch.kv_cache.kind == "gqa" and arch.kv_cache.elements_per_token_per_layer == 2 * 8 * 128
+    assert (arch.expert_groups, arch.topk_groups, arch.shared_experts) == (1, 1, 1)
+    names = {b.name: b for b in arch.blocks}
+    assert names["model.layers.1.self_attn.q_proj.weight"].shape == (96 * 128, 4096)
+    assert "model.layers.1.self_attn.q_proj.bias" in names and "model.layers.1.self_attn.o_proj.bias" not in names
+    assert "model.layers.1.self_attn.q_norm.weight" not in names  # use_qk_norm false
+    assert "model.layers.1.mlp.gate.e_score_correction_bias" in names
+    assert not any(".layers.46." in n for n in names)  # the MTP layer is left out
+    assert arch.extra["score_func"] == "sigmoid" and arch.extra["num_key_value_heads"] == 8
+
+
+def test_dots_llm1_is_142b() -> None:
+    arch = architecture_from_config(DOTS_LLM1)
+    assert _close(arch.num_parameters, 142e9, 0.01), arch.num_parameters
+    assert len(arch.moe_layers) == 61 and arch.moe_layers[0].index == 1 and arch.shared_experts == 2
+    names = {b.name: b for b in arch.blocks}
+    assert names["model.layers.1.mlp.shared_experts.up_proj.weight"].shape == (2 * 1408, 4096)
+    assert names["model.layers.1.self_attn.k_norm.weight"].shape == (128,)  # per head, always
+
+
 def test_tied_embeddings_drop_lm_head() -> None:
     tied = architecture_from_config(dict(QWEN3_30B_A3B, tie_word_embeddings=True))
     assert not tied.blocks_of_kind([BlockKind.LM_HEAD])
@@ -284,7 +341,13 @@ def test_every_transformers_moe_type_is_supported_or_refused_by_name() -> None:
     from optimizer.architectures import supported_model_types
 
     moe = _transformers_moe_types()
-    assert set(supported_model_types()) <= set(moe), set(supported_model_types()) - set(moe)
-    for model_type in sorted(set(moe) - set(supported_model_types())):
-        with pytest.raises(InputError, match=f"unsupported model_type '{model_type}'; supported: deepseek_v2, "):
+    supported = supported_model_types()
+    assert set(supported) <= set(moe), set(supported) - set(moe)
+    assert {"glm4_moe", "dots1", "flex_olmo"} <= set(supported)
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    listed = readme.split("## Supported models", 1)[1].split("\n## ", 1)[0]
+    assert all(f"`{t}`" in listed for t in supported), [t for t in supported if f"`{t}`" not in listed]
+    for model_type in sorted(set(moe) - set(supported)):
+        with pytest.raises(InputError, match=f"^config: unsupported model_type '{model_type}'; supported: "
+                                             f"{', '.join(supported)}$"):
             architecture_from_config({"model_type": model_type})

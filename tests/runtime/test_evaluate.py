@@ -111,7 +111,8 @@ def test_cli(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert capsys.readouterr().err.count("\n") == 1
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe", "mixtral", "olmoe", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "glm4_moe", "dots1",
+                                    "flex_olmo"])
 def test_expert_load(family: str, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 

@@ -9,7 +9,8 @@ import pytest
 from optimizer.architectures import load_architecture
 from optimizer.errors import InputError
 from optimizer.plan import save_plan
-from runtime.export import export, parse_tensor_types
+from runtime.export import GGUF_ARCH, export, parse_tensor_types
+from runtime.prune_checkpoint import write_pruned_checkpoint
 from runtime.testing import made_up_plan, restrict_plan
 from runtime.tiny_models import FAMILIES, make_tiny_model
 
@@ -37,6 +38,7 @@ def test_llamacpp_recipe(dsv3: Path, tmp_path: Path) -> None:
     assert kv == ["deepseek2.expert_used_count=int:1"]  # the pruned checkpoint's config carries the count
     readme = (tmp_path / "r" / "README.md").read_text()
     assert "convert_hf_to_gguf.py hf-pruned --outtype bf16 --outfile model-bf16.gguf" in readme
+    assert "Write the pruned checkpoint first" not in readme  # it is here already
     assert "llama-quantize --tensor-type-file tensor-types.txt model-bf16.gguf model-plan.gguf Q8_0" in readme
     assert (tmp_path / "r" / "hf-pruned" / "model.safetensors").is_file()  # written by default: the plan prunes
     export(tmp_path / "plan.json", "llamacpp", tmp_path / "r2", None)  # names from the plan alone
@@ -79,9 +81,9 @@ def test_gptqmodel_and_torchao(dsv3: Path, tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- pruned checkpoint (hf-pruned)
 
-def _keep(family: str) -> tuple[list[int], int]:
-    """Kept experts and k: DeepSeek keeps 2 of 4 in each of its 2 groups (topk_group 1 -> k <= 2)."""
-    return ([1, 3, 4, 6], 1) if family.startswith("deepseek") else ([0, 2, 5, 6, 7], 1)
+def _keep(expert_groups: int) -> tuple[list[int], int]:
+    """Kept experts and k: a grouped router (DeepSeek, GLM-4-MoE) keeps 2 of 4 in each of its 2 groups."""
+    return ([1, 3, 4, 6], 1) if expert_groups > 1 else ([0, 2, 5, 6, 7], 1)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -94,13 +96,28 @@ def test_pruned_checkpoint_matches_in_memory_pruning(family: str, tmp_path: Path
     torch.set_num_threads(1)
     model_dir = make_tiny_model(family, tmp_path / "model")
     arch = load_architecture(model_dir)
-    keep, k = _keep(family)
+    keep, k = _keep(arch.expert_groups)
     plan = made_up_plan(model_dir, formats=GGUF_FORMATS, target="llamacpp", fraction=0.6)
     plan = restrict_plan(plan, arch, {m.index: (keep, k) for m in arch.moe_layers})
     save_plan(plan, tmp_path / "plan.json")
-    paths = export(tmp_path / "plan.json", "llamacpp", tmp_path / "recipe", model_dir)
-    out = tmp_path / "recipe" / "hf-pruned"
-    assert out in paths and (out / "byte_tokenizer.json").is_file()
+    if family in GGUF_ARCH:
+        paths = export(tmp_path / "plan.json", "llamacpp", tmp_path / "recipe", model_dir)
+        out = tmp_path / "recipe" / "hf-pruned"
+        assert out in paths
+    else:  # no llama.cpp converter: refused in one line, nothing written; the pruned checkpoint is generic
+        from runtime.gguf_export import check_convertible, export_gguf
+
+        refused = f"^llama.cpp's converter has no architecture for {family} models"
+        with pytest.raises(InputError, match=refused):
+            export(tmp_path / "plan.json", "llamacpp", tmp_path / "recipe", model_dir)
+        with pytest.raises(InputError, match=refused):
+            export_gguf(tmp_path / "plan.json", model_dir, tmp_path / "model.gguf")
+        with pytest.raises(InputError, match=refused):  # runtime eval model.gguf --reference MODEL
+            check_convertible(arch, model_dir)
+        assert not (tmp_path / "recipe").exists() and not (tmp_path / "model.gguf").exists()
+        out = tmp_path / "hf-pruned"
+        write_pruned_checkpoint(plan, arch, model_dir, out)
+    assert (out / "byte_tokenizer.json").is_file()
     config = json.loads((out / "config.json").read_text())
     assert config["num_experts_per_tok"] == k
     assert config.get("n_routed_experts", config.get("num_experts", config.get("num_local_experts"))) == len(keep)
@@ -190,6 +207,48 @@ def test_tied_qwen2_moe_gets_an_output_head(tmp_path: Path) -> None:
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(untied(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=1e-6)
+
+
+def test_dots1_gets_the_gating_function_llama_cpp_reads(tmp_path: Path) -> None:
+    """transformers' dots1 routes with sigmoid scores but writes no scoring_func; llama.cpp's converter then writes
+    no gating function and llama.cpp aborts on the first MoE layer (found by running it): hf-pruned has it, and is
+    written for a plan that prunes nothing."""
+    from runtime.prune_checkpoint import converter_config_fixes
+
+    model = make_tiny_model("dots1", tmp_path / "dots1")
+    arch = load_architecture(model)
+    assert converter_config_fixes(model) == {"scoring_func": "sigmoid"}
+    plan = made_up_plan(model, formats=GGUF_FORMATS, target="llamacpp", fraction=0.8)
+    save_plan(restrict_plan(plan, arch, {m.index: (list(range(8)), 2) for m in arch.moe_layers}), tmp_path / "p.json")
+    export(tmp_path / "p.json", "llamacpp", tmp_path / "r", model)
+    config = json.loads((tmp_path / "r" / "hf-pruned" / "config.json").read_text())
+    assert config["scoring_func"] == "sigmoid" and not converter_config_fixes(tmp_path / "r" / "hf-pruned")
+    assert "`hf-pruned/config.json` has it" in (tmp_path / "r" / "README.md").read_text()
+    with pytest.raises(InputError, match="^--no-pruned-checkpoint: llama.cpp's converter needs"):
+        export(tmp_path / "p.json", "llamacpp", tmp_path / "r2", model, pruned_checkpoint=False)
+
+
+def test_mtp_layer_is_left_out_of_the_pruned_checkpoint(tmp_path: Path) -> None:
+    """GLM-4.5 stores its multi-token-prediction layer after the last one, experts unpruned (transformers does not
+    build it): the converter would read them against the pruned count, so hf-pruned leaves the layer out."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model = make_tiny_model("glm4_moe", tmp_path / "glm")
+    arch = load_architecture(model)
+    tensors = load_file(model / "model.safetensors")
+    last = f"model.layers.{arch.num_layers - 1}."
+    mtp = {n.replace(last, f"model.layers.{arch.num_layers}."): t.clone() for n, t in tensors.items() if last in n}
+    save_file({**tensors, **mtp}, model / "model.safetensors", metadata={"format": "pt"})
+    keep, k = _keep(arch.expert_groups)
+    plan = made_up_plan(model, formats=GGUF_FORMATS, target="llamacpp", fraction=0.6)
+    save_plan(restrict_plan(plan, arch, {m.index: (keep, k) for m in arch.moe_layers}), tmp_path / "p.json")
+    export(tmp_path / "p.json", "llamacpp", tmp_path / "r", model)
+    with safe_open(str(tmp_path / "r" / "hf-pruned" / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert not any(n.startswith(f"model.layers.{arch.num_layers}.") for n in names)
+    experts = {int(n.split(".")[5]) for n in names if n.startswith(f"{last}mlp.experts.")}
+    assert experts == set(range(len(keep)))  # the last real layer is pruned as planned
 
 
 def test_zero_shared_expert_gates_are_nudged_for_llamacpp(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
-"""End to end in the real llama.cpp (slow): solve a tiny qwen3_moe / qwen2_moe / deepseek_v3 with a GGUF-format
-profile (``--target llamacpp``), prune it by hand to 5 (DeepSeek 4) of 8 experts and top-1, export to GGUF with
+"""End to end in the real llama.cpp (slow): solve a tiny model of each family llama.cpp converts with a GGUF-format
+profile (``--target llamacpp``), prune it by hand to 5 (grouped routers: 4) of 8 experts and top-1, export to GGUF with
 ``python -m runtime export --to gguf`` (types, bytes, N and k checked against the plan) and run
 ``llama-perplexity`` on it (finite), then ``runtime eval model.gguf --reference MODEL`` (llama.cpp's KL
 divergence to the original's GGUF: finite). qwen2_moe's shared-expert gates are zeroed first, as R3's are.
@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 GGUF_FORMATS = ("Q4_0", "Q5_0", "Q8_0", "BF16")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+GLM_SPECIAL_TOKENS = ["[gMASK]", "<|user|>", "<|observation|>", "<|endoftext|>"]
 
 
 def _llama_cpp():
@@ -55,6 +56,8 @@ def _model(family: str, out: Path, tokenizer: Path, zero_gates: bool) -> Path:
     from runtime.tiny_models import tiny_config
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
+    if family == "glm4_moe":  # the converter's GLM vocabulary reads these special tokens by name
+        tok.add_special_tokens({"additional_special_tokens": GLM_SPECIAL_TOKENS})
     config = tiny_config(family)
     config.mlp_only_layers = []  # llama.cpp's qwen2moe/qwen3moe have MoE in every layer
     if family == "olmoe":  # llama.cpp's olmoe takes k_norm over the full width (real OLMoE has no GQA)
@@ -73,13 +76,16 @@ def _model(family: str, out: Path, tokenizer: Path, zero_gates: bool) -> Path:
                 if zero_gates and name.endswith("shared_expert_gate.weight"):
                     param.zero_()  # as R3's: llama.cpp's silu(x)/x gate would make them NaN
     model.save_pretrained(out, safe_serialization=True)
+    if family == "glm4_moe":
+        tok.save_pretrained(out)
+        return out
     for name in TOKENIZER_FILES:
         if (tokenizer / name).is_file():
             shutil.copyfile(tokenizer / name, out / name)
     return out
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "deepseek_v3", "mixtral", "olmoe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "deepseek_v3", "glm4_moe", "dots1", "mixtral", "olmoe"])
 def test_solve_export_gguf_and_run_in_llama_cpp(family: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from optimizer.architectures import load_architecture
     from optimizer.byte_model import uniform_bytes
@@ -105,7 +111,7 @@ def test_solve_export_gguf_and_run_in_llama_cpp(family: str, tmp_path: Path, cap
     assert len({f for f in solved.formats.values() if f in GGUF_FORMATS[:3]}) >= 2  # a mix of quantized types
     # the tiny experts are too small for the solver to prune at any useful budget: prune by hand (DeepSeek's
     # groups need 2 of each 4), keeping the solved formats, to exercise hf-pruned, sliced routers and N, k
-    keep = [1, 3, 4, 6] if family.startswith("deepseek") else [0, 2, 5, 6, 7]
+    keep = [1, 3, 4, 6] if arch.expert_groups > 1 else [0, 2, 5, 6, 7]
     plan = restrict_plan(solved, arch, {m.index: (keep, 1) for m in arch.moe_layers})
     save_plan(plan, tmp_path / "pruned.json")
 
