@@ -54,35 +54,41 @@ TESTS: dict[str, list[str]] = {
     ],
     "optimizer/byte_model.py": [
         "tests/optimizer/test_byte_model.py", "tests/optimizer/test_byte_counts_by_hand.py",
-        "tests/optimizer/test_formulation.py", "tests/optimizer/test_baselines.py",
-        "tests/optimizer/test_llamacpp_mixes.py", "tests/profiling/test_refine.py",
+        "tests/optimizer/test_byte_model_exact.py", "tests/optimizer/test_formulation.py",
+        "tests/optimizer/test_baselines.py", "tests/optimizer/test_llamacpp_mixes.py", "tests/profiling/test_refine.py",
     ],
     "optimizer/formulation/decomposition.py": [
-        "tests/optimizer/test_decomposition_parts.py", "tests/optimizer/test_formulation.py",
+        "tests/optimizer/test_decomposition_parts.py", "tests/optimizer/test_decomposition_exact.py",
+        "tests/optimizer/test_formulation.py",
         "tests/optimizer/test_lagrangian_identity.py", "tests/optimizer/test_baselines.py",
         "tests/optimizer/test_cli.py", "tests/optimizer/test_prune_curve.py", "tests/optimizer/test_time_limits.py",
     ],
     "optimizer/formats.py": [
+        "tests/optimizer/test_formats_exact.py",
         "tests/optimizer/test_byte_model.py", "tests/runtime/test_quant.py", "tests/optimizer/test_contracts.py",
         "tests/optimizer/test_formulation.py", "tests/optimizer/test_baselines.py", "tests/profiling/test_calibrate.py",
         "tests/profiling/test_cli.py", "tests/profiling/test_run.py",
     ],
     "optimizer/budget.py": [
-        "tests/optimizer/test_budget_units.py", "tests/optimizer/test_byte_counts_by_hand.py",
+        "tests/optimizer/test_budget_units.py", "tests/optimizer/test_budget_exact.py",
+        "tests/optimizer/test_byte_counts_by_hand.py",
         "tests/optimizer/test_cli.py", "tests/optimizer/test_bounded_input.py", "tests/optimizer/test_formulation.py",
         "tests/optimizer/test_baselines.py", "tests/optimizer/test_llamacpp_mixes.py",
         "tests/optimizer/test_prune_curve.py", "tests/optimizer/test_time_limits.py", "tests/profiling/test_refine.py",
         "tests/profiling/test_run.py", "tests/profiling/test_prune_curve.py",
     ],
     "runtime/quant/intq.py": [
-        "tests/runtime/test_intq_golden.py", "tests/runtime/test_quant.py", "tests/runtime/test_gptq.py",
+        "tests/runtime/test_intq_golden.py", "tests/runtime/test_intq_exact.py", "tests/runtime/test_quant.py",
+        "tests/runtime/test_gptq.py",
     ],
     "runtime/moe.py": [
-        "tests/runtime/test_moe.py", "tests/runtime/test_moe_surgery.py", "tests/runtime/test_apply.py",
+        "tests/runtime/test_moe.py", "tests/runtime/test_moe_exact.py", "tests/runtime/test_moe_surgery.py",
+        "tests/runtime/test_apply.py",
         "tests/runtime/test_export.py", "tests/runtime/test_gptq.py", "tests/profiling/test_run.py",
     ],
     "profiling/stats.py": [
-        "tests/profiling/test_stats_hand.py", "tests/profiling/test_run.py", "tests/profiling/test_cli.py",
+        "tests/profiling/test_stats_hand.py", "tests/profiling/test_stats_exact.py", "tests/profiling/test_run.py",
+        "tests/profiling/test_cli.py",
     ],
     "runtime/apply.py": [
         "tests/runtime/test_apply_refusals.py", "tests/runtime/test_moe_surgery.py", "tests/runtime/test_apply.py",
