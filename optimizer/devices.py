@@ -7,7 +7,7 @@
 
 The speed model (constraint (5) of :mod:`optimizer.formulation.constraints`) prices a decoded token as
 
-    seconds per token = bytes read per token / memory bandwidth,
+    seconds per token = token overhead + bytes read per token / memory bandwidth,
     bytes read        = sum over read blocks of bytes x max(1, bandwidth / throughput(format))
 
 A preset is the vendor's published peak memory bandwidth and no per-format throughput, so it prices bytes

@@ -138,13 +138,34 @@ class TopkCost:
     measurement: Measurement
 
 
+#: a device's per-token overhead above this is not a decoder's (seconds)
+MAX_TOKEN_OVERHEAD_S = 60.0
+
+
 @dataclass(frozen=True)
 class Device:
-    """Throughput of the machine the model will run on."""
+    """Throughput of the machine the model will run on: a decoded token takes
+
+        token_overhead_s + sum over read blocks of bytes / min(bandwidth, throughput(format))
+
+    (``format_throughput``: dequant+matmul bytes of weights per second, where measured; ``token_overhead_s``:
+    what no weight read explains, e.g. a decoder's per-op dispatch and thread sync, fitted on measured decodes).
+    """
 
     memory_bandwidth_bytes_per_s: float
     measurement: Measurement
     format_throughput: dict[str, float] = field(default_factory=dict)  # dequant+matmul bytes of weights per s
+    token_overhead_s: float = 0.0
+
+    def tokens_per_s(self, bytes_equivalent: float) -> float:
+        """Decode speed when a token reads ``bytes_equivalent`` bytes, each priced at the memory bandwidth
+        (slow formats already inflated by bandwidth / throughput)."""
+        return 1.0 / (self.token_overhead_s + bytes_equivalent / self.memory_bandwidth_bytes_per_s)
+
+    def bytes_within(self, tokens_per_s: float) -> float:
+        """The most bytes-equivalent a token may read to decode at ``tokens_per_s`` (negative: the overhead
+        alone is too slow)."""
+        return self.memory_bandwidth_bytes_per_s * (1.0 / tokens_per_s - self.token_overhead_s)
 
 
 @dataclass(frozen=True)
@@ -480,6 +501,8 @@ def device_to_json(device: Device) -> dict[str, Any]:
     out: dict[str, Any] = {"memory_bandwidth_bytes_per_s": device.memory_bandwidth_bytes_per_s}
     if device.format_throughput:
         out["format_throughput"] = dict(device.format_throughput)
+    if device.token_overhead_s:
+        out["token_overhead_s"] = device.token_overhead_s
     out["measurement"] = device.measurement.to_json()
     return out
 
@@ -505,9 +528,10 @@ def _device_from_json(r: Reader) -> Device:
                 raise InputError(f"{tp_raw.path}.{key}: duplicate format {name}")
             throughput[name] = tp_raw.number(key)
         tp_raw.done()
+    overhead = r.number("token_overhead_s", required=False, minimum=0.0, maximum=MAX_TOKEN_OVERHEAD_S) or 0.0
     meas = _measurement(r.child("measurement"), f"{r.path}.measurement")
     r.done()
-    return Device(bw, meas, throughput)
+    return Device(bw, meas, throughput, overhead)
 
 
 # ---------------------------------------------------------------------------------------------- writing

@@ -382,7 +382,7 @@ def _to_plan(inst: Instance, d: Decisions, options: SolveOptions, status: SolveS
         by_kind[block.kind.value] = by_kind.get(block.kind.value, 0) + nbytes
     total = sum(by_kind.values())
     predicted = {"loss_increase": objective, "bytes_read_per_token": float(_bytes_read(inst, d))}
-    predicted["decode_tokens_per_s"] = profile.device.memory_bandwidth_bytes_per_s / predicted["bytes_read_per_token"]
+    predicted["decode_tokens_per_s"] = profile.device.tokens_per_s(predicted["bytes_read_per_token"])
     if (profile.prediction is not None and objective is not None and inst.options.objective == "predicted_loss"
             and inst.options.objective_options.prune_curve):  # the objective the map was fitted to
         predicted["kl"] = profile.prediction.kl(objective)

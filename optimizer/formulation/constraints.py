@@ -26,7 +26,7 @@ Constraints:
                   (the TG selected groups must hold k experts)
     (4) llamacpp: x[b,f] <= z[i,p,f] for every expert block b of (i,p); sum_f z[i,p,f] = 1;
                   sum_e keep[i,e] = N for every i; y[i,k] = y[k] (one global k)
-    (5) speed:    read(non-expert blocks) + sum_i sum_k k w[i,k] <= bandwidth / min_tokens_per_s, where
+    (5) speed:    read(non-expert blocks) + sum_i sum_k k w[i,k] <= bandwidth (1 / min_tokens_per_s - overhead), where
                   c[i] >= sum_{b of e, f} read[b,f] x[b,f] for every expert e of layer i, and
                   w[i,k] >= c[i] - Cmax_i (1 - y[i,k]), w >= 0 (McCormick: since w only appears on the
                   left of a <= row it settles at exactly c[i] y[i,k]). The decode time of layer i is priced as

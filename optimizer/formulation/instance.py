@@ -97,16 +97,17 @@ class Instance:
 
     @property
     def read_limit(self) -> float:
-        """Bytes the decisions may read per token under ``--min-tokens-per-s``: bandwidth / tokens per second
-        (floored), less :attr:`fixed_read_per_token` (the right side of the speed row (5))."""
+        """Bytes the decisions may read per token under ``--min-tokens-per-s``: bandwidth x (1 / tokens per
+        second - the device's per-token overhead), floored, less :attr:`fixed_read_per_token` (the right side of
+        the speed row (5))."""
         if self.options.min_tokens_per_s is None:
             raise InputError("no --min-tokens-per-s: there is no read limit")
-        bandwidth = self.profile.device.memory_bandwidth_bytes_per_s
-        return float(math.floor(bandwidth / self.options.min_tokens_per_s) - self.fixed_read_per_token)
+        within = self.profile.device.bytes_within(self.options.min_tokens_per_s)
+        return float(math.floor(within) - self.fixed_read_per_token)
 
     def tokens_per_s(self, read: float) -> float:
-        """Decode speed when the decisions read ``read`` bytes per token (the speed row's bandwidth model)."""
-        return self.profile.device.memory_bandwidth_bytes_per_s / (read + self.fixed_read_per_token)
+        """Decode speed when the decisions read ``read`` bytes per token (the speed row's device model)."""
+        return self.profile.device.tokens_per_s(read + self.fixed_read_per_token)
 
     @property
     def prune_count_cost(self) -> tuple[np.ndarray, ...] | None:

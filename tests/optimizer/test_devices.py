@@ -92,3 +92,31 @@ def test_a_tied_embedding_is_read_whole_per_token():
 
     assert read_of_embedding(tied=False) == 64  # one BF16 row of 32
     assert read_of_embedding(tied=True) == 64 * 32 * 2
+
+
+def test_per_token_overhead_prices_every_token(tmp_path, capsys):
+    """t = overhead + bytes / bandwidth. Hand numbers: 1e9 B/s and 10 ms per token; a plan reading R bytes
+    decodes at 1 / (0.01 + R / 1e9) tokens/s, and no floor at or above 1 / 0.01 = 100 tokens/s can be met."""
+    from optimizer.profile import Device, Measurement
+
+    d = Device(1e9, Measurement("hand"), {}, token_overhead_s=0.01)
+    assert d.tokens_per_s(1e7) == pytest.approx(1 / (0.01 + 0.01))  # 50 tokens/s
+    assert d.bytes_within(50.0) == pytest.approx(1e7)
+    assert d.bytes_within(100.0) == pytest.approx(0.0, abs=1e-6)
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(device_to_json(d)))
+    assert json.loads(path.read_text())["token_overhead_s"] == 0.01
+    assert load_device(str(path)) == d
+    assert "token_overhead_s" not in device_to_json(Device(1e9, Measurement("hand")))  # old files unchanged
+    path.write_text(json.dumps({**device_to_json(d), "token_overhead_s": -1}))
+    with pytest.raises(InputError, match="token_overhead_s"):
+        load_device(str(path))
+    # on a solve: the plan's speed carries the overhead, and a floor the overhead alone forbids is refused
+    path.write_text(json.dumps(device_to_json(d)))
+    plan, _ = _solve(tmp_path, capsys, "--device", str(path))
+    read = plan["predicted"]["bytes_read_per_token"]
+    assert plan["predicted"]["decode_tokens_per_s"] == pytest.approx(1 / (0.01 + read / 1e9), rel=1e-8)
+    src = str(tmp_path / "p.json")
+    assert main(["solve", src, "--budget", "1GB", "--context", "0", "--overhead", "0", "--device", str(path),
+                 "--min-tokens-per-s", "100", "-o", str(tmp_path / "fast.json")]) == 2
+    assert "reaches at most" in capsys.readouterr().err
