@@ -76,7 +76,7 @@ def render_plan(plan: Plan, width: int = 110) -> str:
     pred = plan.predicted
     if pred:
         console.print(f"predicted: loss increase {pred.get('loss_increase', float('nan')):.6g} nats/token, "
-                      f"decode ~{pred.get('decode_tokens_per_s', float('nan')):.2f} tokens/s (bandwidth-bound)")
+                      f"decode ~{pred.get('decode_tokens_per_s', float('nan')):.2f} tokens/s (the device model)")
         if "kl" in pred:
             console.print(f"predicted KL to the original: {pred['kl']:.4g} nats/token (the profile's fitted "
                           "objective -> KL map)")
