@@ -195,7 +195,7 @@ def run_steps(experts: int, args, done: dict) -> dict:
                                                                              ).is_file() else {}
             row[step]["written_bytes"] = sum(p.stat().st_size for p in applied.glob("*.safetensors"))
             row[step]["manifest_weight_bytes"] = m.get("weight_bytes")
-        yield_row(args, experts, row)
+        save_row(args, experts, row)
         print(f"[E={experts}] {step}: {row[step]['seconds']:.0f} s, peak RSS "
               f"{row[step]['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
     if not args.keep:
@@ -203,7 +203,7 @@ def run_steps(experts: int, args, done: dict) -> dict:
     return row
 
 
-def yield_row(args, experts: int, row: dict) -> None:
+def save_row(args, experts: int, row: dict) -> None:
     """Checkpoint the results file after every step (``--resume`` continues from it)."""
     doc = _load(args.output)
     doc.setdefault("runs", {})[str(experts)] = row
