@@ -191,10 +191,16 @@ def report(doc: dict) -> str:
               f"measured speeds {a['spearman_bandwidth']:.2f}.",
               f"Fitted model: overhead {a['overhead_s'] * 1e3:.2f} ms per token; throughput {tps} (no cost fitted, "
               f"so priced at the bandwidth: {free}); Spearman {a['spearman_fitted']:.2f}. Written as "
-              "`speed_llamacpp.device.json` for `optimizer solve --device FILE`.", "",
-              "The machine was shared with other jobs while these ran: repeated speeds of one plan are not "
-              "available here, but the k = 2 and k = 6 Q8_0 plans measuring in the wrong order shows the noise is "
-              "of the order of the differences between plans."]
+              "`speed_llamacpp.device.json` for `optimizer solve --device FILE`."]
+    inverted = [(a["plan"], b["plan"]) for a in doc["rows"] for b in doc["rows"]
+                if a["formats"] == b["formats"] and a["top_k"] < b["top_k"]
+                and a["measured_tokens_per_s"] < b["measured_tokens_per_s"]]
+    if inverted:
+        pairs = "; ".join(f"{a} slower than {b}" for a, b in inverted)
+        lines += ["", f"Fewer experts per token decoded slower here ({pairs}): at this size llama.cpp's decode time "
+                  "is not a linear function of the bytes read, which both models assume."]
+    lines += ["", "The ILP plans are HiGHS's best within 60 s, so a rerun on a busier or faster machine can solve "
+              "to another plan."]
     return "\n".join(lines) + "\n"
 
 
