@@ -81,13 +81,12 @@ def read_by_format(plan_path: Path, profile) -> dict[str, float]:
     arch = profile.architecture
     layers = {lp.layer: lp for lp in plan.layers}
     out: dict[str, float] = {}
-    tied = not any(b.kind == BlockKind.LM_HEAD for b in arch.blocks)  # the embedding is the head: read whole
     for block in arch.blocks:
         fmt = plan.formats.get(block.name)
         if fmt is None:
             continue
         nbytes = float(block_bytes(block, fmt))
-        if block.kind == BlockKind.EMBEDDING and not tied:
+        if block.kind == BlockKind.EMBEDDING and not arch.tied_head:  # tied: the head too, read whole
             nbytes /= block.shape[0]
         if block.is_routed_expert:
             lp = layers[block.layer]

@@ -147,7 +147,7 @@ class _Rules:
         self.n_layers = arch.num_layers
         self.n_expert = _n_expert(arch)
         self.n_gqa = _n_gqa(arch)
-        self.tied = not any(b.kind == BlockKind.LM_HEAD for b in arch.blocks)
+        self.tied = arch.tied_head
         # file-order counters of attn_v-like and ffn_down tensors
         keys = {_gguf_tensor(b, tensor_role(b)) for b in arch.blocks if b.quantizable}
         self.attn_v_index = {k: i for i, k in enumerate(sorted(k for k in keys if Role(k[2]) in _ATTN_V_LIKE))}

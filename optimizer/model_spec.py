@@ -156,6 +156,11 @@ class Architecture:
     def num_parameters(self) -> int:
         return sum(b.numel for b in self.blocks)
 
+    @property
+    def tied_head(self) -> bool:
+        """No ``lm_head`` block: the embedding matrix is the output projection too."""
+        return not any(b.kind == BlockKind.LM_HEAD for b in self.blocks)
+
     def moe_layer(self, index: int) -> MoELayer:
         for layer in self.moe_layers:
             if layer.index == index:

