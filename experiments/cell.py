@@ -98,7 +98,7 @@ def formulation_for(cell: Cell, profile: Profile) -> tuple[str, FormulationOptio
     elif base == "topk_only":
         opts.update(formats=(fmt or "BF16",), min_experts=keep_all)
     elif base == "uniform":
-        solver, baseline = "uniform", BaselineOptions(uniform_format=fmt)  # odd rows: next larger format
+        solver, baseline = "uniform", BaselineOptions(uniform_format=fmt)  # odd rows: same-bits stand-in
         opts.update(min_experts=keep_all, min_top_k=original_k)
     elif base in ("greedy", "sequential"):
         solver = base

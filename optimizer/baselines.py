@@ -1,7 +1,8 @@
 """Baselines that produce plans in the same format as the ILP, for comparison.
 
 * ``uniform``: no pruning, original top-k, every block in the largest single candidate format that fits
-  (a block whose rows the format cannot store takes the next larger candidate that can).
+  (a block whose rows the format cannot store takes the same bits in another group size if that is a candidate,
+  else the next larger candidate that can).
 * ``greedy``: value per byte. Start from every expert kept at the original top-k with every block in its
   smallest format; while over budget, drop the expert slice (one expert per group) with the smallest drop
   cost per freed byte; then, while bytes remain, apply the format upgrade with the largest cost decrease per
@@ -39,7 +40,7 @@ from typing import ClassVar
 import numpy as np
 
 from .errors import InputError
-from .formats import get_format
+from .formats import get_format, same_bits_stand_in
 from .formulation.decisions import Decisions
 from .formulation.instance import Instance
 from .llamacpp_mixes import check_mix, mix_types
@@ -51,7 +52,7 @@ from .solvers.base import Solver, Termination
 class BaselineOptions:
     retain_ratio: float = 0.75  # sequential: fraction of experts (and of top-k) kept, 192/256 in the paper
     importance_alpha: float = 0.5
-    # uniform: this format only (blocks it cannot store take the next larger candidate), instead of the
+    # uniform: this format only (blocks it cannot store take its same-bits stand-in or the next larger), not the
     # largest candidate format that fits
     uniform_format: str | None = None
     mix: str = "Q4_K_M"  # llamacpp_mix: llama.cpp's standard mix (optimizer.llamacpp_mixes.MIXES)
@@ -145,8 +146,9 @@ def _bytes(inst: Instance, keep: np.ndarray, chosen: np.ndarray) -> int:
 
 def _uniform_choices(inst: Instance, keep: np.ndarray, deadline: float | None = None, only: int | None = None,
                      ) -> Iterator[tuple[int, np.ndarray] | None]:
-    """Per format from the largest down (or format ``only``): every unit in it (or the next larger it admits),
-    as (format, chosen pairs); stops early (``None``) when ``deadline`` passes."""
+    """Per format from the largest down (or format ``only``): every unit in it (else in its same-bits stand-in,
+    :func:`~optimizer.formats.same_bits_stand_in`; else the next larger it admits), as (format, chosen pairs);
+    stops early (``None``) when ``deadline`` passes."""
     units = _units(inst, _present(inst, keep))
     opts = _all_format_options(inst, units, deadline)
     if opts is None:
@@ -155,14 +157,17 @@ def _uniform_choices(inst: Instance, keep: np.ndarray, deadline: float | None = 
     order = sorted(range(len(inst.formats)), key=lambda f: -get_format(inst.formats[f]).bits_per_weight)
     order = order if only is None else [only]
     bpw = [get_format(f).bits_per_weight for f in inst.formats]
+    index = {name: i for i, name in enumerate(inst.formats)}
     for f in order:
         if _late(deadline):
             yield None
             return
         choice = {}
         for u, o in enumerate(opts):
+            same = same_bits_stand_in(inst.formats[f], [inst.formats[g] for g in o])
             bigger = [g for g in o if bpw[g] >= bpw[f]]
-            choice[u] = min(bigger, key=lambda g: (bpw[g], g)) if bigger else max(o, key=lambda g: (bpw[g], -g))
+            choice[u] = (index[same] if same is not None else min(bigger, key=lambda g: (bpw[g], g)) if bigger
+                         else max(o, key=lambda g: (bpw[g], -g)))
         yield f, _assign(inst, keep, choice, units, opts)
 
 

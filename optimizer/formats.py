@@ -211,6 +211,23 @@ def resolve_format(name: str, shape: Sequence[int]) -> Format:
     raise InputError(f"no storage for shape {list(shape)} in format {fmt.name} (row length {row_length(shape)})")
 
 
+def same_bits_stand_in(name: str, admitted: Iterable[str]) -> str | None:
+    """The format a block gets in a plan that puts every block in int format ``name``, among the formats the
+    block ``admitted``: ``name`` itself; else the int format of the same bits with the largest group (a row of 80
+    cannot be split into groups of 64: ``int3_g64`` stands in as ``int3_g80``, as llama.cpp stores a tensor
+    whose rows do not divide into a K-quant's blocks in a legacy type); else ``None`` (the caller decides).
+    Always ``name`` or ``None`` for a GGUF or float format."""
+    admitted = list(admitted)
+    if name in admitted:
+        return name
+    fmt = get_format(name)
+    if fmt.family != INT_FAMILY:
+        return None
+    same = [get_format(a) for a in admitted]
+    same = [f for f in same if f.family == INT_FAMILY and f.bits == fmt.bits]
+    return max(same, key=lambda f: f.block_elements).name if same else None
+
+
 def sort_by_size(names: Iterable[str]) -> list[str]:
     """Format names ordered by bits per weight (then name), smallest first."""
     return sorted(set(names), key=lambda n: (get_format(n).bits_per_weight, get_format(n).name))

@@ -23,10 +23,12 @@ linearised at S* (the uniform plan whose KL is the geometric middle of the measu
 that prune and top-k costs (left as measured) trade against them; ``profiling refine`` re-scales the format
 part against measured plans at its budget.
 
-On R3 (1,024 calibration tokens; ``experiments/group_calibration.py``) the ILP with mixed precision alone went
-from losing to uniform by up to 12x (profile costs) to beating the uniform plan that fits at 110, 130 and
-160 MB. OUT's ``sensitivity.measurement.method`` says which groups were calibrated; the details file
-(``OUT.details.json``) keeps every measured plan and the fit under ``calibration``. Measurements are
+On R3 (1,024 calibration tokens) the ILP with mixed precision alone went from losing to uniform quantization
+to beating the uniform plan that fits at 110, 130 and 160 MB (``docs/results/r3_calibrated/report.md``). A
+"uniform f" plan stores a block that f cannot store in f's same-bits stand-in
+(:func:`optimizer.formats.same_bits_stand_in`), as the ``uniform`` baseline does. OUT's
+``sensitivity.measurement.method`` says which groups were calibrated; the details file (``OUT.details.json``)
+keeps every measured plan and the fit under ``calibration``. Measurements are
 journaled to ``OUT.calibration.jsonl``: an interrupted run continues with ``--resume``.
 """
 from __future__ import annotations
@@ -41,7 +43,7 @@ from typing import Callable
 import numpy as np
 
 from optimizer.errors import InputError
-from optimizer.formats import get_format
+from optimizer.formats import get_format, same_bits_stand_in
 from optimizer.jsonio import read_json, write_json
 from optimizer.profile import Profile, Sensitivity, load_profile, save_profile, with_costs
 
@@ -146,7 +148,9 @@ class Calibrator:
                          for n, f in formats.items() if self.groups[n] in link.weights))
 
     def uniform(self, fmt: str) -> dict[str, str]:
-        return {n: fmt for n, a in self.admits.items() if fmt in a}
+        """Every block in ``fmt`` or its same-bits stand-in; a block with neither stays as it is."""
+        stand_in = {n: same_bits_stand_in(fmt, a) for n, a in self.admits.items()}
+        return {n: f for n, f in stand_in.items() if f is not None}
 
     def run(self, layer_probe: str | None = "auto", format_correction: bool = True) -> Calibration:
         """Measure, fit and return the calibration; ``layer_probe`` "auto": :func:`default_probe`, None: no layer

@@ -99,7 +99,8 @@ def details_path(profile_path: Path) -> Path:
 
 def default_formats(arch: Architecture, target: str = Target.HF.value) -> list[str]:
     """The default candidates: for moecc's runtime (target ``hf``), int formats (bits 2,3,4,5,6,8) with the
-    largest group size that stores the most quantizable parameters of this model, plus BF16; for ``llamacpp``,
+    largest group size that stores the most quantizable parameters of this model, the same bits in the group of
+    :func:`stand_in_group` for rows that group does not divide, plus BF16; for ``llamacpp``,
     the :data:`~optimizer.formats.LLAMACPP_DEFAULT_FORMATS` that store at least one quantizable block. Q4_0,
     Q5_0 and Q8_0 are then measured as llama.cpp stores them (gguf-py's quantizer), the K-quants through the
     smallest runtime int format of at least their bytes (:func:`runtime.quant.storage_format`, which says so)."""
@@ -113,7 +114,15 @@ def default_formats(arch: Architecture, target: str = Target.HF.value) -> list[s
         return sum(num_elements(b.shape) for b in quant if b.shape[-1] % g == 0)
 
     group = max(sorted(INT_GROUP_SIZES, reverse=True), key=stored)
-    return [f"int{b}_g{group}" for b in DEFAULT_BITS] + ["BF16"]
+    groups = [group] + sorted({g for b in quant if b.shape[-1] % group and (g := stand_in_group(b.shape[-1]))},
+                              reverse=True)
+    return [f"int{b}_g{g}" for g in groups for b in DEFAULT_BITS] + ["BF16"]
+
+
+def stand_in_group(row_len: int) -> int | None:
+    """The group for rows the main group does not divide (R3's experts are 80 wide, R4's 40): the largest
+    multiple of 8 up to the largest standard group that divides the row, else None (the block stays BF16)."""
+    return next((g for g in range(max(INT_GROUP_SIZES), 7, -8) if row_len % g == 0), None)
 
 
 def check_formats(arch: Architecture, names: Sequence[str]) -> list[str]:

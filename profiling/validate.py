@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from optimizer.errors import InputError
-from optimizer.formats import get_format
+from optimizer.formats import get_format, same_bits_stand_in
 from optimizer.profile import Profile, load_profile
 
 from .meter import PlanMeter, profile_meter
@@ -93,8 +93,8 @@ def random_plan(profile: Profile, rng: np.random.Generator) -> dict:
 
 def uniform_plans(profile: Profile) -> list[dict]:
     """One plan per quantized candidate format f: nothing pruned, original k, every quantizable block in f
-    (the most precise admissible format where f cannot store it). These are the trade-offs a solver weighs
-    against pruning; random plans rarely contain them."""
+    (in its same-bits stand-in, else the most precise admissible format, where f cannot store it). These are
+    the trade-offs a solver weighs against pruning; random plans rarely contain them."""
     a = profile.architecture
     plans = []
     for f in sorted((f for f in profile.formats if get_format(f).quantized),
@@ -105,7 +105,8 @@ def uniform_plans(profile: Profile) -> list[dict]:
             if not b.quantizable:
                 continue
             fits = [g for g in profile.formats if get_format(g).admits(b.shape)]
-            plan["formats"][b.name] = f if f in fits else max(fits, key=lambda g: get_format(g).bits_per_weight)
+            plan["formats"][b.name] = (same_bits_stand_in(f, fits)
+                                       or max(fits, key=lambda g: get_format(g).bits_per_weight))
         plans.append(plan)
     return plans
 

@@ -188,6 +188,21 @@ def test_uniform_format_option_takes_that_format_even_when_a_larger_fits() -> No
                  SolveOptions(solver="uniform", baseline=BaselineOptions(uniform_format="IQ1_S")))
 
 
+def test_uniform_int_format_gives_odd_rows_the_same_bits_in_another_group() -> None:
+    """Experts 80 wide (R3's): no g64 group divides their down_proj rows. Uniform int3_g64 stores them in
+    int3_g80 (3.4 bits/weight), not in the next larger format by bits per weight (int4_g80, 4.4)."""
+    formats = ("int3_g64", "int4_g64", "int3_g80", "int4_g80", "BF16")
+    p = synthetic_profile(seed=2, formats=formats, **dict(ARCH, expert_inter=80))
+    down = [b for b in p.architecture.blocks if b.is_routed_expert and b.projection == "down_proj"]
+    gate = [b for b in p.architecture.blocks if b.is_routed_expert and b.projection == "gate_proj"]
+    options = SolveOptions(solver="uniform", baseline=BaselineOptions(uniform_format="int3_g64"))
+    plan = optimize(p, budget_of(10**9), None, options)
+    assert {plan.formats[b.name] for b in gate} == {"int3_g64"}
+    assert {plan.formats[b.name] for b in down} == {"int3_g80"}
+    # bytes: a [256, 80] down_proj in int3_g80 is 256 rows x (ceil(80 * 3 / 8) = 30 codes + 1 group x 4) = 8,704
+    assert block_bytes(down[0], "int3_g80") == 256 * (30 + 4) == 8704
+
+
 @pytest.mark.parametrize("target", [Target.HF, Target.LLAMACPP])
 def test_greedy_keeps_the_original_top_k(target: Target) -> None:
     # top-4 of 8 experts: greedy keeps >= 4 per layer at k = 4; a budget below "all 8 in their smallest

@@ -13,6 +13,7 @@ from optimizer.formats import (
     num_rows,
     resolve_format,
     row_length,
+    same_bits_stand_in,
     sort_by_size,
 )
 
@@ -133,3 +134,15 @@ def test_sort_by_size_orders_by_bits_then_name() -> None:
     assert sort_by_size(iter(["q4_0", "iq4_nl", "IQ2_XXS"])) == ["IQ2_XXS", "iq4_nl", "q4_0"]
     assert sort_by_size(["int8_g32", "int2_g32"]) == ["int2_g32", "int8_g32"]
     assert sort_by_size([]) == []
+
+
+@pytest.mark.parametrize("name, admitted, expected", [
+    ("int3_g64", ["int3_g64", "int3_g80", "BF16"], "int3_g64"),  # admitted: itself
+    # a row of 80 takes int3 in its largest group: g80 (3.4 bits/weight) before g40 (3.8), not int4_g80
+    ("int3_g64", ["int3_g40", "int3_g80", "int4_g80", "BF16"], "int3_g80"),
+    ("int3_g64", ["int4_g80", "BF16"], None),  # no 3-bit candidate: the caller decides
+    ("Q4_K", ["Q5_0", "BF16"], None),  # GGUF types fall back by llama.cpp's rule, not here
+    ("BF16", ["BF16"], "BF16"),
+])
+def test_same_bits_stand_in(name: str, admitted: list[str], expected: str | None) -> None:
+    assert same_bits_stand_in(name, admitted) == expected

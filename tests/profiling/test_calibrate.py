@@ -138,3 +138,28 @@ def test_single_candidate_cells_are_absorbed_by_hand() -> None:
     assert _absorb_fixed_choice(row) == 0 and row.tolist() == [0.1, 0.03]
     row = np.array([np.nan, 0.0])  # already free: nothing to do
     assert _absorb_fixed_choice(row) == 0
+
+
+def test_uniform_plan_stores_odd_rows_in_the_same_bits() -> None:
+    """A block that no g64 group divides (R3's 80-wide down_proj) takes int3_g80 in "uniform int3_g64"; a block
+    with no 3-bit candidate stays as it is (left out of the plan)."""
+    from types import SimpleNamespace
+
+    admits = {"gate": {"int3_g64", "int4_g64"}, "down": {"int3_g80", "int4_g80"}, "odd": {"int4_g80"}}
+    plan = Calibrator.uniform(SimpleNamespace(admits=admits), "int3_g64")  # type: ignore[arg-type]
+    assert plan == {"gate": "int3_g64", "down": "int3_g80"}
+
+
+def test_validate_uniform_plans_use_the_same_bits_stand_in() -> None:
+    from optimizer.synthetic import synthetic_profile
+    from profiling.validate import uniform_plans
+
+    formats = ("int3_g64", "int4_g64", "int3_g80", "int4_g80", "BF16")
+    p = synthetic_profile(seed=0, formats=formats, num_layers=2, num_experts=4, top_k=2, expert_inter=80)
+    plans = {pl["kind"]: pl["formats"] for pl in uniform_plans(p)}
+    down = [b.name for b in p.architecture.blocks if b.is_routed_expert and b.projection == "down_proj"]
+    gate = [b.name for b in p.architecture.blocks if b.is_routed_expert and b.projection == "gate_proj"]
+    assert {plans["uniform int3_g64"][n] for n in down} == {"int3_g80"}
+    assert {plans["uniform int3_g64"][n] for n in gate} == {"int3_g64"}
+    # int3_g80 cannot store a gate row of 256 either: its stand-in there is int3_g64
+    assert {plans["uniform int3_g80"][n] for n in gate} == {"int3_g64"}

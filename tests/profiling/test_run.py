@@ -183,8 +183,20 @@ def test_default_formats_fit_the_model(tiny):
     from optimizer.architectures import load_architecture
     from profiling.run import default_formats
 
+    # rows of 32 and 64 take g32; the routed experts' down_proj rows of 16 take the same bits in g16
     assert default_formats(load_architecture(tiny["qwen3_moe"])) == [
-        "int2_g32", "int3_g32", "int4_g32", "int5_g32", "int6_g32", "int8_g32", "BF16"]
+        "int2_g32", "int3_g32", "int4_g32", "int5_g32", "int6_g32", "int8_g32",
+        "int2_g16", "int3_g16", "int4_g16", "int5_g16", "int6_g16", "int8_g16", "BF16"]
+
+
+# 144 = 2 x 72, and 144 itself is over 128; 136 = 8 x 17: its multiples of 8 are 8 and 136 (> 128); 20 and 7 have
+# no multiple of 8 at all
+@pytest.mark.parametrize("row_len, group", [(80, 80), (40, 40), (96, 96), (144, 72), (136, 8), (256, 128),
+                                            (20, None), (7, None)])
+def test_stand_in_group_is_the_largest_multiple_of_8_up_to_128_dividing_the_row(row_len, group):
+    from profiling.run import stand_in_group
+
+    assert stand_in_group(row_len) == group
 
 
 def test_llamacpp_target_defaults_to_the_gguf_types_the_rows_admit(tiny, tmp_path):
