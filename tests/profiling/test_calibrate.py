@@ -112,23 +112,6 @@ def test_link_json_names_every_factor() -> None:
     assert link.factor("a", 4, "int8_g32") == pytest.approx(2.0)
 
 
-def test_group_calibration_study_reuses_a_calibrated_profiles_measurements(profiled, tmp_path) -> None:
-    from experiments.group_calibration import main as study
-
-    model, path = profiled
-    cal = tmp_path / "cal.json"
-    assert main(["calibrate", str(path), "--model", str(model), "-o", str(cal), "--no-progress"]) == 0
-    out = tmp_path / "study.json"
-    assert study(["--model", str(model), "--profile", str(path), "--budgets", "1GB", "--out", str(out),
-                  "--calibrated", str(cal)]) == 0
-    rows = json.loads(out.read_text())["rows"]
-    measured = json.loads(details_path(cal).read_text())["calibration"]["rows"]
-    assert [r for r in rows if not r["plan"].startswith("quantize_only")] == measured
-    assert [r["plan"] for r in rows if r["plan"].startswith("quantize_only")] == [
-        "quantize_only, profile costs", "quantize_only, S = sum w P", "quantize_only, S = sum w v P",
-        "quantize_only, S = sum w v r P"]
-
-
 def test_single_candidate_cells_are_absorbed_by_hand() -> None:
     from profiling.calibrate import _absorb_fixed_choice
 

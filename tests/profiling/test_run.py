@@ -355,17 +355,3 @@ def test_refit_proxy_only_with_group_rule(runs, tmp_path):
     assert "measured ones too" in prof.sensitivity.measurement.method
     with pytest.raises(Exception, match="rule"):
         refit(src, tmp_path / "r.json", rule="per_block")
-
-
-def test_prune_additivity_experiment_runs_on_a_tiny_profile(runs, tiny, tmp_path):
-    """experiments.prune_additivity: one row per pruned count; j = 1 reproduces the profile's own prune term."""
-    from experiments.prune_additivity import Config, run
-
-    res = runs["qwen3_moe"]
-    layer = res.profile.architecture.moe_layers[0]
-    rows = run(Config(model=str(tiny["qwen3_moe"]), profile=str(res.profile_path), layers=(layer.index,)))
-    assert [r["pruned"] for r in rows] == list(range(1, layer.num_experts))
-    assert all(r["effective_k"] == min(layer.top_k, layer.num_experts - r["pruned"]) for r in rows)
-    # every expert's prune cost is measured on this tiny model, so masking the cheapest one alone is that term
-    assert rows[0]["measured_kl"] == pytest.approx(rows[0]["predicted_kl"], rel=1e-3, abs=1e-6)
-    assert rows[-1]["measured_kl"] > rows[0]["measured_kl"]

@@ -267,7 +267,7 @@ def test_no_command_unpickles_a_checkpoint(hostile: tuple[Path, Path], plan_doc:
     plan = _plan_file(tmp_path, plan_doc)
     profile = tmp_path / "profile.json"  # made for the same architecture, so every command gets to the weights
     save_profile(made_up_profile(load_architecture(model)), profile)
-    details = tmp_path / "profile.details.json"  # what prune_additivity reads of a profile run
+    details = tmp_path / "profile.details.json"  # the calibration text of a profile run, for the commands that measure
     details.write_text(json.dumps({"data": "english:calibration", "tokens": 64, "window": 32}))
     commands = [
         ("runtime", "apply", str(plan), "--model", str(model), "-o", str(tmp_path / "a"), "--quiet"),
@@ -278,9 +278,10 @@ def test_no_command_unpickles_a_checkpoint(hostile: tuple[Path, Path], plan_doc:
         ("profiling", "run", "--model", str(model), "--max-tokens", "64", "--streamed", "-o", str(tmp_path / "q.json")),
         ("profiling", "memory", "--model", str(model), "--max-tokens", "64"),
         ("profiling", "validate", str(profile), "--model", str(model), "--plans", "3"),
-        ("experiments.plan_quality", "--model", str(model), "--profile", str(profile), "--max-tokens", "64"),
-        ("experiments.quant_methods", "--model", str(model), "--max-tokens", "64"),
-        ("experiments.prune_additivity", "--model", str(model), "--profile", str(profile), "--layers", "1"),
+        ("profiling", "calibrate", str(profile), "--model", str(model), "-o", str(tmp_path / "c.json")),
+        ("profiling", "prune-curve", str(profile), "--model", str(model), "-o", str(tmp_path / "k.json")),
+        ("profiling", "refine", str(profile), "--model", str(model), "--budget", "1GB", "--overhead", "0",
+         "-o", str(tmp_path / "r.json")),
     ]
     for module, *args in commands:
         line = _one_line_exit(_cli(module, *args))
