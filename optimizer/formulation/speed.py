@@ -11,8 +11,10 @@ unconstrained Lagrangian plan (every restriction open), it repeats:
 1. while the plan's bytes read per token exceed the limit, apply the move with the smallest estimated loss
    increase per byte read saved: lower ``kmax_i`` by one (saves the layer's slowest expert, costs the
    top-k cost difference), lower ``level_i`` by one format (every kept expert block above it moves to its
-   cheapest format below; saves ``k_i`` times the drop of the slowest expert), or move one non-expert block
-   to its cheapest smaller format (saves the difference in its reads);
+   cheapest format below; saves ``k_i`` times the drop of the slowest expert), prune one expert per group of
+   layer i, the one whose drop costs least (saves its router row, which every token reads, and the slowest
+   expert's excess if it was the slowest), or move one non-expert block to its cheapest smaller format (saves
+   the difference in its reads);
 2. solve the restricted problem with the Lagrangian decomposition (all restrictions at once: pairs above a
    block's level removed, ``K_i`` lowered to ``kmax_i``), which re-spends the bytes the moves freed without
    leaving the policy; non-expert blocks may only keep or lower their format, so their reads never grow;
@@ -148,6 +150,7 @@ class _Policy:
         if k > inst.min_top_k and slowest > 0:
             dk = max(float(inst.topk_cost[i][k - 2] - inst.topk_cost[i][k - 1]), 0.0)
             best = (dk / slowest, "k", none, none)
+        best = min(best, self.prune_move(d, reads, i), key=lambda m: m[0])
         lvl = int(self.level[i])
         if lvl == 0:
             return best
@@ -163,6 +166,41 @@ class _Policy:
         loss = max(float(inst.pair_cost[new].sum() - inst.pair_cost[old].sum()), 0.0)
         score = loss / saved if saved > 0 else math.inf
         return min(best, (score, "level", old, new), key=lambda m: m[0])
+
+    def prune_move(self, d: Decisions, reads: np.ndarray, i: int) -> tuple[float, str, np.ndarray, np.ndarray]:
+        """Layer i's prune move: in every expert group the kept expert whose drop raises the objective least
+        (its drop cost less its chosen pairs' costs), as long as every group keeps at least the decomposition's
+        minimum and k still fits; (score, "prune", the dropped experts' chosen pairs, the dropped experts)."""
+        inst = self.inst
+        none = np.zeros(0, dtype=np.int64)
+        E, G = int(inst.layer_experts[i]), inst.groups
+        ids = (inst.layer_first_expert[i] + np.arange(E)).reshape(G, E // G)
+        kept = d.keep[ids]
+        counts = kept.sum(axis=1)
+        m = int(counts.min())
+        m_lo = max(math.ceil(int(inst.layer_min_experts[i]) / G), min(2, E // G) if G > 1 else 0, 1)
+        k = int(d.top_k[i])
+        if m - 1 < m_lo or k > min(inst.topk_groups * (m - 1), G * (m - 1)) or int(counts.max()) != m:
+            return (math.inf, "prune", none, none)
+        chosen = np.flatnonzero(d.chosen)
+        mine = chosen[inst.block_owner[inst.pair_block[chosen]] >= 0]
+        kept_cost = np.bincount(inst.block_owner[inst.pair_block[mine]], weights=inst.pair_cost[mine],
+                                minlength=inst.num_experts)
+        rise = np.where(kept, inst.drop_cost[ids] - kept_cost[ids], np.inf)
+        drop = ids[np.arange(G), np.argmin(rise, axis=1)]
+        loss = float(rise.min(axis=1).sum())
+        if inst.prune_count_cost is not None:
+            g, pruned = inst.prune_count_cost[i], E - G * m
+            loss += float(g[pruned + G] - g[pruned])
+        layer_kept = d.keep & (inst.expert_layer == i)
+        after = layer_kept.copy()
+        after[drop] = False
+        saved = (float(inst.router_bytes[drop].sum())
+                 + k * (float(reads[layer_kept].max()) - float(reads[after].max())))
+        if saved <= 0:
+            return (math.inf, "prune", none, none)
+        pairs = mine[np.isin(inst.block_owner[inst.pair_block[mine]], drop)]
+        return (max(loss, 0.0) / saved, "prune", pairs, drop)
 
     def block_move(self, d: Decisions, b: int) -> tuple[float, str, np.ndarray, np.ndarray]:
         """Non-expert block b's move: its cheapest format below the current one (score as :meth:`layer_move`)."""
@@ -186,6 +224,11 @@ class _Policy:
             top_k[i] -= 1
             self.kmax[i] = top_k[i]
             return Decisions(d.keep, top_k, d.chosen)
+        if kind == "prune":  # old: the dropped experts' chosen pairs, new: the dropped experts
+            keep, chosen = d.keep.copy(), d.chosen.copy()
+            keep[new], chosen[old] = False, False
+            reads[new] = 0.0
+            return Decisions(keep, d.top_k, chosen)
         chosen = d.chosen.copy()
         chosen[old], chosen[new] = False, True
         if kind == "block":
@@ -198,9 +241,11 @@ class _Policy:
 
 
 def _layer_read(inst: Instance, d: Decisions, reads: np.ndarray, i: int) -> float:
-    """Layer i's expert term of the speed row: k_i times its slowest kept expert's read."""
+    """Layer i's terms of the speed row: k_i times its slowest kept expert's read, plus its kept router rows."""
     kept = d.keep & (inst.expert_layer == i)
-    return float(d.top_k[i]) * float(reads[kept].max()) if kept.any() else 0.0
+    if not kept.any():
+        return 0.0
+    return float(d.top_k[i]) * float(reads[kept].max()) + float(inst.router_bytes[kept].sum())
 
 
 def _slow_down(inst: Instance, pol: _Policy, d: Decisions, limit: float, deadline: float | None

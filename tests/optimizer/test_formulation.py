@@ -462,6 +462,28 @@ def test_a_floor_no_plan_reaches_names_the_fastest_speed() -> None:
     assert bytes_read_max_model(p, budget, plan) <= bw / (reach * 0.999)
 
 
+@pytest.mark.parametrize("arch_kw", [{}, {"groups": 2, "topk_groups": 1, "top_k": 3}])
+def test_speed_heuristic_prunes_when_router_rows_are_what_is_left_to_save(arch_kw: dict) -> None:
+    """Just under the fastest speed any plan reaches, top-k 1 and the fewest-read formats are not enough: that
+    speed also needs the router rows of all but the fewest experts gone. The heuristic prunes to get there (it
+    had only k, format and non-expert moves, and found no plan; DeepSeek-V3 on ddr5-2ch-5600 at 20 tok/s)."""
+    from optimizer.formulation.constraints import build_milp
+    from optimizer.formulation.decisions import check_decisions
+    from optimizer.formulation.speed import fastest_read, plan_read, speed_plan
+
+    p = speed_profile(**arch_kw)
+    budget = budget_at(p, 0.5)
+    probe = build_instance(p, budget, FormulationOptions(min_tokens_per_s=1.0))
+    reach = probe.tokens_per_s(fastest_read(probe))
+    inst = build_instance(p, budget, FormulationOptions(min_tokens_per_s=reach * 0.999))
+    d = speed_plan(inst)
+    assert d is not None
+    model, variables = build_milp(inst)
+    assert check_decisions(inst, model, variables, d) == []
+    assert plan_read(inst, d) <= inst.read_limit
+    assert not d.keep.all()  # it pruned
+
+
 # ------------------------------------------------------------------------ (d) Lagrangian certificate
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
 @pytest.mark.parametrize("arch_kw,frac", [({}, 0.1), ({}, 0.4), ({"groups": 2, "topk_groups": 1, "top_k": 3}, 0.15)])
