@@ -32,6 +32,7 @@ from .outdir import check_output_dir, output_dir
 from .plan_check import check_plan
 from .prune_checkpoint import (
     CONVERTER_CONFIG,
+    LEADING_DENSE_FROM_TYPES,
     ZERO_GATE_NUDGE,
     converter_config_fixes,
     is_tied,
@@ -46,8 +47,9 @@ from .quant import FLOAT_DTYPES, storage_format
 TARGETS = ("llamacpp", "gptqmodel", "torchao")
 #: GGUF architecture name (key prefix) of each family, as llama.cpp's convert_hf_to_gguf.py writes it; a family
 #: missing here has no converter there (flex_olmo: no FlexOlmoForCausalLM) and is refused by :func:`gguf_arch`.
-GGUF_ARCH = {"deepseek_v3": "deepseek2", "deepseek_v2": "deepseek2", "glm4_moe": "glm4moe", "dots1": "dots1",
-             "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama", "olmoe": "olmoe"}
+GGUF_ARCH = {"deepseek_v3": "deepseek2", "deepseek_v2": "deepseek2", "glm4_moe_lite": "deepseek2",
+             "glm4_moe": "glm4moe", "dots1": "dots1", "solar_open": "glm4moe", "qwen3_moe": "qwen3moe",
+             "qwen2_moe": "qwen2moe", "mixtral": "llama", "olmoe": "olmoe"}
 #: GGUF archs whose llama.cpp loader requires ``output.weight`` (no fallback to a tied embedding)
 NEEDS_OUTPUT = {"qwen2moe", "olmoe", "dots1"}
 #: GGUF archs whose llama.cpp loader takes leading dense layers (``leading_dense_block_count``)
@@ -207,11 +209,13 @@ def _readme(plan: Plan, arch: Architecture | None, n: int, k: int, kv: str, used
                   "    python -m runtime export PLAN --to llamacpp --model path/to/hf-model -o THIS_DIR", "",
                   "then convert `hf-pruned` instead of the original checkpoint below.", ""]
         source = "hf-pruned"
-    converter = CONVERTER_CONFIG.get(plan.family, {})
+    converter: dict[str, str | int] = dict(CONVERTER_CONFIG.get(plan.family, {}))
+    if plan.family in LEADING_DENSE_FROM_TYPES:  # the layers before the first MoE layer are dense
+        converter["first_k_dense_replace"] = min(lp.layer for lp in plan.layers)
     if converter:
         entries = ", ".join(f"`{key}: {value}`" for key, value in converter.items())
         lines += [f"llama.cpp's converter needs {entries} in a {plan.family} config.json (transformers routes that "
-                  "way without it; without it llama.cpp aborts on the first MoE layer): "
+                  "way without it; without it llama.cpp aborts on the first MoE layer or cannot load the model): "
                   + (f"`{checkpoint}/config.json` has it." if checkpoint else
                      "add it to the checkpoint's config.json, or let `--pruned-checkpoint` write one that has it."),
                   ""]

@@ -2,10 +2,10 @@
 
 transformers keeps the routed experts of a layer fused in memory: ``experts.gate_up_proj`` ``[E, 2I, H]``
 (gate = first I rows, up = last I rows) and ``experts.down_proj`` ``[E, H, I]``; the router is the block's
-``gate`` (``.weight`` ``[E, H]``, ``.top_k``, ``.num_experts``; DeepSeek-V3's router, which GLM-4-MoE and dots1
-copy line for line, adds the buffer ``e_score_correction_bias`` ``[E]`` and group-limited routing over
-``num_group`` equal groups). Expert counts and top-k are attributes of each module, so they may differ per
-layer; this module edits them in place. Routers are told apart by those attributes, not by family:
+``gate`` (``.weight`` ``[E, H]``, ``.top_k``, ``.num_experts``; DeepSeek-V3's router, which GLM-4-MoE,
+GLM-4-MoE-Lite, dots1 and Solar Open copy line for line, adds the buffer ``e_score_correction_bias`` ``[E]`` and
+group-limited routing over ``num_group`` equal groups). Expert counts and top-k are attributes of each module, so
+they may differ per layer; this module edits them in place. Routers are told apart by those attributes, not by family:
 DeepSeek-V2's has ``topk_method``, the DeepSeek-V3 kind ``e_score_correction_bias``, the rest (Qwen2/3-MoE,
 Mixtral, OLMoE, FlexOlmo) are softmax top-k routers.
 
@@ -202,7 +202,8 @@ def _masked_softmax_forward(router: nn.Module, hidden_states: torch.Tensor, mask
 
 
 def _masked_grouped_forward(router: nn.Module, hidden_states: torch.Tensor, mask: torch.Tensor):
-    """DeepSeek-V3 (and GLM-4-MoE, dots1) sigmoid, group-limited routing with ``mask``ed experts never chosen.
+    """DeepSeek-V3 (and GLM-4-MoE(-Lite), dots1, Solar Open) sigmoid, group-limited routing with ``mask``ed
+    experts never chosen.
 
     A group's score is the sum of its two best unmasked experts (its only one, if one is left; -inf if none),
     which equals the dropped model's group score whenever every group keeps >= 2 experts.
@@ -249,7 +250,7 @@ def _masked_v2_forward(router: nn.Module, hidden_states: torch.Tensor, mask: tor
 def _masked_forward(router: nn.Module, mask: torch.Tensor):
     if hasattr(router, "topk_method"):  # DeepSeek-V2
         fn = _masked_v2_forward
-    elif hasattr(router, "e_score_correction_bias"):  # DeepSeek-V3, GLM-4-MoE, dots1
+    elif hasattr(router, "e_score_correction_bias"):  # DeepSeek-V3, GLM-4-MoE(-Lite), dots1, Solar Open
         fn = _masked_grouped_forward
     else:
         fn = _masked_softmax_forward

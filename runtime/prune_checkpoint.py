@@ -17,7 +17,9 @@ quantization (``llama-quantize`` does that):
   that gate as ``silu(x) / x``, which is 0/0 = NaN for a zero row, while ``sigmoid(1e-20 h)`` is exactly the
   0.5 of a zero row in float32 (``zero_gate_names``);
 * ``config.json`` with the values llama.cpp's converter reads that transformers' config of the family lacks
-  (:data:`CONVERTER_CONFIG`: dots1's ``scoring_func: sigmoid``; ``converter_config_fixes``);
+  (:data:`CONVERTER_CONFIG`: dots1's and GLM-4-MoE-Lite's ``scoring_func: sigmoid``; GLM-4-MoE-Lite's
+  ``first_k_dense_replace``, the leading ``"dense"`` entries of its ``mlp_layer_types``;
+  ``converter_config_fixes``);
 * ``config.json`` with the expert count (``n_routed_experts`` / ``num_experts`` / ``num_local_experts``,
   whichever the family uses) and the top-k (``num_experts_per_tok``) of the plan, plus a ``moecc_pruned``
   provenance section; tokenizer and other side files copied.
@@ -49,7 +51,8 @@ from .checkpoint import PlannedTensor, ShardWriter, TensorInfo, copy_side_files,
 from .outdir import check_output_dir, output_dir
 from .plan_check import validate_layers
 
-__all__ = ["EXPERT_COUNT_KEYS", "TOP_K_KEY", "CONVERTER_CONFIG", "converter_config_fixes", "PrunedCheckpoint",
+__all__ = ["EXPERT_COUNT_KEYS", "TOP_K_KEY", "CONVERTER_CONFIG", "LEADING_DENSE_FROM_TYPES", "leading_dense_layers",
+           "converter_config_fixes", "PrunedCheckpoint",
            "uniform_layers", "plan_prunes", "write_pruned_checkpoint", "write_reference_checkpoint", "is_tied",
            "plan_digest", "zero_gate_names", "ZERO_GATE_NUDGE"]
 
@@ -59,7 +62,12 @@ TOP_K_KEY = "num_experts_per_tok"
 #: config values llama.cpp's converter needs that transformers' config of a family lacks: dots1 routes with
 #: sigmoid scores (hard-coded in transformers), but the converter writes the GGUF's expert gating function only
 #: from ``scoring_func``, and without one llama.cpp aborts on the first MoE layer ("fatal error" in build_moe_ffn)
-CONVERTER_CONFIG: dict[str, dict[str, str]] = {"dots1": {"scoring_func": "sigmoid"}}
+CONVERTER_CONFIG: dict[str, dict[str, str]] = {"dots1": {"scoring_func": "sigmoid"},
+                                               "glm4_moe_lite": {"scoring_func": "sigmoid"}}
+#: families whose transformers config names its dense layers in ``mlp_layer_types`` (absent: layer 0 only) while
+#: llama.cpp's converter (deepseek2) reads their count from ``first_k_dense_replace`` (absent: none, and llama.cpp
+#: then looks for experts in the dense layer 0)
+LEADING_DENSE_FROM_TYPES = ("glm4_moe_lite",)
 LM_HEAD = "lm_head.weight"
 DEFAULT_SHARD_BYTES = 4 * 1024 ** 3
 #: what an all-zero shared-expert gate row becomes (see the module docstring)
@@ -296,12 +304,23 @@ def zero_gate_names(model_dir: str | Path, headers: list[TensorInfo] | None = No
     return out
 
 
-def converter_config_fixes(config: dict | str | Path) -> dict[str, str]:
-    """The :data:`CONVERTER_CONFIG` entries a config (a dict, or a checkpoint directory's ``config.json``) lacks
-    or holds otherwise: what its checkpoint needs changed before llama.cpp's converter sees it."""
+def leading_dense_layers(mlp_layer_types: Sequence[str] | None) -> int:
+    """How many leading layers an ``mlp_layer_types`` list makes dense (absent: 1, transformers' default)."""
+    if mlp_layer_types is None:
+        return 1
+    return next((i for i, t in enumerate(mlp_layer_types) if t != "dense"), len(mlp_layer_types))
+
+
+def converter_config_fixes(config: dict | str | Path) -> dict[str, str | int]:
+    """The :data:`CONVERTER_CONFIG` entries (and, for :data:`LEADING_DENSE_FROM_TYPES`, ``first_k_dense_replace``)
+    a config (a dict, or a checkpoint directory's ``config.json``) lacks or holds otherwise: what its checkpoint
+    needs changed before llama.cpp's converter sees it."""
     if not isinstance(config, dict):
         config = json.loads((Path(config) / "config.json").read_text(encoding="utf-8"))
-    wanted = CONVERTER_CONFIG.get(config.get("model_type", ""), {})
+    family = config.get("model_type", "")
+    wanted: dict[str, str | int] = dict(CONVERTER_CONFIG.get(family, {}))
+    if family in LEADING_DENSE_FROM_TYPES:
+        wanted["first_k_dense_replace"] = leading_dense_layers(config.get("mlp_layer_types"))
     return {key: value for key, value in wanted.items() if config.get(key) != value}
 
 

@@ -15,8 +15,8 @@ import torch
 
 from .byte_tokenizer import BOS_ID, PAD_ID, VOCAB_SIZE, save_byte_tokenizer
 
-FAMILIES = ("deepseek_v3", "deepseek_v2", "glm4_moe", "dots1", "qwen3_moe", "qwen2_moe", "mixtral", "olmoe",
-            "flex_olmo")
+FAMILIES = ("deepseek_v3", "deepseek_v2", "glm4_moe_lite", "glm4_moe", "dots1", "solar_open", "qwen3_moe",
+            "qwen2_moe", "mixtral", "olmoe", "flex_olmo")
 
 _COMMON: dict[str, Any] = dict(
     vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
@@ -45,6 +45,14 @@ def tiny_config(family: str):
             topk_method="group_limited_greedy", first_k_dense_replace=1, norm_topk_prob=False,
             routed_scaling_factor=16.0, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=8,
             v_head_dim=8, head_dim=8)
+    if family == "glm4_moe_lite":  # DeepSeek-V3's MLA and routing; dense layers from mlp_layer_types
+        from transformers import Glm4MoeLiteConfig
+
+        return Glm4MoeLiteConfig(
+            **{**_COMMON, "num_key_value_heads": 4}, intermediate_size=64, moe_intermediate_size=16,
+            n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+            mlp_layer_types=["dense", "sparse", "sparse"], norm_topk_prob=True, routed_scaling_factor=1.8,
+            q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
     if family == "glm4_moe":  # DeepSeek-V3 routing (groups, score bias, scaled weights) under GQA with q/k/v biases
         from transformers import Glm4MoeConfig
 
@@ -59,6 +67,13 @@ def tiny_config(family: str):
                            moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
                            n_group=1, topk_group=1, first_k_dense_replace=1, norm_topk_prob=True,
                            routed_scaling_factor=2.5, sliding_window=None)
+    if family == "solar_open":  # the same routing ungrouped, an MoE block in every layer, q/k/v biases
+        from transformers import SolarOpenConfig
+
+        # experts of width 32: rows that every test format fits, as the solver may prune any expert of layer 0
+        return SolarOpenConfig(**_COMMON, head_dim=8, moe_intermediate_size=32, n_routed_experts=8,
+                               n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
+                               norm_topk_prob=True, routed_scaling_factor=2.0, attention_bias=True)
     if family == "qwen3_moe":
         from transformers import Qwen3MoeConfig
 

@@ -1,9 +1,9 @@
 """Build an :class:`~optimizer.model_spec.Architecture` from a model's ``config.json``.
 
-Supported: transformers configs of ``deepseek_v3``, ``deepseek_v2`` (:mod:`.deepseek`), ``glm4_moe``, ``dots1``
-(:mod:`.deepseek_gqa`), ``qwen3_moe``, ``qwen2_moe``, ``mixtral``, ``olmoe`` and ``flex_olmo``
-(:mod:`.gqa_moe`), and DeepSeek's reference-inference format (``dim``, ``n_routed_experts``,
-``moe_inter_dim``...). Block names are the tensor names transformers' ``save_pretrained`` writes.
+Supported: transformers configs of ``deepseek_v3``, ``deepseek_v2``, ``glm4_moe_lite`` (:mod:`.deepseek`),
+``glm4_moe``, ``dots1``, ``solar_open`` (:mod:`.deepseek_gqa`), ``qwen3_moe``, ``qwen2_moe``, ``mixtral``,
+``olmoe`` and ``flex_olmo`` (:mod:`.gqa_moe`), and DeepSeek's reference-inference format (``dim``,
+``n_routed_experts``, ``moe_inter_dim``...). Block names are the tensor names transformers' ``save_pretrained`` writes.
 """
 
 from __future__ import annotations
@@ -14,15 +14,17 @@ from typing import Callable
 from ..errors import InputError
 from ..jsonio import parse_json, read_bytes
 from ..model_spec import Architecture, Block
-from .deepseek import DEEPSEEK_FAMILIES, deepseek_from_hf, deepseek_from_reference, is_reference_config, kv_b_gguf_rows
+from .deepseek import MLA_FAMILIES, deepseek_from_hf, deepseek_from_reference, is_reference_config, kv_b_gguf_rows
 from .deepseek_gqa import deepseek_gqa_from_hf
 from .gqa_moe import gqa_moe_from_hf
 
 BUILDERS: dict[str, Callable[[dict, str], Architecture]] = {
     "deepseek_v3": deepseek_from_hf,
     "deepseek_v2": deepseek_from_hf,
+    "glm4_moe_lite": deepseek_from_hf,
     "glm4_moe": deepseek_gqa_from_hf,
     "dots1": deepseek_gqa_from_hf,
+    "solar_open": deepseek_gqa_from_hf,
     "qwen3_moe": gqa_moe_from_hf,
     "qwen2_moe": gqa_moe_from_hf,
     "mixtral": gqa_moe_from_hf,
@@ -37,7 +39,7 @@ def gguf_row_lengths(arch: Architecture, block: Block) -> tuple[int, ...]:
     """Row lengths of the tensors llama.cpp stores ``block`` as (a ``--target llamacpp`` format must divide each):
     the block's own row length, except DeepSeek's ``kv_b_proj``, which the converter splits
     (:func:`~optimizer.architectures.deepseek.kv_b_gguf_rows`)."""
-    if arch.family in DEEPSEEK_FAMILIES:
+    if arch.family in MLA_FAMILIES:
         return kv_b_gguf_rows(arch, block)
     return (block.shape[-1],)
 

@@ -169,6 +169,8 @@ class GQAAttention:
     qkv_bias_key: str | None  # config key switching q/k/v biases, None = never
     qkv_bias_default: bool
     o_bias: bool  # o_proj bias follows the same switch
+    head_dim_default: int | None = None  # the family config's head_dim when absent (None: hidden / heads)
+    kv_heads_default: int | None = None  # the family config's num_key_value_heads when absent (None: heads)
 
 
 @dataclass(frozen=True)
@@ -191,12 +193,16 @@ class GQADims:
 
 
 def gqa_dims(r: ConfigReader, hidden: int, layout: GQAAttention) -> GQADims:
-    """Head counts and ``head_dim`` (``hidden_size / num_attention_heads`` unless given), as transformers reads them."""
+    """Head counts and ``head_dim`` (``hidden_size / num_attention_heads`` unless given, or the family's default),
+    as transformers reads them."""
     heads = r.int("num_attention_heads")
-    kv_heads = r.int("num_key_value_heads", heads)
-    if not r.has("head_dim") and hidden % heads:
-        raise InputError(f"{r.where}: hidden_size={hidden} is not divisible by num_attention_heads={heads}")
-    head_dim = r.int("head_dim", hidden // heads)
+    kv_heads = r.int("num_key_value_heads", layout.kv_heads_default or heads)
+    if layout.head_dim_default is not None:
+        head_dim = r.int("head_dim", layout.head_dim_default)
+    else:
+        if not r.has("head_dim") and hidden % heads:
+            raise InputError(f"{r.where}: hidden_size={hidden} is not divisible by num_attention_heads={heads}")
+        head_dim = r.int("head_dim", hidden // heads)
     qkv_bias = r.bool(layout.qkv_bias_key, layout.qkv_bias_default) if layout.qkv_bias_key else False
     qk_norm = layout.qk_norm if layout.qk_norm_key is None or r.bool(layout.qk_norm_key, False) else None
     return GQADims(heads, kv_heads, head_dim, qkv_bias, qk_norm)

@@ -1,8 +1,10 @@
-"""DeepSeek-V2 / V3 (multi-head latent attention): transformers configs and the reference-inference format.
+"""DeepSeek-V2 / V3 (multi-head latent attention): transformers configs and the reference-inference format;
+GLM-4-MoE-Lite (``glm4_moe_lite``, GLM-4.7-Flash), which is DeepSeek-V3's MLA and router with its dense layers
+named by ``mlp_layer_types``.
 
 Tensor names are the ones ``save_pretrained`` writes (and the published checkpoints use). The multi-token
 prediction layer of DeepSeek-V3 (``num_nextn_predict_layers``, stored as layer 61 in the published
-checkpoint) is not part of the model transformers builds and is left out.
+checkpoint) is not part of the model transformers builds and is left out (GLM-4-MoE-Lite's too).
 
 The MoE side (:class:`DeepSeekMoE`, :func:`deepseek_layers`: leading dense layers, a router with DeepSeek-V3's
 ``e_score_correction_bias``, routed experts, ``shared_experts``) is shared with the families that route the
@@ -19,6 +21,8 @@ from ..model_spec import MAX_EXPERTS, MAX_LAYERS, Architecture, Block, BlockKind
 from ._common import BlockList, ConfigReader, check_layout
 
 DEEPSEEK_FAMILIES = ("deepseek_v2", "deepseek_v3")
+#: every family with DeepSeek's multi-head latent attention (built by :func:`deepseek_from_hf`)
+MLA_FAMILIES = DEEPSEEK_FAMILIES + ("glm4_moe_lite",)
 
 #: config keys of the DeepSeek MoE layout kept in :attr:`Architecture.extra`
 MOE_EXTRA_KEYS = (
@@ -28,7 +32,7 @@ MOE_EXTRA_KEYS = (
 )
 _EXTRA_KEYS = MOE_EXTRA_KEYS + (
     "topk_method", "moe_layer_freq", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-    "v_head_dim", "num_attention_heads",
+    "v_head_dim", "num_attention_heads", "mlp_layer_types",
 )
 
 
@@ -47,36 +51,64 @@ class DeepSeekMoE:
     moe_inter: int
     mlp_bias: bool  # dense and shared MLPs' biases
     score_bias: bool  # the router's e_score_correction_bias (DeepSeek-V3's sigmoid routing)
+    sparse: tuple[bool, ...] | None = None  # per layer, whether it routes (mlp_layer_types); None: the rule above
 
     def is_moe(self, layer: int) -> bool:
+        if self.sparse is not None:
+            return self.sparse[layer]
         return layer >= self.first_dense and layer % self.freq == 0
 
 
 def read_deepseek_moe(r: ConfigReader, num_layers: int, *, score_bias: bool, first_dense_default: int = 0,
-                      shared_default: int | None = 0, layer_freq: bool = False, mlp_bias: bool = False
-                      ) -> DeepSeekMoE:
+                      shared_default: int | None = 0, layer_freq: bool = False, mlp_bias: bool = False,
+                      dense: str = "first_k") -> DeepSeekMoE:
     """The :class:`DeepSeekMoE` of a config, checked: groups divide the experts, k fits, the layout is bounded.
 
     The defaults are the family's transformers defaults for a key the config lacks: ``first_dense_default``
     for ``first_k_dense_replace``; ``shared_default`` for ``n_shared_experts`` (0 allows none; a positive
     default, or None for a required key, means the family always builds a shared MLP, so at least 1).
-    ``layer_freq``: the family reads ``moe_layer_freq``."""
+    ``layer_freq``: the family reads ``moe_layer_freq``. ``dense``: which layers are dense, as the family's
+    transformers code decides: ``"first_k"`` the leading ``first_k_dense_replace``; ``"mlp_layer_types"`` the
+    ``"dense"`` entries of that list (GLM-4-MoE-Lite; absent: the leading ``first_dense_default``, and
+    ``first_k_dense_replace`` is not read); ``"none"`` no layer (Solar Open; ``intermediate_size`` not read)."""
     if shared_default is None:
         shared = r.int("n_shared_experts", maximum=MAX_EXPERTS)
     else:
         shared = r.int("n_shared_experts", shared_default, minimum=min(shared_default, 1), maximum=MAX_EXPERTS)
+    sparse = None
+    if dense == "first_k":
+        first_dense = r.int("first_k_dense_replace", first_dense_default, minimum=0, maximum=MAX_LAYERS)
+    elif dense == "mlp_layer_types":
+        sparse = _mlp_layer_types(r, num_layers, first_dense_default)
+        first_dense = next((i for i, s in enumerate(sparse) if s), num_layers)
+    elif dense == "none":
+        first_dense = 0
+    else:
+        raise ValueError(f"unknown dense rule {dense!r}")
     moe = DeepSeekMoE(
         num_experts=r.first_int(("n_routed_experts", "num_local_experts"), maximum=MAX_EXPERTS),
-        top_k=r.int("num_experts_per_tok", maximum=MAX_EXPERTS), shared=shared,
-        first_dense=r.int("first_k_dense_replace", first_dense_default, minimum=0, maximum=MAX_LAYERS),
+        top_k=r.int("num_experts_per_tok", maximum=MAX_EXPERTS), shared=shared, first_dense=first_dense,
         freq=r.int("moe_layer_freq", 1, maximum=MAX_LAYERS) if layer_freq else 1,
         groups=r.int("n_group", 1, maximum=MAX_EXPERTS), topk_groups=r.int("topk_group", 1, maximum=MAX_EXPERTS),
-        inter=r.int("intermediate_size"), moe_inter=r.int("moe_intermediate_size"),
-        mlp_bias=mlp_bias, score_bias=score_bias,
+        inter=r.int("intermediate_size") if dense != "none" else 0, moe_inter=r.int("moe_intermediate_size"),
+        mlp_bias=mlp_bias, score_bias=score_bias, sparse=sparse,
     )
     _check_routing(r.where, moe.num_experts, moe.top_k, moe.groups, moe.topk_groups)
     check_layout(r.where, num_layers, moe.num_experts)
     return moe
+
+
+def _mlp_layer_types(r: ConfigReader, num_layers: int, first_dense_default: int) -> tuple[bool, ...]:
+    """``mlp_layer_types`` (``"dense"`` / ``"sparse"`` per layer) as flags; absent: the first
+    ``first_dense_default`` layers dense, as the family's config fills it in."""
+    value = r.get("mlp_layer_types")
+    if value is None:
+        return tuple(layer >= first_dense_default for layer in range(num_layers))
+    if (not isinstance(value, list) or len(value) != num_layers
+            or not all(v in ("dense", "sparse") for v in value)):
+        raise InputError(f"{r.where}: 'mlp_layer_types' must list 'dense' or 'sparse' for each of the {num_layers} "
+                         f"layers, got {value!r}")
+    return tuple(v == "sparse" for v in value)
 
 
 def deepseek_layers(out: BlockList, moe: DeepSeekMoE, num_layers: int, hidden: int,
@@ -102,8 +134,9 @@ def deepseek_layers(out: BlockList, moe: DeepSeekMoE, num_layers: int, hidden: i
             out.mlp(f"{p}.mlp.shared_experts", BlockKind.SHARED_EXPERT, moe.moe_inter * moe.shared, hidden, layer,
                     bias=moe.mlp_bias)
     if not moe_layers:
-        raise InputError(f"{out.where}: no MoE layers (first_k_dense_replace={moe.first_dense} >= {num_layers} "
-                         "layers)")
+        rule = ("every mlp_layer_types entry 'dense'" if moe.sparse is not None
+                else f"first_k_dense_replace={moe.first_dense} >= {num_layers} layers")
+        raise InputError(f"{out.where}: no MoE layers ({rule})")
     return tuple(moe_layers)
 
 
@@ -151,15 +184,19 @@ def kv_b_gguf_rows(arch: Architecture, block: Block) -> tuple[int, ...]:
 
 
 def deepseek_from_hf(config: dict, where: str = "config") -> Architecture:
-    """A DeepSeek-V2/V3 architecture from a transformers ``config.json`` dict."""
+    """A DeepSeek-V2/V3 or GLM-4-MoE-Lite architecture from a transformers ``config.json`` dict."""
     family = config.get("model_type")
-    if family not in DEEPSEEK_FAMILIES:
-        raise InputError(f"{where}: model_type must be one of {DEEPSEEK_FAMILIES}, got {family!r}")
+    if family not in MLA_FAMILIES:
+        raise InputError(f"{where}: model_type must be one of {MLA_FAMILIES}, got {family!r}")
     r = ConfigReader(config, f"{where} ({family})")
     hidden, vocab = r.int("hidden_size"), r.int("vocab_size")
     num_layers = r.int("num_hidden_layers", maximum=MAX_LAYERS)
-    moe = read_deepseek_moe(r, num_layers, score_bias=family == "deepseek_v3", layer_freq=True,
-                            mlp_bias=r.bool("mlp_bias", False))
+    if family == "glm4_moe_lite":  # no moe_layer_freq, no MLP biases, always a shared MLP; layer 0 dense by default
+        moe = read_deepseek_moe(r, num_layers, score_bias=True, first_dense_default=1, shared_default=1,
+                                dense="mlp_layer_types")
+    else:
+        moe = read_deepseek_moe(r, num_layers, score_bias=family == "deepseek_v3", layer_freq=True,
+                                mlp_bias=r.bool("mlp_bias", False))
     tied = r.bool("tie_word_embeddings", False)
     r.int("num_attention_heads"), r.int("kv_lora_rank"), r.int("qk_rope_head_dim")  # fail early on bad sizes
 
@@ -170,7 +207,10 @@ def deepseek_from_hf(config: dict, where: str = "config") -> Architecture:
     out.head(vocab, hidden, tied)
 
     extra = r.extra(_EXTRA_KEYS)
-    extra["score_func"] = r.get("scoring_func", "sigmoid" if family == "deepseek_v3" else "softmax")
+    if family == "glm4_moe_lite":  # transformers' router is sigmoid whatever the config says
+        extra["score_func"] = "sigmoid"
+    else:
+        extra["score_func"] = r.get("scoring_func", "sigmoid" if family == "deepseek_v3" else "softmax")
     extra["attention"] = "mla"
     kv = KVCacheSpec("mla", r.int("kv_lora_rank") + r.int("qk_rope_head_dim"), num_layers)
     return Architecture(

@@ -57,6 +57,16 @@ TINY = {
                               dict(intermediate_size=96, moe_intermediate_size=32, num_key_value_heads=2,
                                    n_routed_experts=4, n_shared_experts=2, num_experts_per_tok=2,
                                    first_k_dense_replace=0, use_qk_norm=True, tie_word_embeddings=True)),
+    # DeepSeek-V3's MLA and router; dense layers from mlp_layer_types (default: layer 0)
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM",
+                      dict(_MLA, n_shared_experts=1, n_group=2, topk_group=1, q_lora_rank=24)),
+    "glm4_moe_lite_types_bias": ("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM",
+                                 dict(_MLA, n_shared_experts=2, q_lora_rank=None, attention_bias=True,
+                                      mlp_layer_types=["sparse", "dense", "sparse"], tie_word_embeddings=True)),
+    # GLM-4-MoE's router and attention without q/k norms, MoE in every layer, no intermediate_size
+    "solar_open": ("SolarOpenConfig", "SolarOpenForCausalLM",
+                   dict(moe_intermediate_size=32, num_key_value_heads=2, head_dim=32, n_routed_experts=8,
+                        n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, attention_bias=True)),
     "dots1": ("Dots1Config", "Dots1ForCausalLM",
               dict(intermediate_size=96, moe_intermediate_size=32, num_key_value_heads=2, n_routed_experts=8,
                    n_shared_experts=2, num_experts_per_tok=2, first_k_dense_replace=2, attention_bias=True)),
@@ -258,6 +268,44 @@ def test_dots_llm1_is_142b() -> None:
     assert names["model.layers.1.self_attn.k_norm.weight"].shape == (128,)  # per head, always
 
 
+def test_glm_4_7_flash_is_30b_without_its_mtp_layer() -> None:
+    """GLM-4.7-Flash (glm4_moe_lite): transformers' config defaults are its sizes; ~30B (30B-A3B)."""
+    from transformers import Glm4MoeLiteConfig
+
+    config = Glm4MoeLiteConfig().to_dict()
+    del config["mlp_layer_types"]  # absent: layer 0 dense, as transformers fills it in
+    arch = architecture_from_config(dict(config, num_nextn_predict_layers=1, first_k_dense_replace=5))
+    assert _close(arch.num_parameters, 30e9, 0.01), arch.num_parameters
+    assert [m.index for m in arch.moe_layers] == list(range(1, 47))  # first_k_dense_replace is not read
+    assert arch.kv_cache.kind == "mla" and arch.kv_cache.elements_per_token_per_layer == 512 + 64
+    assert arch.extra["score_func"] == "sigmoid" and arch.shared_experts == 1
+    assert "model.layers.1.mlp.gate.e_score_correction_bias" in {b.name for b in arch.blocks}
+    assert not any(".layers.47." in b.name for b in arch.blocks)
+    types = ["dense", "sparse", "dense"] + ["sparse"] * 44
+    assert [m.index for m in architecture_from_config(dict(config, mlp_layer_types=types)).moe_layers][:2] == [1, 3]
+    with pytest.raises(InputError, match="'mlp_layer_types' must list 'dense' or 'sparse' for each of the 47"):
+        architecture_from_config(dict(config, mlp_layer_types=["sparse"] * 46))
+    with pytest.raises(InputError, match="no MoE layers"):
+        architecture_from_config(dict(config, mlp_layer_types=["dense"] * 47))
+
+
+def test_solar_open_is_102b() -> None:
+    """Solar Open 100B (solar_open): transformers' config defaults are its sizes (102.6B published)."""
+    from transformers import SolarOpenConfig
+
+    config = SolarOpenConfig().to_dict()
+    arch = architecture_from_config(config)
+    assert _close(arch.num_parameters, 102.6e9, 0.005), arch.num_parameters
+    assert [m.index for m in arch.moe_layers] == list(range(48)) and arch.moe_layers[0].top_k == 8
+    assert arch.kv_cache.kind == "gqa" and arch.kv_cache.elements_per_token_per_layer == 2 * 8 * 128
+    names = {b.name: b for b in arch.blocks}
+    assert names["model.layers.0.self_attn.q_proj.weight"].shape == (64 * 128, 4096)
+    assert "model.layers.0.self_attn.q_norm.weight" not in names
+    # head_dim and the key/value heads default to the config class's 128 and 8, not hidden / heads and heads
+    bare = {k: v for k, v in config.items() if k not in ("head_dim", "num_key_value_heads")}
+    assert architecture_from_config(bare).num_parameters == arch.num_parameters
+
+
 def test_tied_embeddings_drop_lm_head() -> None:
     tied = architecture_from_config(dict(QWEN3_30B_A3B, tie_word_embeddings=True))
     assert not tied.blocks_of_kind([BlockKind.LM_HEAD])
@@ -343,7 +391,7 @@ def test_every_transformers_moe_type_is_supported_or_refused_by_name() -> None:
     moe = _transformers_moe_types()
     supported = supported_model_types()
     assert set(supported) <= set(moe), set(supported) - set(moe)
-    assert {"glm4_moe", "dots1", "flex_olmo"} <= set(supported)
+    assert {"glm4_moe", "dots1", "flex_olmo", "glm4_moe_lite", "solar_open"} <= set(supported)
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     listed = readme.split("## Supported models", 1)[1].split("\n## ", 1)[0]
     assert all(f"`{t}`" in listed for t in supported), [t for t in supported if f"`{t}`" not in listed]

@@ -130,7 +130,8 @@ def test_compare_domains(profiles, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "olmoe", "glm4_moe", "dots1", "flex_olmo"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "olmoe", "glm4_moe", "dots1", "flex_olmo", "glm4_moe_lite",
+                                    "solar_open"])
 def test_other_families_streamed(tmp_path, family):
     """Every supported family profiles identically in memory and streamed."""
     import numpy as np

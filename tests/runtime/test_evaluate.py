@@ -112,7 +112,7 @@ def test_cli(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "glm4_moe", "dots1",
-                                    "flex_olmo"])
+                                    "flex_olmo", "glm4_moe_lite", "solar_open"])
 def test_expert_load(family: str, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 

@@ -228,6 +228,29 @@ def test_dots1_gets_the_gating_function_llama_cpp_reads(tmp_path: Path) -> None:
         export(tmp_path / "p.json", "llamacpp", tmp_path / "r2", model, pruned_checkpoint=False)
 
 
+def test_glm4_moe_lite_gets_the_leading_dense_count_and_gating_function_llama_cpp_reads(tmp_path: Path) -> None:
+    """transformers' glm4_moe_lite names its dense layers in mlp_layer_types and routes with sigmoid scores without
+    a scoring_func; llama.cpp's converter (deepseek2) reads first_k_dense_replace and scoring_func: hf-pruned has
+    both, and the README names them."""
+    from runtime.prune_checkpoint import converter_config_fixes, leading_dense_layers
+
+    assert leading_dense_layers(None) == 1 and leading_dense_layers(["dense", "dense", "sparse"]) == 2
+    model = make_tiny_model("glm4_moe_lite", tmp_path / "lite")
+    arch = load_architecture(model)
+    assert converter_config_fixes(model) == {"scoring_func": "sigmoid", "first_k_dense_replace": 1}
+    keep, k = _keep(arch.expert_groups)
+    plan = made_up_plan(model, formats=GGUF_FORMATS, target="llamacpp", fraction=0.6)
+    save_plan(restrict_plan(plan, arch, {m.index: (keep, k) for m in arch.moe_layers}), tmp_path / "p.json")
+    export(tmp_path / "p.json", "llamacpp", tmp_path / "r", model)
+    config = json.loads((tmp_path / "r" / "hf-pruned" / "config.json").read_text())
+    assert (config["scoring_func"], config["first_k_dense_replace"]) == ("sigmoid", 1)
+    assert not converter_config_fixes(tmp_path / "r" / "hf-pruned")
+    readme = (tmp_path / "r" / "README.md").read_text()
+    assert "`scoring_func: sigmoid`, `first_k_dense_replace: 1`" in readme
+    with pytest.raises(InputError, match="^--no-pruned-checkpoint: llama.cpp's converter needs"):
+        export(tmp_path / "p.json", "llamacpp", tmp_path / "r2", model, pruned_checkpoint=False)
+
+
 def test_mtp_layer_is_left_out_of_the_pruned_checkpoint(tmp_path: Path) -> None:
     """GLM-4.5 stores its multi-token-prediction layer after the last one, experts unpruned (transformers does not
     build it): the converter would read them against the pruned count, so hf-pruned leaves the layer out."""

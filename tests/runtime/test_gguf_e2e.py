@@ -29,6 +29,9 @@ ROOT = Path(__file__).resolve().parents[2]
 GGUF_FORMATS = ("Q4_0", "Q5_0", "Q8_0", "BF16")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 GLM_SPECIAL_TOKENS = ["[gMASK]", "<|user|>", "<|observation|>", "<|endoftext|>"]
+#: the special tokens each converter's vocabulary reads by name (GLM's for glm4_moe and glm4_moe_lite)
+SPECIAL_TOKENS = {"glm4_moe": GLM_SPECIAL_TOKENS, "glm4_moe_lite": GLM_SPECIAL_TOKENS,
+                  "solar_open": ["<|endoftext|>", "<unk>", "<|startoftext|>"]}
 
 
 def _llama_cpp():
@@ -56,8 +59,8 @@ def _model(family: str, out: Path, tokenizer: Path, zero_gates: bool) -> Path:
     from runtime.tiny_models import tiny_config
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
-    if family == "glm4_moe":  # the converter's GLM vocabulary reads these special tokens by name
-        tok.add_special_tokens({"additional_special_tokens": GLM_SPECIAL_TOKENS})
+    if family in SPECIAL_TOKENS:  # the converter's vocabulary reads these special tokens by name
+        tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[family]})
     config = tiny_config(family)
     config.mlp_only_layers = []  # llama.cpp's qwen2moe/qwen3moe have MoE in every layer
     if family == "olmoe":  # llama.cpp's olmoe takes k_norm over the full width (real OLMoE has no GQA)
@@ -76,7 +79,7 @@ def _model(family: str, out: Path, tokenizer: Path, zero_gates: bool) -> Path:
                 if zero_gates and name.endswith("shared_expert_gate.weight"):
                     param.zero_()  # as R3's: llama.cpp's silu(x)/x gate would make them NaN
     model.save_pretrained(out, safe_serialization=True)
-    if family == "glm4_moe":
+    if family in SPECIAL_TOKENS:
         tok.save_pretrained(out)
         return out
     for name in TOKENIZER_FILES:
@@ -85,7 +88,8 @@ def _model(family: str, out: Path, tokenizer: Path, zero_gates: bool) -> Path:
     return out
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "deepseek_v3", "glm4_moe", "dots1", "mixtral", "olmoe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "deepseek_v3", "glm4_moe_lite", "glm4_moe", "dots1",
+                                    "solar_open", "mixtral", "olmoe"])
 def test_solve_export_gguf_and_run_in_llama_cpp(family: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from optimizer.architectures import load_architecture
     from optimizer.byte_model import uniform_bytes
