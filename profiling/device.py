@@ -72,15 +72,18 @@ def memory_bandwidth(mib: int = BANDWIDTH_MIB, repeats: int = 7) -> float:
 
 def format_throughput(formats: Sequence[str], rows: int = WEIGHT_ROWS, cols: int = WEIGHT_COLS, batch: int = 1,
                       repeats: int = 5, seed: int = 0) -> dict[str, float]:
-    """Bytes of weights per second of dequantize + matmul, per format (see the module docstring)."""
+    """Bytes of weights per second of dequantize + matmul, per format (see the module docstring). A format whose
+    groups do not divide ``cols`` (``int3_g80``) is timed on the first ``cols`` rounded down to a multiple of its
+    group."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g) * 0.02
     x = torch.randn(cols, batch, generator=g)
     out = {}
     for f in formats:
         fmt = get_format(f)
-        qt = quantize(w, fmt.name, warn=False)
-        t = _median_time(lambda qt=qt: qt.dequantize(torch.float32) @ x, repeats)
+        c = max(cols - cols % fmt.block_elements, fmt.block_elements)
+        qt = quantize(w[:, :c].contiguous() if c != cols else w, fmt.name, warn=False)
+        t = _median_time(lambda qt=qt, xc=x[:c]: qt.dequantize(torch.float32) @ xc, repeats)
         out[fmt.name] = qt.nbytes / t  # bytes actually stored (a mapped GGUF type: its runtime storage)
     return out
 
@@ -92,5 +95,6 @@ def measure_device(formats: Sequence[str], repeats: int = 5, seed: int = 0) -> D
     return Device(bw, Measurement(
         method=f"memory bandwidth: median of {repeats} numpy copies of {BANDWIDTH_MIB} MiB, 2 x bytes / s; "
                f"format_throughput: stored bytes / median time of runtime.quant dequantize() + matmul of a "
-               f"{WEIGHT_ROWS}x{WEIGHT_COLS} weight with a batch-1 vector, {torch.get_num_threads()} torch threads",
+               f"{WEIGHT_ROWS}x{WEIGHT_COLS} weight (columns rounded down to a multiple of the format's group) with a "
+               f"batch-1 vector, {torch.get_num_threads()} torch threads",
         seed=seed), tp)

@@ -355,3 +355,12 @@ def test_refit_proxy_only_with_group_rule(runs, tmp_path):
     assert "measured ones too" in prof.sensitivity.measurement.method
     with pytest.raises(Exception, match="rule"):
         refit(src, tmp_path / "r.json", rule="per_block")
+
+
+def test_format_throughput_times_a_group_that_does_not_divide_the_columns():
+    """int3_g80 cannot store rows of 4096 (4096 = 51 x 80 + 16): it is timed on the first 4080 columns, and a
+    profile with such a candidate gets its device section instead of failing at the end."""
+    from profiling.device import format_throughput
+
+    out = format_throughput(["int3_g80", "int3_g64"], rows=8, cols=4096, repeats=1)
+    assert set(out) == {"int3_g80", "int3_g64"} and all(v > 0 for v in out.values())
