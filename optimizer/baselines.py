@@ -166,8 +166,12 @@ def _uniform_choices(inst: Instance, keep: np.ndarray, deadline: float | None = 
         for u, o in enumerate(opts):
             same = same_bits_stand_in(inst.formats[f], [inst.formats[g] for g in o])
             bigger = [g for g in o if bpw[g] >= bpw[f]]
-            choice[u] = (index[same] if same is not None else min(bigger, key=lambda g: (bpw[g], g)) if bigger
-                         else max(o, key=lambda g: (bpw[g], -g)))
+            if same is not None:
+                choice[u] = index[same]
+            elif bigger:
+                choice[u] = min(bigger, key=lambda g: (bpw[g], g))
+            else:
+                choice[u] = max(o, key=lambda g: (bpw[g], -g))
         yield f, _assign(inst, keep, choice, units, opts)
 
 

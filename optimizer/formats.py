@@ -211,6 +211,12 @@ def resolve_format(name: str, shape: Sequence[int]) -> Format:
     raise InputError(f"no storage for shape {list(shape)} in format {fmt.name} (row length {row_length(shape)})")
 
 
+def stand_in_group(row_len: int) -> int | None:
+    """The int group for rows a model's main group does not divide (R3's experts are 80 wide, R4's 40): the
+    largest multiple of 8 up to the largest standard group that divides the row, else None (no int format)."""
+    return next((g for g in range(max(INT_GROUP_SIZES), 7, -8) if row_len % g == 0), None)
+
+
 def same_bits_stand_in(name: str, admitted: Iterable[str]) -> str | None:
     """The format a block gets in a plan that puts every block in int format ``name``, among the formats the
     block ``admitted``: ``name`` itself; else the int format of the same bits with the largest group (a row of 80

@@ -20,7 +20,13 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from optimizer.formats import INT_GROUP_SIZES, LLAMACPP_DEFAULT_FORMATS, get_format, num_elements
+from optimizer.formats import (
+    INT_GROUP_SIZES,
+    LLAMACPP_DEFAULT_FORMATS,
+    get_format,
+    num_elements,
+    stand_in_group,
+)
 from optimizer.model_spec import Architecture
 from optimizer.plan import Target
 from optimizer.profile import (
@@ -118,11 +124,6 @@ def default_formats(arch: Architecture, target: str = Target.HF.value) -> list[s
                               reverse=True)
     return [f"int{b}_g{g}" for g in groups for b in DEFAULT_BITS] + ["BF16"]
 
-
-def stand_in_group(row_len: int) -> int | None:
-    """The group for rows the main group does not divide (R3's experts are 80 wide, R4's 40): the largest
-    multiple of 8 up to the largest standard group that divides the row, else None (the block stays BF16)."""
-    return next((g for g in range(max(INT_GROUP_SIZES), 7, -8) if row_len % g == 0), None)
 
 
 def check_formats(arch: Architecture, names: Sequence[str]) -> list[str]:

@@ -3,7 +3,8 @@ the handed-over plan against every simpler strategy at five budgets, on pretrain
 
     python -m experiments.reference_models.r4_moefy build --out cache/r4              # once, ~31 min
     python -m profiling run --model cache/r4 --data english:calibration --max-tokens 1024 --prune-per-layer 4 \\
-        --measure-blocks 96 -o experiments/profiles/r4/english.json                     # ~25 min
+        --measure-blocks 96 --formats int2_g64 int3_g64 int4_g64 int5_g64 int6_g64 int8_g64 BF16 \\
+        -o experiments/profiles/r4/english.json                                         # ~25 min
     python -m profiling calibrate experiments/profiles/r4/english.json --model cache/r4 \\
         -o experiments/profiles/r4/english-calibrated.json                              # ~10 min
     python -m profiling prune-curve experiments/profiles/r4/english-calibrated.json --model cache/r4 \\

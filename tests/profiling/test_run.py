@@ -194,7 +194,7 @@ def test_default_formats_fit_the_model(tiny):
 @pytest.mark.parametrize("row_len, group", [(80, 80), (40, 40), (96, 96), (144, 72), (136, 8), (256, 128),
                                             (20, None), (7, None)])
 def test_stand_in_group_is_the_largest_multiple_of_8_up_to_128_dividing_the_row(row_len, group):
-    from profiling.run import stand_in_group
+    from optimizer.formats import stand_in_group
 
     assert stand_in_group(row_len) == group
 
