@@ -15,7 +15,7 @@
    the search stopped (a :class:`~optimizer.solvers.base.Termination`), the objective and the best proven bound.
 
 ``time_limit`` covers all of it, from ``started`` (the caller's clock, e.g. before loading the profile) or the
-call: every step gets the one deadline (the Lagrangian bisection, the tied heuristic and the baselines look at
+call: every step gets the one deadline (the Lagrangian bisection, the tied knapsack and the baselines look at
 the clock; backends get what is left and are stopped at it, in a child process where they would overrun).
 When it binds, the best plan so far is returned as ``feasible`` with a message saying the limit was reached;
 with no plan by then, :class:`SolverError` ("no plan within the time limit").
@@ -38,8 +38,9 @@ from .formulation.constraints import build_milp
 from .formulation.decisions import Decisions, check_decisions, from_vector, to_vector
 from .formulation.decomposition import applicable, lagrangian, min_weight_bytes
 from .formulation.instance import FormulationOptions, Instance, build_instance
-from .formulation.llamacpp import llamacpp_plan
 from .formulation.speed import fastest_read, speed_bound, speed_plan
+from .formulation.tied import applicable as tied_applicable
+from .formulation.tied import tied_exact
 from .plan import LayerPlan, Plan, PlanBytes, SolveRecord, SolveStatus, Target
 from .profile import Profile
 from .solvers.base import Solver, SolverOptions, Termination, relative_gap
@@ -236,7 +237,7 @@ def _solve_exact(inst: Instance, model, variables, options: SolveOptions, info: 
 
 
 def _warm_start(inst: Instance, model, variables, options: SolveOptions, info: dict, deadline: float | None) -> _Start:
-    """The Lagrangian certificate or warm start (``hf``), the tied heuristic (``llamacpp``) or greedy."""
+    """The Lagrangian certificate or warm start (``hf``), the tied knapsack's (``llamacpp``) or greedy."""
     if options.accelerate and applicable(inst):
         lr = lagrangian(inst, options.rel_gap, deadline=deadline)
         if lr is None:
@@ -250,22 +251,21 @@ def _warm_start(inst: Instance, model, variables, options: SolveOptions, info: d
                    f"{get_backend(options.solver).name} not needed")
             return _Start(certified=(lr.decisions, Termination.OPTIMAL, lr.objective, lr.bound, msg))
         return _Start(lr.decisions, lr.bound, "Lagrangian")
-    if options.accelerate and inst.options.target == Target.LLAMACPP and inst.options.min_tokens_per_s is None:
-        # the hf problem relaxes the tied one: its Lagrangian bound is valid here too
-        hf = build_instance(inst.profile, inst.budget, replace(inst.options, target=Target.HF))
-        relaxed = lagrangian(hf, options.rel_gap, deadline=deadline)
-        if relaxed is None:
+    if options.accelerate and tied_applicable(inst):
+        tied = tied_exact(inst, options.rel_gap, deadline=deadline)
+        if tied is None:
+            if deadline is not None and time.perf_counter() >= deadline:
+                return _Start()
             _raise_infeasible(inst, "no plan fits the budget")
-        warm = llamacpp_plan(inst, deadline=deadline)
-        if warm is not None and check_decisions(inst, model, variables, warm):
-            warm = None
-        if warm is not None:
-            gap = relative_gap(warm.objective(inst), relaxed.bound)
-            info.update(tied_heuristic_gap=gap)
-            if gap is not None and gap <= options.rel_gap:
-                return _Start(certified=(warm, Termination.OPTIMAL, warm.objective(inst), relaxed.bound,
-                                         "certified by the hf Lagrangian bound"))
-        return _Start(warm, relaxed.bound, "tied heuristic")
+        info.update(tied_seconds=round(tied.seconds, 3), tied_evaluations=tied.evaluations, tied_gap=tied.gap,
+                    tied_experts_per_group=tied.experts_per_group)
+        if tied.stopped:
+            info["tied_stopped_by_time_limit"] = True
+        if tied.gap <= options.rel_gap:
+            msg = (f"certified by the tied knapsack bound (gap {tied.gap:.2e} <= {options.rel_gap:.0e}); "
+                   f"{get_backend(options.solver).name} not needed")
+            return _Start(certified=(tied.decisions, Termination.OPTIMAL, tied.objective, tied.bound, msg))
+        return _Start(tied.decisions, tied.bound, "tied knapsack")
     if options.accelerate and inst.options.target == Target.HF and inst.options.min_tokens_per_s is not None:
         return _speed_start(inst, model, variables, options, info, deadline)
     if options.accelerate:

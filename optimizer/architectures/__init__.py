@@ -32,7 +32,8 @@ BUILDERS: dict[str, Callable[[dict, str], Architecture]] = {
     "flex_olmo": gqa_moe_from_hf,
 }
 
-__all__ = ["BUILDERS", "architecture_from_config", "load_architecture", "supported_model_types", "gguf_row_lengths"]
+__all__ = ["BUILDERS", "architecture_from_config", "load_architecture", "supported_model_types", "gguf_row_lengths",
+           "all_gguf_row_lengths"]
 
 
 def gguf_row_lengths(arch: Architecture, block: Block) -> tuple[int, ...]:
@@ -42,6 +43,17 @@ def gguf_row_lengths(arch: Architecture, block: Block) -> tuple[int, ...]:
     if arch.family in MLA_FAMILIES:
         return kv_b_gguf_rows(arch, block)
     return (block.shape[-1],)
+
+
+def all_gguf_row_lengths(arch: Architecture) -> list[tuple[int, ...]]:
+    """:func:`gguf_row_lengths` of every block, in block order, reading the architecture once."""
+    if arch.family not in MLA_FAMILIES:
+        return [(block.shape[-1],) for block in arch.blocks]
+    by_layer: dict[int | None, dict[str, tuple[int, ...]]] = {}
+    for b in arch.blocks:
+        if len(b.shape) == 2:
+            by_layer.setdefault(b.layer, {})[b.projection] = b.shape
+    return [kv_b_gguf_rows(arch, b, by_layer.get(b.layer, {})) for b in arch.blocks]
 
 
 def supported_model_types() -> list[str]:

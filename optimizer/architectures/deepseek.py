@@ -160,17 +160,20 @@ def _mla_attention(out: BlockList, r: ConfigReader, p: str, layer: int, hidden: 
     out.linear(f"{p}.o_proj", a, hidden, heads * v_dim, layer, bias, "o_proj")
 
 
-def kv_b_gguf_rows(arch: Architecture, block: Block) -> tuple[int, ...]:
+def kv_b_gguf_rows(arch: Architecture, block: Block,
+                   shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[int, ...]:
     """Row lengths of the GGUF tensors llama.cpp's converter writes for an MLA ``kv_b_proj`` block: it splits
     the ``[heads * (nope + v), kv_lora]`` weight into ``attn_k_b`` (per head ``[kv_lora, nope]``: rows of
     ``qk_nope_head_dim``) and ``attn_v_b`` (per head ``[v, kv_lora]``: rows of ``kv_lora_rank``), so a format must
     divide both. ``nope`` is solved from the layer's shapes (a profile's architecture keeps no config):
     ``heads * nope = kv_b rows - o_proj cols``, ``heads * rope = q rows - heads * nope``, ``rope = kv_a rows -
-    kv_lora``. Any other block, or shapes that do not solve to whole numbers: ``(its row length,)``."""
+    kv_lora``. Any other block, or shapes that do not solve to whole numbers: ``(its row length,)``.
+    ``shapes``: the 2-D blocks' shapes of the block's layer by projection, when the caller has them."""
     own = (block.shape[-1],)
     if block.projection != "kv_b_proj":
         return own
-    shapes = {b.projection: b.shape for b in arch.blocks if b.layer == block.layer and len(b.shape) == 2}
+    if shapes is None:
+        shapes = {b.projection: b.shape for b in arch.blocks if b.layer == block.layer and len(b.shape) == 2}
     q = shapes.get("q_b_proj") or shapes.get("q_proj")
     if q is None or "o_proj" not in shapes or "kv_a_proj_with_mqa" not in shapes:
         return own

@@ -56,13 +56,14 @@ def applicable(inst: Instance) -> bool:
     return inst.options.target == Target.HF and inst.options.min_tokens_per_s is None
 
 
-def block_minima(inst: Instance, pv: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per quantizable block (``starts``: its first pair), the least of the pair values ``pv`` and the first pair
-    that attains it, in block order."""
+def segment_minima(pv: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per segment of consecutive entries of ``pv`` (segment s is ``starts[s]:starts[s+1]``, the last runs to the
+    end; e.g. the pairs of each quantizable block), the least value and the first entry that attains it."""
     minv = np.minimum.reduceat(pv, starts)
     hit = np.flatnonzero(pv <= np.repeat(minv, np.diff(np.append(starts, len(pv)))))
+    segment = np.searchsorted(starts, hit, side="right") - 1
     first = np.ones(len(hit), dtype=bool)
-    first[1:] = inst.pair_block[hit][1:] != inst.pair_block[hit][:-1]
+    first[1:] = segment[1:] != segment[:-1]
     return minv, hit[first]
 
 
@@ -100,7 +101,7 @@ class _Relaxation:
         """Minimise the relaxed objective; return (L(lam), decisions, bytes)."""
         inst = self.inst
         pv = cost_weight * inst.pair_cost + lam * inst.pair_bytes
-        minv, best_pair = block_minima(inst, pv, self.starts)
+        minv, best_pair = segment_minima(pv, self.starts)
         keep_value = np.bincount(self.owner[self.expert_mask], weights=minv[self.expert_mask],
                                  minlength=inst.num_experts)
         delta = keep_value + lam * inst.router_bytes - cost_weight * inst.drop_cost

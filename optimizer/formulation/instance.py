@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..architectures import gguf_row_lengths
+from ..architectures import all_gguf_row_lengths
 from ..budget import Budget
 from ..byte_model import block_bytes, bytes_table
 from ..errors import InputError
@@ -228,8 +228,7 @@ def _llamacpp_storable(arch: Architecture, formats: tuple[str, ...], table: np.n
     and the plan's bytes would be wrong. The bytes of the formats that stay are unchanged (same elements)."""
     out = table.copy()
     fmts = [get_format(f) for f in formats]
-    for b, block in enumerate(arch.blocks):
-        rows = gguf_row_lengths(arch, block)
+    for b, (block, rows) in enumerate(zip(arch.blocks, all_gguf_row_lengths(arch))):
         if block.quantizable and rows != (block.shape[-1],):
             for j, fmt in enumerate(fmts):
                 if any(r % fmt.block_elements for r in rows):
@@ -319,10 +318,9 @@ def _undominated(pb: np.ndarray, nbytes: np.ndarray, read: np.ndarray, cost: np.
             le = (Bm[:, g] <= Bm[:, f]) & (Rm[:, g] <= Rm[:, f]) & (Cm[:, g] <= Cm[:, f]) & np.isfinite(Bm[:, g])
             strict = (Bm[:, g] < Bm[:, f]) | (Rm[:, g] < Rm[:, f]) | (Cm[:, g] < Cm[:, f])
             if not singletons:  # the whole group must agree
-                all_le = np.ones(gidx.max() + 1, dtype=bool)
-                np.logical_and.at(all_le, gidx, le)
-                any_strict = np.zeros_like(all_le)
-                np.logical_or.at(any_strict, gidx, strict)
+                n_groups = int(gidx.max()) + 1
+                all_le = np.bincount(gidx, weights=~le, minlength=n_groups) == 0
+                any_strict = np.bincount(gidx, weights=strict, minlength=n_groups) > 0
                 le, strict = all_le[gidx], any_strict[gidx]
             dominated[:, f] |= le & (strict | (g < f)) & np.isfinite(Bm[:, f])
     return ~dominated[pb, fidx]

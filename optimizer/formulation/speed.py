@@ -37,7 +37,7 @@ import numpy as np
 
 from ..formats import get_format
 from .decisions import Decisions
-from .decomposition import LagrangianResult, block_minima, lagrangian
+from .decomposition import LagrangianResult, lagrangian, segment_minima
 from .instance import Instance
 
 #: rounds of (moves, re-solve) before giving up
@@ -344,7 +344,7 @@ class _SpeedRelaxation:
         E = inst.layer_experts.astype(float)
         scale = np.where(self.expert_pair, 0.0, 1.0)  # non-expert blocks: mu * read
         pv0 = base + mu * scale * inst.pair_read
-        minv0, arg0 = block_minima(inst, pv0, self.starts)
+        minv0, arg0 = segment_minima(pv0, self.starts)
         total = float(minv0[~self.block_is_expert].sum()) + float(inst.drop_cost.sum())
         nbytes = float(inst.pair_bytes[arg0[~self.block_is_expert]].sum())
         read = float(inst.pair_read[arg0[~self.block_is_expert]].sum())
@@ -352,7 +352,7 @@ class _SpeedRelaxation:
         for k in self.ks:  # expert blocks priced with mu k / E_i per byte read
             factor = np.where(self.expert_pair, k / E[np.maximum(self.pair_layer, 0)], 0.0)
             pv = base + mu * factor * inst.pair_read
-            minv, arg = block_minima(inst, pv, self.starts)
+            minv, arg = segment_minima(pv, self.starts)
             ex = self.block_is_expert
             keep_value = np.bincount(self.block_owner[ex], weights=minv[ex], minlength=inst.num_experts)
             eb = np.bincount(self.block_owner[ex], weights=inst.pair_bytes[arg[ex]].astype(float),

@@ -202,7 +202,7 @@ def test_deepseek_v2_lite_is_15_7b() -> None:
 
 @pytest.mark.parametrize("config", ["config_671B.json", "config_16B.json"])
 def test_llama_cpp_splits_deepseek_kv_b_into_rows_of_nope_and_kv_lora(config: str) -> None:
-    from optimizer.architectures import gguf_row_lengths
+    from optimizer.architectures import all_gguf_row_lengths, gguf_row_lengths
 
     # V3 (q_lora, 128 heads) and V2-Lite (q_proj, 16 heads) both have qk_nope_head_dim 128, kv_lora_rank 512:
     # attn_k_b has rows of 128, attn_v_b of 512; every other block keeps its own row length
@@ -210,6 +210,7 @@ def test_llama_cpp_splits_deepseek_kv_b_into_rows_of_nope_and_kv_lora(config: st
     kv_b = [b for b in arch.blocks if b.projection == "kv_b_proj"]
     assert kv_b and all(gguf_row_lengths(arch, b) == (128, 512) for b in kv_b)
     assert all(gguf_row_lengths(arch, b) == (b.shape[-1],) for b in arch.blocks if b.projection != "kv_b_proj")
+    assert all_gguf_row_lengths(arch) == [gguf_row_lengths(arch, b) for b in arch.blocks]  # one pass, same answer
 
 
 def test_mixtral_8x7b_is_46_7b() -> None:

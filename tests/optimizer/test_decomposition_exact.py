@@ -18,9 +18,9 @@ from optimizer.formulation.decomposition import (
     _Relaxation,
     _smallest_plan,
     applicable,
-    block_minima,
     lagrangian,
     min_weight_bytes,
+    segment_minima,
 )
 from optimizer.plan import Target
 
@@ -65,16 +65,14 @@ def test_applicable_only_for_hf_without_speed() -> None:
     assert applicable(opts(Target.LLAMACPP, 5.0)) is False
 
 
-# ------------------------------------------------------------------------------------------------ block_minima
-def test_block_minima_takes_the_first_pair_of_a_tie() -> None:
+# ------------------------------------------------------------------------------------------------ segment_minima
+def test_segment_minima_takes_the_first_pair_of_a_tie() -> None:
     # block 0: pairs 0..2 with values 3, 1, 1 (tie: pair 1 first); block 1: 5, 2, 2 (pair 4); block 2: one pair
-    inst = SimpleNamespace(pair_block=np.array([0, 0, 0, 1, 1, 1, 2]))
     pv = np.array([3.0, 1.0, 1.0, 5.0, 2.0, 2.0, 0.0])
-    minv, first = block_minima(inst, pv, np.array([0, 3, 6]))
+    minv, first = segment_minima(pv, np.array([0, 3, 6]))
     assert minv.tolist() == [1.0, 2.0, 0.0] and first.tolist() == [1, 4, 6]
     # a minimum in the last pair of a block, and a block of one pair in the middle
-    inst = SimpleNamespace(pair_block=np.array([0, 0, 1, 2, 2]))
-    minv, first = block_minima(inst, np.array([4.0, 2.0, 7.0, 1.0, 9.0]), np.array([0, 2, 3]))
+    minv, first = segment_minima(np.array([4.0, 2.0, 7.0, 1.0, 9.0]), np.array([0, 2, 3]))
     assert minv.tolist() == [2.0, 7.0, 1.0] and first.tolist() == [1, 2, 3]
 
 

@@ -21,7 +21,7 @@ import pytest
 from optimizer import baselines
 from optimizer.budget import Budget, format_bytes
 from optimizer.errors import InfeasibleError, SolverError
-from optimizer.formulation import llamacpp
+from optimizer.formulation import tied
 from optimizer.formulation.constraints import build_milp
 from optimizer.formulation.decisions import check_decisions
 from optimizer.formulation.decomposition import lagrangian, min_weight_bytes
@@ -222,22 +222,24 @@ def test_lagrangian_returns_its_best_plan_and_bound_at_the_deadline() -> None:
     assert late.objective >= full.bound - 1e-12
 
 
-def test_llamacpp_heuristic_stops_at_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tied_knapsack_stops_at_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     p = synthetic_profile(seed=4, **GROUPED)
     fo = FormulationOptions(target=Target.LLAMACPP)
     inst = build_instance(p, budget_between(p, fo, 0.2), fo)
     model, v = build_milp(inst)
-    full = llamacpp.llamacpp_plan(inst)
-    assert full is not None
-    assert llamacpp.llamacpp_plan(inst, deadline=time.perf_counter() - 1) is None  # no plan yet
+    full = tied.tied_exact(inst)
+    assert full is not None and not full.stopped
+    assert tied.tied_exact(inst, deadline=time.perf_counter() - 1) is None  # no plan yet
     clock = FakeClock()
-    monkeypatch.setattr(llamacpp, "time", clock)
-    assert llamacpp.llamacpp_plan(inst, deadline=1e9) is not None and clock.now > 40  # 47 readings in all
+    monkeypatch.setattr(tied, "time", clock)
+    again = tied.tied_exact(inst, deadline=1e9)
+    assert again is not None and again.objective == full.objective and clock.now > 6  # more readings than below
     clock.now = 0.0
-    partial = llamacpp.llamacpp_plan(inst, deadline=6.0)  # two expert counts into the search
-    assert clock.now <= 7.0  # the check that saw the deadline, and the search loop's own
-    assert partial is not None and check_decisions(inst, model, v, partial) == []
-    assert partial.objective(inst) > full.objective(inst)  # the best plan so far, not the best
+    partial = tied.tied_exact(inst, deadline=4.0)  # into the first expert count's bisection
+    assert partial is not None and partial.stopped
+    assert clock.now <= 6.0  # the reading that saw the deadline, then one for the result's seconds
+    assert check_decisions(inst, model, v, partial.decisions) == []
+    assert partial.bound <= full.bound + 1e-12 and partial.objective >= full.bound - 1e-12
 
 
 @pytest.mark.parametrize("name", ["greedy", "sequential"])
