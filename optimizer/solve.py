@@ -252,10 +252,15 @@ def _warm_start(inst: Instance, model, variables, options: SolveOptions, info: d
             return _Start(certified=(lr.decisions, Termination.OPTIMAL, lr.objective, lr.bound, msg))
         return _Start(lr.decisions, lr.bound, "Lagrangian")
     if options.accelerate and tied_applicable(inst):
+        if inst.options.min_tokens_per_s is not None:
+            _check_reachable(inst)
         tied = tied_exact(inst, options.rel_gap, deadline=deadline)
         if tied is None:
             if deadline is not None and time.perf_counter() >= deadline:
                 return _Start()
+            if inst.options.min_tokens_per_s is not None:
+                _raise_infeasible(inst, "no tied plan (one expert count, one k) fits the budget and reads little "
+                                        "enough per token for --min-tokens-per-s")
             _raise_infeasible(inst, "no plan fits the budget")
         info.update(tied_seconds=round(tied.seconds, 3), tied_evaluations=tied.evaluations, tied_gap=tied.gap,
                     tied_experts_per_group=tied.experts_per_group)
@@ -275,11 +280,8 @@ def _warm_start(inst: Instance, model, variables, options: SolveOptions, info: d
     return _Start()
 
 
-def _speed_start(inst: Instance, model, variables, options: SolveOptions, info: dict,
-                 deadline: float | None) -> _Start:
-    """``--min-tokens-per-s`` (hf): the plan of :func:`~optimizer.formulation.speed.speed_plan`, bounded by the
-    unconstrained Lagrangian bound and, where the floor binds, :func:`~optimizer.formulation.speed.speed_bound`
-    (both relaxations, so valid); a floor above what any plan reaches is refused with that speed."""
+def _check_reachable(inst: Instance) -> None:
+    """Refuse a ``--min-tokens-per-s`` floor above what any plan reaches, naming the speed it can reach."""
     fastest = fastest_read(inst)
     reachable = inst.tokens_per_s(fastest)
     if fastest > inst.read_limit:
@@ -287,6 +289,14 @@ def _speed_start(inst: Instance, model, variables, options: SolveOptions, info: 
                               f"{inst.options.min_tokens_per_s:g}: even top-k {inst.min_top_k} everywhere with every "
                               f"block at its fewest-read format reaches at most {reachable:.4g} tokens/s on this "
                               "device (the profile's bandwidth and format throughput)")
+
+
+def _speed_start(inst: Instance, model, variables, options: SolveOptions, info: dict,
+                 deadline: float | None) -> _Start:
+    """``--min-tokens-per-s`` (hf): the plan of :func:`~optimizer.formulation.speed.speed_plan`, bounded by the
+    unconstrained Lagrangian bound and, where the floor binds, :func:`~optimizer.formulation.speed.speed_bound`
+    (both relaxations, so valid); a floor above what any plan reaches is refused with that speed."""
+    _check_reachable(inst)
     free = replace(inst, options=replace(inst.options, min_tokens_per_s=None))
     relaxed = lagrangian(free, options.rel_gap, deadline=deadline)
     if relaxed is None:

@@ -17,7 +17,7 @@ from optimizer.plan import Target
 from optimizer.profile import load_profile
 from optimizer.solve import SolveOptions, optimize
 from optimizer.synthetic import synthetic_profile
-from tests.optimizer.test_formulation import CASE_A, CASE_A_BUDGET, PL, SMALL, budget_at, hand_profile
+from tests.optimizer.test_formulation import CASE_A, CASE_A_BUDGET, PL, SMALL, budget_at, hand_profile, speed_profile
 
 LLAMACPP = FormulationOptions(objective=PL, target=Target.LLAMACPP)
 
@@ -43,11 +43,11 @@ def test_hand_case_plan_and_knapsack_bound() -> None:
     assert r.gap == pytest.approx(0.02 / 0.26, abs=1e-8)
 
 
-def test_not_applicable_to_hf_or_with_a_speed_floor() -> None:
+def test_applicable_to_the_llamacpp_target_with_or_without_a_speed_floor() -> None:
     p = hand_profile(CASE_A, router=True, norm=True)
     assert not applicable(build_instance(p, CASE_A_BUDGET, FormulationOptions(objective=PL)))
-    floor = dataclasses.replace(LLAMACPP, min_tokens_per_s=1.0)
-    assert not applicable(build_instance(p, CASE_A_BUDGET, floor))
+    assert not applicable(build_instance(p, CASE_A_BUDGET, FormulationOptions(objective=PL, min_tokens_per_s=1.0)))
+    assert applicable(build_instance(p, CASE_A_BUDGET, dataclasses.replace(LLAMACPP, min_tokens_per_s=1.0)))
 
 
 @pytest.mark.parametrize("seed,arch,frac", [
@@ -72,6 +72,33 @@ def test_plan_and_bound_bracket_the_milp_optimum(seed: int, arch: dict, frac: fl
     assert accelerated.objective == pytest.approx(best.objective, rel=1e-9, abs=1e-15)
 
 
+@pytest.mark.parametrize("arch", [{}, {"groups": 2, "topk_groups": 1, "top_k": 3}])
+@pytest.mark.parametrize("faster", [0.9, 0.6])
+def test_speed_floor_plan_and_bound_bracket_the_milp_optimum(arch: dict, faster: float) -> None:
+    """Under --min-tokens-per-s every (m, k) is searched with both rows priced; the plan meets the read row
+    exactly as the MILP computes it (check_decisions) and the bound is below the MILP's proven optimum."""
+    from optimizer.formulation.speed import plan_read
+
+    p = speed_profile(**arch)
+    fo = FormulationOptions(target=Target.LLAMACPP)
+    budget = budget_at(p, 0.5, fo)
+    free = tied_exact(build_instance(p, budget, fo))
+    assert free is not None
+    base = build_instance(p, budget, fo)
+    floor = p.device.tokens_per_s(plan_read(base, free.decisions) * faster + base.fixed_read_per_token)
+    fo_speed = dataclasses.replace(fo, min_tokens_per_s=floor)
+    inst = build_instance(p, budget, fo_speed)
+    r = tied_exact(inst)
+    assert r is not None
+    model, v = build_milp(inst)
+    assert check_decisions(inst, model, v, r.decisions) == []
+    assert plan_read(inst, r.decisions) <= inst.read_limit
+    assert r.objective >= free.objective - 1e-12  # a floor that binds costs something
+    best = optimize(p, budget, fo_speed, SolveOptions(time_limit=60, rel_gap=1e-9, accelerate=False)).solve
+    assert best.status.value == "optimal"
+    assert r.bound <= best.objective + 1e-12 <= r.objective + 2e-12
+
+
 def test_deepseek_v3_at_128gb_is_certified_without_a_backend() -> None:
     profile = load_profile(Path(__file__).resolve().parents[2] / "examples" / "deepseek-v3" / "profile.json.gz")
     budget = make_budget(profile.architecture, "128GB")
@@ -81,3 +108,15 @@ def test_deepseek_v3_at_128gb_is_certified_without_a_backend() -> None:
     kept = {len(lp.kept_experts) for lp in plan.layers}
     assert len(kept) == 1 and len({lp.top_k for lp in plan.layers}) == 1  # one count, one k
     assert plan.bytes.total <= budget.available + sum(budget.reserves.values())
+
+
+def test_deepseek_v3_llamacpp_with_a_binding_speed_floor() -> None:
+    """At 25 tokens/s the unconstrained tied plan (14.8 tokens/s on the example's device) is too slow: the search
+    trades k and formats, and the Lagrangian bound leaves about 0.02% (the knapsack's integrality gap)."""
+    profile = load_profile(Path(__file__).resolve().parents[2] / "examples" / "deepseek-v3" / "profile.json.gz")
+    budget = make_budget(profile.architecture, "128GB")
+    plan = optimize(profile, budget, FormulationOptions(target=Target.LLAMACPP, min_tokens_per_s=25.0),
+                    SolveOptions(rel_gap=1e-3))
+    assert plan.solve.status.value == "optimal" and plan.solve.gap <= 1e-3
+    assert plan.predicted["decode_tokens_per_s"] >= 25.0
+    assert len({lp.top_k for lp in plan.layers}) == 1 and plan.layers[0].top_k < 8
